@@ -1,0 +1,26 @@
+"""fastnorm: layer, RMS, batch, instance and group normalization of NumPy arrays, in C.
+
+Every function takes ``axis``, the feature axis that carries ``weight`` and ``bias``; they differ
+only in which axes the statistics are taken over (see the contract in the README).
+"""
+from ._functional import (
+    batch_norm,
+    batch_norm_backward,
+    group_norm,
+    group_norm_backward,
+    instance_norm,
+    instance_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+    mask_from_lengths,
+    rms_norm,
+    rms_norm_backward,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
+    "layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
+    "group_norm_backward",
+]

@@ -1,0 +1,200 @@
+"""Argument checking and the canonical strided views the C kernels work on.
+
+Every public function turns its arguments into clean NumPy arrays here, so the C entry points
+receive aligned, native-endian float16/32/64 views and every error message is written once.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
+
+KERNEL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_input(x, name: str, fn: str) -> np.ndarray:
+    """x as an aligned native float16/32/64 array; integers and bool become float64.
+
+    No copy for arrays that already qualify; byte-swapped or misaligned data is copied.
+    """
+    arr = np.asarray(x)
+    kind = arr.dtype.kind
+    if kind in "biu":
+        return arr.astype(np.float64)
+    if kind == "f" and arr.dtype.itemsize in (2, 4, 8):
+        if not arr.dtype.isnative or not arr.flags.aligned:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        return arr
+    raise TypeError(
+        f"{fn}: {name} must hold real numbers (float16, float32, float64, integer or bool); "
+        f"got dtype {arr.dtype}"
+    )
+
+
+def stats_dtype(dtype: np.dtype) -> np.dtype:
+    """Statistics are float64 for float64 input, float32 otherwise (as the contract says)."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def check_eps(eps, fn: str) -> float:
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: eps must be a real number; got {eps!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{fn}: eps must be a finite number >= 0; got {eps!r}")
+    return value
+
+
+def feature_axes(axis, ndim: int, fn: str, allow_tuple: bool) -> tuple[int, ...]:
+    """The feature axes, normalized to 0..ndim-1 and sorted."""
+    if isinstance(axis, (tuple, list)):
+        if not allow_tuple:
+            raise TypeError(f"{fn}: axis must be a single int for this function; got {axis!r}")
+        if len(axis) == 0:
+            raise ValueError(f"{fn}: axis must name at least one feature axis; got {axis!r}")
+    elif not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+        raise TypeError(f"{fn}: axis must be an int{' or a tuple of ints' if allow_tuple else ''}; got {axis!r}")
+    try:
+        axes = normalize_axis_tuple(axis, ndim, argname="axis")
+    except ValueError as err:  # AxisError is a ValueError too: keep its type
+        if isinstance(err, np.exceptions.AxisError):
+            raise np.exceptions.AxisError(f"{fn}: axis {axis!r} is out of bounds for x with {ndim} dimensions") from None
+        raise ValueError(f"{fn}: axis {axis!r} repeats an axis") from None
+    return tuple(sorted(axes))
+
+
+def batch_axis_feature(axis, ndim: int, fn: str, min_ndim: int) -> int:
+    """The feature axis of instance/group norm: an int that is not the batch axis 0."""
+    if ndim < min_ndim:
+        raise ValueError(f"{fn}: x must have at least {min_ndim} dimensions (batch, channels, ...); got {ndim}")
+    (ax,) = feature_axes(axis, ndim, fn, allow_tuple=False)
+    if ax == 0:
+        raise ValueError(f"{fn}: axis must not be 0, the batch axis; got axis={axis!r}")
+    return ax
+
+
+def param(p, name: str, shape: tuple[int, ...], fn: str, what: str) -> np.ndarray | None:
+    """weight/bias-like parameter: None, or a contiguous float64 copy-or-view of shape `shape`, flattened."""
+    if p is None:
+        return None
+    arr = np.asarray(p)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{fn}: {name} has shape {arr.shape}; expected {shape} ({what})")
+    return np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+
+
+def check_mask(mask, shape: tuple[int, ...], fn: str) -> np.ndarray | None:
+    """mask: None, or a bool array of exactly `shape` (x.shape without the feature axes)."""
+    if mask is None:
+        return None
+    arr = np.asarray(mask)
+    if arr.dtype != np.bool_:
+        raise TypeError(f"{fn}: mask must be a boolean array (True = real element); got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{fn}: mask has shape {arr.shape}; expected {shape} (x.shape without the feature axes)")
+    return arr
+
+
+def check_out(out, shape: tuple[int, ...], dtype: np.dtype, fn: str, name: str = "out") -> np.ndarray | None:
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray; got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"{fn}: {name} has shape {out.shape}; expected {shape}, the shape of x")
+    if out.dtype.kind != "f" or out.dtype.itemsize != dtype.itemsize:
+        raise ValueError(f"{fn}: {name} has dtype {out.dtype}; expected {dtype}, the dtype of the result")
+    if not out.flags.writeable:
+        raise ValueError(f"{fn}: {name} is read-only; expected a writeable array")
+    return out
+
+
+def check_stat(s, name: str, shape: tuple[int, ...], fn: str) -> np.ndarray:
+    """mean/rstd given to a backward function: contiguous float64 of `shape`."""
+    if s is None:
+        raise ValueError(f"{fn}: {name} is required (from return_stats=True of the forward call)")
+    arr = np.asarray(s)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{fn}: {name} has shape {arr.shape}; expected {shape}")
+    return np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+
+
+def same_shape(dy: np.ndarray, x: np.ndarray, fn: str) -> None:
+    if dy.shape != x.shape:
+        raise ValueError(f"{fn}: dy has shape {dy.shape}; expected {x.shape}, the shape of x")
+
+
+def count(shape) -> int:
+    return math.prod(int(n) for n in shape)
+
+
+def rstd_from_var(var: np.ndarray, eps: float) -> np.ndarray:
+    """1/sqrt(var + eps), and 0 where var + eps == 0 (the C kernels use the same rule)."""
+    ve = np.asarray(var, dtype=np.float64) + eps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = 1.0 / np.sqrt(ve)
+    return np.where(ve == 0.0, 0.0, r)
+
+
+# ---- canonical views -------------------------------------------------------------------------
+
+def inverse(perm) -> tuple[int, ...]:
+    return tuple(np.argsort(perm))
+
+
+def view_of(arr: np.ndarray, perm, shape) -> np.ndarray | None:
+    """arr transposed by perm and reshaped to shape, as a view of the same memory; None if impossible."""
+    try:
+        return np.reshape(arr.transpose(perm), shape, copy=False)
+    except ValueError:
+        return None
+
+
+def input_view(arr: np.ndarray, perm, shape) -> np.ndarray:
+    """The kernel view of an input: a view when the axes merge, else a C-ordered copy."""
+    v = view_of(arr, perm, shape)
+    return v if v is not None else np.ascontiguousarray(arr.transpose(perm)).reshape(shape)
+
+
+class Output:
+    """Where a kernel writes: `out` itself when it can, else a fresh array.
+
+    `result` is what the function returns, `view` the kernel-shaped view the kernel writes into.
+    Call finish() after the kernel: it copies into `out` when a temporary had to be used (out
+    overlapping x in another layout, or with axes that do not merge, or byte-swapped).
+    """
+
+    def __init__(self, out, x: np.ndarray, dtype: np.dtype, perm, shape):
+        self._out, self._tmp = out, None
+        if out is not None:
+            direct = (out.dtype == dtype and out.flags.aligned
+                      and (not np.may_share_memory(out, x) or _same_memory_layout(out, x)))
+            view = view_of(out, perm, shape) if direct else None
+            if view is not None:
+                self.result, self.view = out, view
+                return
+        buf = np.empty_like(x, dtype=dtype) if out is None else None
+        view = view_of(buf, perm, shape) if buf is not None else None
+        if view is None:
+            canon = np.empty([x.shape[p] for p in perm], dtype=dtype)
+            buf, view = canon.transpose(inverse(perm)), canon.reshape(shape)
+        self._tmp = buf if out is not None else None
+        self.result = out if out is not None else buf
+        self.view = view
+
+    def finish(self) -> np.ndarray:
+        if self._tmp is not None:
+            np.copyto(self._out, self._tmp, casting="unsafe")
+        return self.result
+
+
+def _same_memory_layout(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.dtype == b.dtype)

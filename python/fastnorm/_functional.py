@@ -1,0 +1,486 @@
+"""The normalization functions: argument handling in Python, the work in fastnorm._core (C).
+
+Two kernel families cover every function:
+
+- the group family works on an (A, G, K, S) view and takes one (mean, rstd) per (a, g):
+  layer/RMS norm (rows, 1, D, 1), instance norm (N, C, 1, H*W), group norm (N, G, C/G, H*W);
+- the channel family works on an (O, C, S) view and takes one (mean, rstd) per channel c:
+  batch norm.
+
+The views are built by transposing and reshaping without a copy where the axes merge; the
+kernels take byte strides, so transposed, sliced and negatively strided arrays need no copy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _checks as ck
+from . import _core
+
+__all__ = [
+    "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
+    "layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
+    "group_norm_backward",
+]
+
+
+# ---- plans: how an array of a given shape maps onto a kernel view ----------------------------
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """x.transpose(perm).reshape(view) = (A, G, K, S); statistics per (a, g)."""
+    perm: tuple
+    view: tuple
+    param_shape: tuple      # weight/bias shape
+    mask_shape: tuple       # x.shape without the feature axes
+    stats_shape: tuple
+    feature: tuple          # the feature axes, for messages
+
+
+def _layer_plan(shape, axis, fn) -> GroupPlan:
+    feat = ck.feature_axes(axis, len(shape), fn, allow_tuple=True)
+    others = tuple(i for i in range(len(shape)) if i not in feat)
+    fshape = tuple(shape[i] for i in feat)
+    oshape = tuple(shape[i] for i in others)
+    K = ck.count(fshape)
+    if K == 0:
+        raise ValueError(f"{fn}: x has shape {tuple(shape)} with no elements along the feature axes {feat}: "
+                         "nothing to normalize")
+    return GroupPlan(others + feat, (ck.count(oshape), 1, K, 1), fshape, oshape, oshape, feat)
+
+
+def _grouped_plan(shape, axis, num_groups, fn, min_ndim) -> GroupPlan:
+    ax = ck.batch_axis_feature(axis, len(shape), fn, min_ndim)
+    C = shape[ax]
+    if num_groups is None:          # instance norm: every channel is a group
+        G = C
+    else:
+        if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
+            raise ValueError(f"{fn}: num_groups must be a positive int; got {num_groups!r}")
+        if C % num_groups != 0:
+            raise ValueError(f"{fn}: num_groups={num_groups} does not divide the {C} channels of x along axis {ax}")
+        G = int(num_groups)
+    spatial = tuple(i for i in range(1, len(shape)) if i != ax)
+    S = ck.count(shape[i] for i in spatial)
+    if C * S == 0:
+        raise ValueError(f"{fn}: x has shape {tuple(shape)}: each group has no elements to normalize "
+                         f"(channels along axis {ax} times the other non-batch axes is 0)")
+    N = shape[0]
+    mask_shape = (N,) + tuple(shape[i] for i in spatial)
+    return GroupPlan((0, ax) + spatial, (N, G, C // G, S), (C,), mask_shape, (N, G), (ax,))
+
+
+def _channel_plan(shape, axis, fn):
+    """Batch norm: x.reshape(O, C, S) with C along `axis`; returns (ax, view)."""
+    (ax,) = ck.feature_axes(axis, len(shape), fn, allow_tuple=False)
+    return ax, (ck.count(shape[:ax]), shape[ax], ck.count(shape[ax + 1:]))
+
+
+def _mask_2d(mask, plan_mask_shape, rows, cols, fn):
+    m = ck.check_mask(mask, plan_mask_shape, fn)
+    return None if m is None else m.reshape(rows, cols)
+
+
+# ---- forward -----------------------------------------------------------------------------------
+
+def _group_forward(fn, plan: GroupPlan, x, weight, bias, eps, mask, out, rms):
+    arr = ck.as_input(x, "x", fn)
+    dtype = arr.dtype
+    what = f"x.shape along the feature axes {plan.feature}"
+    w = ck.param(weight, "weight", plan.param_shape, fn, what)
+    b = ck.param(bias, "bias", plan.param_shape, fn, what)
+    eps = ck.check_eps(eps, fn)
+    A, G, K, S = plan.view
+    m = _mask_2d(mask, plan.mask_shape, A, S, fn)
+    ck.check_out(out, arr.shape, dtype, fn)
+    target = ck.Output(out, arr, dtype, plan.perm, plan.view)
+    mean = np.empty(A * G)
+    rstd = np.empty(A * G)
+    _core.group_forward(target.view, ck.input_view(arr, plan.perm, plan.view), w, b, m, mean, rstd, eps, rms)
+    y = target.finish()
+    sd = ck.stats_dtype(dtype)
+    return y, mean.reshape(plan.stats_shape).astype(sd), rstd.reshape(plan.stats_shape).astype(sd)
+
+
+def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
+    """Layer normalization: statistics over the feature axes, one (mean, rstd) per position.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, with the biased variance.
+
+    ==============  ==========================================  ===================
+    x               statistics over                             mean, rstd shape
+    ==============  ==========================================  ===================
+    (N, D)          axis=-1: each row                           (N,)
+    (N, L, D)       axis=-1: each token                         (N, L)
+    (N, H, W)       axis=(-2, -1): each sample                  (N,)
+    ==============  ==========================================  ===================
+
+    Parameters
+    ----------
+    x : array_like
+        float16/32/64 keep their dtype; integer and bool become float64. Any layout.
+    weight, bias : array_like, optional
+        Shape of x along the feature axes (in increasing axis order). None means 1 and 0.
+    axis : int or tuple of int
+        The feature axes.
+    eps : float
+        Added to the variance, >= 0. With ``eps=0`` a constant row gives ``bias``.
+    mask : bool array, optional
+        Shape ``x.shape`` without the feature axes; False marks padding, whose output is 0
+        (and whose mean and rstd are 0).
+    out : ndarray, optional
+        Where to write y (may be x itself).
+    return_stats : bool
+        Also return mean and rstd = 1/sqrt(var + eps) (float32, or float64 for float64 x).
+
+    Returns
+    -------
+    y, or (y, mean, rstd)
+
+    Examples
+    --------
+    >>> import fastnorm
+    >>> fastnorm.layer_norm([[1.0, 2.0, 3.0]]).round(4)
+    array([[-1.2247,  0.    ,  1.2247]])
+    """
+    fn = "layer_norm"
+    plan = _layer_plan(np.shape(x), axis, fn)
+    y, mean, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=False)
+    return (y, mean, rstd) if return_stats else y
+
+
+def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
+    """RMS normalization: ``y = x / sqrt(mean(x**2) + eps) * weight (+ bias)``, no centering.
+
+    Statistics over the feature axes, as :func:`layer_norm`; ``return_stats=True`` gives
+    ``(y, rstd)``. Masked rows give 0 and rstd 0.
+
+    ==============  ==========================================  ===================
+    x               mean square over                            rstd shape
+    ==============  ==========================================  ===================
+    (N, D)          axis=-1: each row                           (N,)
+    (N, L, D)       axis=-1: each token                         (N, L)
+    ==============  ==========================================  ===================
+
+    Examples
+    --------
+    >>> import fastnorm
+    >>> fastnorm.rms_norm([[3.0, 4.0]], eps=0.0).round(4)
+    array([[0.8485, 1.1314]])
+    """
+    fn = "rms_norm"
+    plan = _layer_plan(np.shape(x), axis, fn)
+    y, _, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=True)
+    return (y, rstd) if return_stats else y
+
+
+def instance_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
+    """Instance normalization: one (mean, rstd) per (sample, channel), over the other axes.
+
+    ``axis`` is the channel axis (not 0, the batch axis); x needs at least 3 dimensions.
+
+    ===================  ============================  =================
+    x                    statistics over               mean, rstd shape
+    ===================  ============================  =================
+    (N, C, H, W), axis=1  H, W of each (n, c)          (N, C)
+    (N, L, C), axis=-1    L of each (n, c)             (N, C)
+    ===================  ============================  =================
+
+    ``weight``/``bias`` have shape ``(C,)``; ``mask`` has x's shape without the channel axis.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.array([[[1.0, 3.0], [10.0, 30.0]]])          # (N=1, C=2, L=2), axis=1
+    >>> fastnorm.instance_norm(x, axis=1, eps=0.0)
+    array([[[-1.,  1.],
+            [-1.,  1.]]])
+    """
+    fn = "instance_norm"
+    plan = _grouped_plan(np.shape(x), axis, None, fn, min_ndim=3)
+    y, mean, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=False)
+    return (y, mean, rstd) if return_stats else y
+
+
+def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None,
+               return_stats=False):
+    """Group normalization: channels split into ``num_groups`` consecutive groups; one
+    (mean, rstd) per (sample, group) over the group's channels and every non-batch axis.
+
+    ====================  ==================================  =================
+    x                     statistics over                     mean, rstd shape
+    ====================  ==================================  =================
+    (N, C, H, W), axis=1   C/G channels x H x W per (n, g)   (N, G)
+    (N, C), axis=-1        C/G channels per (n, g)           (N, G)
+    ====================  ==================================  =================
+
+    ``C % num_groups`` must be 0; ``weight``/``bias`` are per channel, ``(C,)``.
+
+    Examples
+    --------
+    >>> import fastnorm
+    >>> fastnorm.group_norm([[1.0, 3.0, 10.0, 30.0]], 2, eps=0.0)
+    array([[-1.,  1., -1.,  1.]])
+    """
+    fn = "group_norm"
+    plan = _grouped_plan(np.shape(x), axis, num_groups, fn, min_ndim=2)
+    y, mean, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=False)
+    return (y, mean, rstd) if return_stats else y
+
+
+def _running_buffer(r, name, C, fn, writeable):
+    if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
+        raise TypeError(f"{fn}: {name} must be a float numpy.ndarray of shape ({C},); got "
+                        f"{type(r).__name__ if not isinstance(r, np.ndarray) else r.dtype}")
+    if r.shape != (C,):
+        raise ValueError(f"{fn}: {name} has shape {r.shape}; expected ({C},), one value per feature")
+    if writeable and not r.flags.writeable:
+        raise ValueError(f"{fn}: {name} is read-only; training updates it in place")
+    return r
+
+
+def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running_var=None, training=True,
+               momentum=0.1, eps=1e-5, mask=None, out=None, return_stats=False):
+    """Batch normalization: one (mean, rstd) per feature, over every other axis.
+
+    ===================  ================================  ==========
+    x                    statistics over                   stats shape
+    ===================  ================================  ==========
+    (N, C), axis=-1       each column (N values)           (C,)
+    (N, C, H, W), axis=1  N, H, W of each channel          (C,)
+    (N, L, D), axis=-1    N, L of each feature             (D,)
+    ===================  ================================  ==========
+
+    ``training=True`` uses the batch statistics and, if ``running_mean``/``running_var`` are
+    given, updates them in place: ``r = (1 - momentum) * r + momentum * s`` with the unbiased
+    batch variance. ``training=False`` normalizes with the running statistics. An empty batch
+    gives an empty result (NaN statistics) and leaves the running statistics untouched.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> fastnorm.batch_norm(np.array([[1.0, 10.0], [3.0, 30.0]]), eps=0.0)
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    """
+    fn = "batch_norm"
+    arr = ck.as_input(x, "x", fn)
+    ax, view = _channel_plan(arr.shape, axis, fn)
+    O, C, S = view
+    dtype = arr.dtype
+    what = f"x.shape along the feature axis {ax}"
+    w = ck.param(weight, "weight", (C,), fn, what)
+    b = ck.param(bias, "bias", (C,), fn, what)
+    eps = ck.check_eps(eps, fn)
+    momentum_value = float(momentum)
+    if not 0.0 <= momentum_value <= 1.0:
+        raise ValueError(f"{fn}: momentum must be in [0, 1]; got {momentum!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: running_mean and running_var must be given together")
+    if running_mean is not None:
+        _running_buffer(running_mean, "running_mean", C, fn, writeable=training)
+        _running_buffer(running_var, "running_var", C, fn, writeable=training)
+    elif not training:
+        raise ValueError(f"{fn}: training=False needs running_mean and running_var")
+    m = _mask_2d(mask, arr.shape[:ax] + arr.shape[ax + 1:], O, S, fn)
+    ck.check_out(out, arr.shape, dtype, fn)
+    xv = ck.input_view(arr, tuple(range(arr.ndim)), view)
+
+    if training:
+        count, mean, var = np.empty(C), np.empty(C), np.empty(C)
+        _core.channel_moments(count, mean, var, xv, m)
+        if arr.size and (count < 2).any():
+            c = int(np.argmin(count))
+            who = "mask" if m is not None else "x"
+            raise ValueError(f"{fn}: training needs more than one value per feature; {who} gives "
+                             f"{int(count[c])} for feature {c} (x of shape {arr.shape}, axis={ax})")
+        if arr.size and running_mean is not None:
+            unbiased = var * count / (count - 1)
+            running_mean[...] = (1 - momentum_value) * running_mean + momentum_value * mean
+            running_var[...] = (1 - momentum_value) * running_var + momentum_value * unbiased
+    else:
+        mean = np.array(running_mean, dtype=np.float64)
+        var = np.array(running_var, dtype=np.float64)
+    rstd = ck.rstd_from_var(var, eps)
+
+    target = ck.Output(out, arr, dtype, tuple(range(arr.ndim)), view)
+    scale = rstd if w is None else rstd * w
+    shift = np.zeros(C) if b is None else b
+    _core.channel_combine(target.view, xv, mean, scale, None, None, shift, m)
+    y = target.finish()
+    if return_stats:
+        sd = ck.stats_dtype(dtype)
+        return y, mean.astype(sd), rstd.astype(sd)
+    return y
+
+
+def mask_from_lengths(lengths, max_len=None):
+    """Boolean mask (len(lengths), max_len): True for the first lengths[i] positions of row i.
+
+    Examples
+    --------
+    >>> import fastnorm
+    >>> fastnorm.mask_from_lengths([2, 4])
+    array([[ True,  True, False, False],
+           [ True,  True,  True,  True]])
+    """
+    fn = "mask_from_lengths"
+    arr = np.asarray(lengths)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise TypeError(f"{fn}: lengths must be a 1-d sequence of ints; got {arr.dtype} of shape {arr.shape}")
+    arr = arr.astype(np.int64)
+    if (arr < 0).any():
+        raise ValueError(f"{fn}: lengths must be >= 0; got {arr.min()}")
+    longest = int(arr.max()) if arr.size else 0
+    if max_len is None:
+        max_len = longest
+    if int(max_len) < longest:
+        raise ValueError(f"{fn}: max_len={max_len} is shorter than the longest length {longest}")
+    return np.arange(int(max_len)) < arr[:, None]
+
+
+# ---- backward ----------------------------------------------------------------------------------
+
+def _group_backward(fn, plan: GroupPlan, dy, x, mean, rstd, weight, mask, rms):
+    arr = ck.as_input(x, "x", fn)
+    g = ck.as_input(dy, "dy", fn)
+    ck.same_shape(g, arr, fn)
+    A, G, K, S = plan.view
+    mu = None if rms else ck.check_stat(mean, "mean", plan.stats_shape, fn)
+    r = ck.check_stat(rstd, "rstd", plan.stats_shape, fn)
+    w = ck.param(weight, "weight", plan.param_shape, fn, f"x.shape along the feature axes {plan.feature}")
+    m = _mask_2d(mask, plan.mask_shape, A, S, fn)
+    dtype = arr.dtype
+    target = ck.Output(None, arr, dtype, plan.perm, plan.view)
+    dweight, dbias = np.empty(G * K), np.empty(G * K)
+    _core.group_backward(target.view, dweight, dbias, ck.input_view(g, plan.perm, plan.view),
+                         ck.input_view(arr, plan.perm, plan.view), mu, r, w, m, rms)
+    return (target.finish(), dweight.reshape(plan.param_shape).astype(dtype),
+            dbias.reshape(plan.param_shape).astype(dtype))
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None):
+    """Gradients of :func:`layer_norm`: ``(dx, dweight, dbias)``.
+
+    ``mean``/``rstd`` are what ``return_stats=True`` returned; nothing is recomputed. With
+    ``xhat = (x - mean) * rstd`` and ``g = dy * weight`` per row::
+
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+        dweight = sum(dy * xhat), dbias = sum(dy)      (over the non-feature axes)
+
+    Outputs are new arrays (never accumulated into caller memory); dweight/dbias have the shape
+    of weight (as if weight were ones when None) and x's dtype. Padded positions get dx = 0.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.array([[1.0, 2.0, 4.0]])
+    >>> y, mean, rstd = fastnorm.layer_norm(x, return_stats=True)
+    >>> dx, dw, db = fastnorm.layer_norm_backward(np.ones_like(x), x, mean, rstd)
+    >>> np.abs(dx).max() < 1e-12, db
+    (np.True_, array([1., 1., 1.]))
+    """
+    fn = "layer_norm_backward"
+    plan = _layer_plan(np.shape(x), axis, fn)
+    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False)
+
+
+def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None):
+    """Gradients of :func:`rms_norm`: ``(dx, dweight, dbias)``, with ``xhat = x * rstd``::
+
+        dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * weight
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.array([[3.0, 4.0]])
+    >>> y, rstd = fastnorm.rms_norm(x, eps=0.0, return_stats=True)
+    >>> fastnorm.rms_norm_backward(np.ones_like(x), x, rstd)[2]
+    array([1., 1.])
+    """
+    fn = "rms_norm_backward"
+    plan = _layer_plan(np.shape(x), axis, fn)
+    return _group_backward(fn, plan, dy, x, None, rstd, weight, mask, rms=True)
+
+
+def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None):
+    """Gradients of :func:`instance_norm`: ``(dx, dweight, dbias)``; the layer-norm formula
+    per (sample, channel), dweight/dbias of shape ``(C,)``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.arange(8.0).reshape(1, 2, 4)
+    >>> y, mean, rstd = fastnorm.instance_norm(x, axis=1, return_stats=True)
+    >>> fastnorm.instance_norm_backward(np.ones_like(x), x, mean, rstd, axis=1)[2]
+    array([4., 4.])
+    """
+    fn = "instance_norm_backward"
+    plan = _grouped_plan(np.shape(x), axis, None, fn, min_ndim=3)
+    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False)
+
+
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, mask=None):
+    """Gradients of :func:`group_norm`: ``(dx, dweight, dbias)``; the layer-norm formula per
+    (sample, group), dweight/dbias of shape ``(C,)``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.array([[1.0, 3.0, 10.0, 30.0]])
+    >>> y, mean, rstd = fastnorm.group_norm(x, 2, return_stats=True)
+    >>> fastnorm.group_norm_backward(np.ones_like(x), x, mean, rstd, 2)[2]
+    array([1., 1., 1., 1.])
+    """
+    fn = "group_norm_backward"
+    plan = _grouped_plan(np.shape(x), axis, num_groups, fn, min_ndim=2)
+    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False)
+
+
+def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=True, mask=None):
+    """Gradients of :func:`batch_norm`: ``(dx, dweight, dbias)``, each feature over every other axis.
+
+    Training (batch statistics), with ``xhat = (x - mean) * rstd`` and n real values per feature::
+
+        dx = weight * rstd * (dy - sum(dy)/n - xhat * sum(dy * xhat)/n)
+
+    ``training=False`` treats the running statistics as constants: ``dx = dy * weight * rstd``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, rstd = fastnorm.batch_norm(x, return_stats=True)
+    >>> fastnorm.batch_norm_backward(np.array([[1.0], [1.0]]), x, mean, rstd)[0]
+    array([[0.],
+           [0.]])
+    """
+    fn = "batch_norm_backward"
+    arr = ck.as_input(x, "x", fn)
+    g = ck.as_input(dy, "dy", fn)
+    ck.same_shape(g, arr, fn)
+    ax, view = _channel_plan(arr.shape, axis, fn)
+    O, C, S = view
+    mu = ck.check_stat(mean, "mean", (C,), fn)
+    r = ck.check_stat(rstd, "rstd", (C,), fn)
+    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}")
+    m = _mask_2d(mask, arr.shape[:ax] + arr.shape[ax + 1:], O, S, fn)
+    identity = tuple(range(arr.ndim))
+    xv, gv = ck.input_view(arr, identity, view), ck.input_view(g, identity, view)
+
+    sum_dy, sum_dy_xc = np.empty(C), np.empty(C)
+    _core.channel_grad_sums(sum_dy, sum_dy_xc, gv, xv, mu, m)
+    n = float(O * S if m is None else np.count_nonzero(m))
+    wr = r if w is None else r * w
+    if training and n > 0:
+        # dx = wr*dy - wr*rstd*mean(dy*xhat)/... written as coef_dy*dy + coef_x*(x - mean) + shift
+        coef_x = -wr * r * r * sum_dy_xc / n
+        shift = -wr * sum_dy / n
+    else:
+        coef_x, shift = np.zeros(C), np.zeros(C)
+    target = ck.Output(None, arr, arr.dtype, identity, view)
+    _core.channel_combine(target.view, xv, mu, coef_x, gv, wr, shift, m)
+    return (target.finish(), (sum_dy_xc * r).astype(arr.dtype), sum_dy.astype(arr.dtype))

@@ -1,0 +1,226 @@
+/* fastnorm._core: the only file that includes Python.h.
+ *
+ * It turns NumPy arrays that python/fastnorm has already checked and shaped into the fn_view
+ * structs of fastnorm.h, releases the GIL around large work and maps kernel statuses to
+ * exceptions. The checks here only guard memory safety; user-facing messages live in Python. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* Keep in step with the NumPy requirement in pyproject.toml (numpy>=2.1). */
+#define NPY_NO_DEPRECATED_API NPY_2_1_API_VERSION
+#define NPY_TARGET_VERSION NPY_2_1_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include "fastnorm.h"
+
+
+/* obj must be an aligned, native float16/32/64 ndarray of `ndim` dims; fills v and shape. */
+static int to_view(PyObject *obj, const char *name, int ndim, int writeable, fn_view *v, npy_intp *shape)
+{
+    if (!PyArray_Check(obj) || PyArray_NDIM((PyArrayObject *)obj) != ndim) {
+        PyErr_Format(PyExc_TypeError, "_core: %s must be a %d-d ndarray", name, ndim);
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    int t = PyArray_TYPE(a);
+    if (!PyArray_ISNBO(PyArray_DESCR(a)->byteorder) || !PyArray_ISALIGNED(a) ||
+        (t != NPY_HALF && t != NPY_FLOAT && t != NPY_DOUBLE)) {
+        PyErr_Format(PyExc_TypeError, "_core: %s must be aligned native float16/32/64", name);
+        return -1;
+    }
+    if (writeable && !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "_core: %s must be writeable", name);
+        return -1;
+    }
+    v->data = PyArray_BYTES(a);
+    v->dtype = t == NPY_HALF ? FN_F16 : t == NPY_FLOAT ? FN_F32 : FN_F64;
+    for (int d = 0; d < 4; d++) v->stride[d] = d < ndim ? PyArray_STRIDE(a, d) : 0;
+    for (int d = 0; d < ndim; d++) shape[d] = PyArray_DIM(a, d);
+    return 0;
+}
+
+/* obj: None (no mask) or a (d0, d1) bool ndarray. */
+static int to_mask(PyObject *obj, npy_intp d0, npy_intp d1, fn_mask *m)
+{
+    m->data = NULL;
+    m->stride[0] = m->stride[1] = 0;
+    if (obj == Py_None) return 0;
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (!PyArray_Check(obj) || PyArray_TYPE(a) != NPY_BOOL || PyArray_NDIM(a) != 2 ||
+        PyArray_DIM(a, 0) != d0 || PyArray_DIM(a, 1) != d1) {
+        PyErr_Format(PyExc_TypeError, "_core: mask must be a (%zd, %zd) bool ndarray", d0, d1);
+        return -1;
+    }
+    m->data = (const unsigned char *)PyArray_BYTES(a);
+    m->stride[0] = PyArray_STRIDE(a, 0);
+    m->stride[1] = PyArray_STRIDE(a, 1);
+    return 0;
+}
+
+/* obj: a C-contiguous float64 ndarray of n elements (None allowed when optional). */
+static int to_doubles(PyObject *obj, const char *name, npy_intp n, int optional, int writeable, double **p)
+{
+    *p = NULL;
+    if (obj == Py_None && optional) return 0;
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (!PyArray_Check(obj) || PyArray_TYPE(a) != NPY_DOUBLE || !PyArray_IS_C_CONTIGUOUS(a) ||
+        !PyArray_ISNBO(PyArray_DESCR(a)->byteorder) || PyArray_SIZE(a) != n ||
+        (writeable && !PyArray_ISWRITEABLE(a))) {
+        PyErr_Format(PyExc_TypeError, "_core: %s must be a contiguous float64 array of %zd elements", name, n);
+        return -1;
+    }
+    *p = (double *)PyArray_DATA(a);
+    return 0;
+}
+
+static PyObject *status_to_result(int status)
+{
+    if (status == FN_ENOMEM) return PyErr_NoMemory();
+    if (status != FN_OK) {
+        PyErr_SetString(PyExc_ValueError, "_core: invalid sizes");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int same_shape(const npy_intp *a, const npy_intp *b, int ndim)
+{
+    for (int d = 0; d < ndim; d++)
+        if (a[d] != b[d]) {
+            PyErr_SetString(PyExc_ValueError, "_core: arrays must have the same shape");
+            return 0;
+        }
+    return 1;
+}
+
+/* group_forward(y, x, weight, bias, mask, mean, rstd, eps, rms): x, y (A, G, K, S). */
+static PyObject *py_group_forward(PyObject *self, PyObject *args)
+{
+    PyObject *oy, *ox, *ow, *ob, *om, *omean, *orstd;
+    double eps, *w, *b, *mean, *rstd;
+    int rms, status;
+    npy_intp sx[4], sy[4];
+    fn_view x, y;
+    fn_mask m;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOOdp", &oy, &ox, &ow, &ob, &om, &omean, &orstd, &eps, &rms)) return NULL;
+    if (to_view(ox, "x", 4, 0, &x, sx) || to_view(oy, "y", 4, 1, &y, sy) || !same_shape(sx, sy, 4) ||
+        to_doubles(ow, "weight", sx[1] * sx[2], 1, 0, &w) || to_doubles(ob, "bias", sx[1] * sx[2], 1, 0, &b) ||
+        to_mask(om, sx[0], sx[3], &m) || to_doubles(omean, "mean", sx[0] * sx[1], 0, 1, &mean) ||
+        to_doubles(orstd, "rstd", sx[0] * sx[1], 0, 1, &rstd))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    status = group_norm_forward(y, mean, rstd, x, w, b, m, sx[0], sx[1], sx[2], sx[3], eps, rms);
+    Py_END_ALLOW_THREADS
+    return status_to_result(status);
+}
+
+/* group_backward(dx, dweight, dbias, dy, x, mean, rstd, weight, mask, rms) */
+static PyObject *py_group_backward(PyObject *self, PyObject *args)
+{
+    PyObject *odx, *odw, *odb, *ody, *ox, *omean, *orstd, *ow, *om;
+    double *dw, *db, *mean, *rstd, *w;
+    int rms, status;
+    npy_intp sx[4], sdy[4], sdx[4];
+    fn_view x, dy, dx;
+    fn_mask m;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOp", &odx, &odw, &odb, &ody, &ox, &omean, &orstd, &ow, &om, &rms))
+        return NULL;
+    if (to_view(ox, "x", 4, 0, &x, sx) || to_view(ody, "dy", 4, 0, &dy, sdy) ||
+        to_view(odx, "dx", 4, 1, &dx, sdx) || !same_shape(sx, sdy, 4) || !same_shape(sx, sdx, 4) ||
+        to_doubles(odw, "dweight", sx[1] * sx[2], 1, 1, &dw) || to_doubles(odb, "dbias", sx[1] * sx[2], 1, 1, &db) ||
+        to_doubles(omean, "mean", sx[0] * sx[1], rms, 0, &mean) ||
+        to_doubles(orstd, "rstd", sx[0] * sx[1], 0, 0, &rstd) ||
+        to_doubles(ow, "weight", sx[1] * sx[2], 1, 0, &w) || to_mask(om, sx[0], sx[3], &m))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    status = group_norm_backward(dx, dw, db, dy, x, mean, rstd, w, m, sx[0], sx[1], sx[2], sx[3], rms);
+    Py_END_ALLOW_THREADS
+    return status_to_result(status);
+}
+
+/* channel_moments(count, mean, var, x, mask): x (O, C, S). */
+static PyObject *py_channel_moments(PyObject *self, PyObject *args)
+{
+    PyObject *ocount, *omean, *ovar, *ox, *om;
+    double *count, *mean, *var;
+    npy_intp sx[3];
+    fn_view x;
+    fn_mask m;
+    int status;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOO", &ocount, &omean, &ovar, &ox, &om)) return NULL;
+    if (to_view(ox, "x", 3, 0, &x, sx) || to_doubles(ocount, "count", sx[1], 0, 1, &count) ||
+        to_doubles(omean, "mean", sx[1], 0, 1, &mean) || to_doubles(ovar, "var", sx[1], 0, 1, &var) ||
+        to_mask(om, sx[0], sx[2], &m))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    status = channel_moments(count, mean, var, x, m, sx[0], sx[1], sx[2]);
+    Py_END_ALLOW_THREADS
+    return status_to_result(status);
+}
+
+/* channel_combine(out, x, center, coef_x, dy, coef_dy, shift, mask); dy/coef_dy may be None. */
+static PyObject *py_channel_combine(PyObject *self, PyObject *args)
+{
+    PyObject *oout, *ox, *ocenter, *ocx, *ody, *ocdy, *oshift, *om;
+    double *center, *cx, *cdy, *shift;
+    npy_intp sx[3], sout[3], sdy[3];
+    fn_view x, out, dy = {0};
+    fn_mask m;
+    int status;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &oout, &ox, &ocenter, &ocx, &ody, &ocdy, &oshift, &om)) return NULL;
+    if (to_view(ox, "x", 3, 0, &x, sx) || to_view(oout, "out", 3, 1, &out, sout) || !same_shape(sx, sout, 3) ||
+        (ody != Py_None && (to_view(ody, "dy", 3, 0, &dy, sdy) || !same_shape(sx, sdy, 3))) ||
+        to_doubles(ocenter, "center", sx[1], 0, 0, &center) || to_doubles(ocx, "coef_x", sx[1], 0, 0, &cx) ||
+        to_doubles(ocdy, "coef_dy", sx[1], ody == Py_None, 0, &cdy) ||
+        to_doubles(oshift, "shift", sx[1], 0, 0, &shift) || to_mask(om, sx[0], sx[2], &m))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    status = channel_combine(out, x, center, cx, dy, cdy, shift, m, sx[0], sx[1], sx[2]);
+    Py_END_ALLOW_THREADS
+    return status_to_result(status);
+}
+
+/* channel_grad_sums(sum_dy, sum_dy_xc, dy, x, center, mask) */
+static PyObject *py_channel_grad_sums(PyObject *self, PyObject *args)
+{
+    PyObject *osdy, *osxc, *ody, *ox, *ocenter, *om;
+    double *sdy_sum, *sxc, *center;
+    npy_intp sx[3], sdy[3];
+    fn_view x, dy;
+    fn_mask m;
+    int status;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &osdy, &osxc, &ody, &ox, &ocenter, &om)) return NULL;
+    if (to_view(ox, "x", 3, 0, &x, sx) || to_view(ody, "dy", 3, 0, &dy, sdy) || !same_shape(sx, sdy, 3) ||
+        to_doubles(osdy, "sum_dy", sx[1], 0, 1, &sdy_sum) || to_doubles(osxc, "sum_dy_xc", sx[1], 0, 1, &sxc) ||
+        to_doubles(ocenter, "center", sx[1], 0, 0, &center) || to_mask(om, sx[0], sx[2], &m))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    status = channel_grad_sums(sdy_sum, sxc, dy, x, center, m, sx[0], sx[1], sx[2]);
+    Py_END_ALLOW_THREADS
+    return status_to_result(status);
+}
+
+static PyMethodDef core_methods[] = {
+    {"group_forward", py_group_forward, METH_VARARGS, "Layer/RMS/instance/group norm on an (A, G, K, S) view."},
+    {"group_backward", py_group_backward, METH_VARARGS, "Gradients of group_forward."},
+    {"channel_moments", py_channel_moments, METH_VARARGS, "Per-channel count, mean, biased var of an (O, C, S) view."},
+    {"channel_combine", py_channel_combine, METH_VARARGS, "out = coef_x*(x - center) + coef_dy*dy + shift per channel."},
+    {"channel_grad_sums", py_channel_grad_sums, METH_VARARGS, "Per-channel sums of dy and dy*(x - center)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "fastnorm._core", "fastnorm's C kernels (internal).", -1, core_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    import_array();
+    return PyModule_Create(&core_module);
+}

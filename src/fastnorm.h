@@ -1,0 +1,81 @@
+/* fastnorm kernels: plain C11, no Python headers.
+ *
+ * Size key
+ *   A  outer positions that each get their own statistics (samples, tokens)
+ *   G  groups per position (1 for layer/RMS norm, C for instance norm)
+ *   K  channels per group, carried by weight/bias (D for layer norm, C/G for group norm)
+ *   S  positions inside a group that share one channel (H*W for instance/group norm, 1 otherwise)
+ *   O, C, S  batch-norm view: statistics per channel c over every (o, s)
+ *
+ * Every array is addressed by byte strides, so any layout (transposed, sliced, negative strides)
+ * reaches a kernel without a copy. Elements must be native-endian and aligned; the Python layer
+ * copies the rare buffers that are not. All arithmetic is in double.
+ *
+ * Kernels overwrite their outputs (never accumulate into caller memory) and return FN_OK or an
+ * FN_E* status; they keep no global state and allocate only per call.
+ */
+#ifndef FASTNORM_H
+#define FASTNORM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum fn_dtype { FN_F16 = 0, FN_F32 = 1, FN_F64 = 2 };
+enum fn_status { FN_OK = 0, FN_ENOMEM = 1, FN_EINVAL = 2 };
+
+/* A strided view of up to 4 dimensions; `stride` is in bytes. */
+typedef struct {
+    char *data;
+    int dtype;              /* enum fn_dtype */
+    ptrdiff_t stride[4];
+} fn_view;
+
+/* A strided boolean (one byte per element) view; data == NULL means "no mask: all real". */
+typedef struct {
+    const unsigned char *data;
+    ptrdiff_t stride[2];
+} fn_mask;
+
+/* ---- convert.c: moving strided elements of any dtype to and from contiguous doubles ---- */
+void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype);
+void fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype);
+float fn_half_to_float(uint16_t h);
+uint16_t fn_float_to_half(float f);
+
+/* ---- group_norm.c: layer, RMS, instance and group norm on the (A, G, K, S) view ---- */
+
+/* y = (x - mean) * rstd * weight[g*K + k] + bias[g*K + k], statistics over (k, s) for every (a, g).
+ * x, y: (A, G, K, S); weight, bias: (G*K) doubles or NULL; mask: (A, S) or no mask.
+ * mean, rstd: (A, G) doubles, written. rms != 0: no centering (mean written as 0).
+ * A group with no real element gets y = 0, mean = 0, rstd = 0. Overwrites y (may alias x). */
+int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
+                       const double *weight, const double *bias, fn_mask mask,
+                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms);
+
+/* Gradients of group_norm_forward, from the mean/rstd it returned.
+ * dx: (A, G, K, S), written (may alias dy); dweight, dbias: (G*K) doubles, overwritten
+ * (summed over a and s); either may be NULL. */
+int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, fn_view x,
+                        const double *mean, const double *rstd, const double *weight,
+                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms);
+
+/* ---- batch_norm.c: statistics per channel c of the (O, C, S) view ---- */
+
+/* count, mean, var: (C) doubles, written: the number of real elements of channel c, their mean
+ * and biased variance (NaN where count is 0). mask: (O, S) or no mask. */
+int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask mask,
+                    int64_t O, int64_t C, int64_t S);
+
+/* out = coef_x[c] * (x - center[c]) + coef_dy[c] * dy + shift[c], 0 where the mask is False.
+ * Forward batch norm passes dy = no data (coef_dy unused); its backward passes both.
+ * out, x, dy: (O, C, S); center, coef_x, coef_dy, shift: (C) doubles. out may alias x or dy. */
+int channel_combine(fn_view out, fn_view x, const double *center, const double *coef_x,
+                    fn_view dy, const double *coef_dy, const double *shift, fn_mask mask,
+                    int64_t O, int64_t C, int64_t S);
+
+/* sum_dy[c] = sum of dy, sum_dy_xc[c] = sum of dy * (x - center[c]) over the real (o, s).
+ * Both (C) doubles, written. */
+int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
+                      const double *center, fn_mask mask, int64_t O, int64_t C, int64_t S);
+
+#endif

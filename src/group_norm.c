@@ -1,0 +1,149 @@
+/* Layer, RMS, instance and group norm: one statistic per (a, g) of the (A, G, K, S) view.
+ *
+ *   layer/RMS norm   (rows, 1, D, 1)          statistics along each row
+ *   instance norm    (N, C, 1, H*W)           statistics per (sample, channel)
+ *   group norm       (N, G, C/G, H*W)         statistics per (sample, group)
+ *
+ * weight/bias index the channel g*K + k; the mask marks real (a, s) positions.
+ * Each group is loaded into a contiguous double buffer (K*S), so the statistics and the output
+ * are computed from one read of x, whatever its dtype and strides. */
+#include <stdlib.h>
+
+#include "moments.h"
+
+/* buf[k*S + s] = v[a, g, k, s] */
+static void load_group(double *buf, fn_view v, int64_t a, int64_t g, int64_t K, int64_t S)
+{
+    const char *p = v.data + a * v.stride[0] + g * v.stride[1];
+    if (S == 1) {
+        fn_load(buf, p, K, v.stride[2], v.dtype);
+    } else {
+        for (int64_t k = 0; k < K; k++) fn_load(buf + k * S, p + k * v.stride[2], S, v.stride[3], v.dtype);
+    }
+}
+
+/* v[a, g, k, s] = buf[k*S + s] */
+static void store_group(fn_view v, const double *buf, int64_t a, int64_t g, int64_t K, int64_t S)
+{
+    char *p = v.data + a * v.stride[0] + g * v.stride[1];
+    if (S == 1) {
+        fn_store(p, buf, K, v.stride[2], v.dtype);
+    } else {
+        for (int64_t k = 0; k < K; k++) fn_store(p + k * v.stride[2], buf + k * S, S, v.stride[3], v.dtype);
+    }
+}
+
+/* real[0..n) = the elements of buf (K, S) at real positions s; returns n. */
+static int64_t gather_real(double *real, const double *buf, const unsigned char *m, int64_t K, int64_t S)
+{
+    int64_t n = 0;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t s = 0; s < S; s++)
+            if (m[s]) real[n++] = buf[k * S + s];
+    return n;
+}
+
+int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
+                       const double *weight, const double *bias, fn_mask mask,
+                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms)
+{
+    if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
+    int64_t n_group = K * S;
+    double *buf = malloc((size_t)(2 * n_group + 1) * sizeof(double));
+    unsigned char *m = malloc((size_t)S + 1);
+    if (!buf || !m) {
+        free(buf);
+        free(m);
+        return FN_ENOMEM;
+    }
+    double *real = buf + n_group;   /* (n_group) the real elements, when masked */
+
+    for (int64_t a = 0; a < A; a++) {
+        int64_t s_real = load_mask_row(m, mask, a, S);
+        for (int64_t g = 0; g < G; g++) {
+            double mu = 0.0, r = 0.0;
+            load_group(buf, x, a, g, K, S);
+            if (s_real > 0) {
+                const double *stats_of = buf;
+                int64_t n = n_group;
+                if (s_real < S) n = gather_real(real, buf, m, K, S), stats_of = real;
+                double var;
+                if (rms) var = mean_square_of(stats_of, n);
+                else moments_of(stats_of, n, &mu, &var);
+                r = rstd_of(var, eps);
+            }
+            /* y = (x - mean) * rstd * w + b at real positions, 0 at padding */
+            for (int64_t k = 0; k < K; k++) {
+                double scale = r * (weight ? weight[g * K + k] : 1.0);
+                double shift = (bias && s_real > 0) ? bias[g * K + k] : 0.0;
+                double *row = buf + k * S;
+                for (int64_t s = 0; s < S; s++) row[s] = m[s] ? (row[s] - mu) * scale + shift : 0.0;
+            }
+            store_group(y, buf, a, g, K, S);
+            mean[a * G + g] = mu;
+            rstd[a * G + g] = r;
+        }
+    }
+    free(buf);
+    free(m);
+    return FN_OK;
+}
+
+int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, fn_view x,
+                        const double *mean, const double *rstd, const double *weight,
+                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms)
+{
+    if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
+    int64_t n_group = K * S;
+    double *bx = malloc((size_t)(2 * n_group + 1) * sizeof(double));
+    unsigned char *m = malloc((size_t)S + 1);
+    if (!bx || !m) {
+        free(bx);
+        free(m);
+        return FN_ENOMEM;
+    }
+    double *bdy = bx + n_group;     /* (K, S) dy of the group, then dx */
+    for (int64_t c = 0; dweight && c < G * K; c++) dweight[c] = 0.0;
+    for (int64_t c = 0; dbias && c < G * K; c++) dbias[c] = 0.0;
+
+    for (int64_t a = 0; a < A; a++) {
+        int64_t s_real = load_mask_row(m, mask, a, S);
+        for (int64_t g = 0; g < G; g++) {
+            double mu = rms ? 0.0 : mean[a * G + g], r = rstd[a * G + g];
+            double n = (double)(s_real * K), sum_g = 0.0, sum_g_xhat = 0.0;
+            load_group(bx, x, a, g, K, S);
+            load_group(bdy, dy, a, g, K, S);
+            /* g = dy * w; partial sums of dweight, dbias and of the two row means dx needs */
+            for (int64_t k = 0; k < K; k++) {
+                double w = weight ? weight[g * K + k] : 1.0, dw = 0.0, db = 0.0;
+                const double *xr = bx + k * S, *dyr = bdy + k * S;
+                for (int64_t s = 0; s < S; s++) {
+                    if (!m[s]) continue;
+                    double xhat = (xr[s] - mu) * r;
+                    dw += dyr[s] * xhat;
+                    db += dyr[s];
+                    sum_g += dyr[s] * w;
+                    sum_g_xhat += dyr[s] * w * xhat;
+                }
+                if (dweight) dweight[g * K + k] += dw;
+                if (dbias) dbias[g * K + k] += db;
+            }
+            /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), without mean(g) for RMS */
+            double mean_g = (rms || n == 0.0) ? 0.0 : sum_g / n;
+            double mean_g_xhat = n == 0.0 ? 0.0 : sum_g_xhat / n;
+            for (int64_t k = 0; k < K; k++) {
+                double w = weight ? weight[g * K + k] : 1.0;
+                const double *xr = bx + k * S;
+                double *dr = bdy + k * S;
+                for (int64_t s = 0; s < S; s++) {
+                    double xhat = (xr[s] - mu) * r;
+                    dr[s] = m[s] ? r * (dr[s] * w - mean_g - xhat * mean_g_xhat) : 0.0;
+                }
+            }
+            store_group(dx, bdy, a, g, K, S);
+        }
+    }
+    free(bx);
+    free(m);
+    return FN_OK;
+}

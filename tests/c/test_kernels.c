@@ -1,0 +1,134 @@
+/* The kernels alone, without Python: build and run with
+ *   cc -std=c11 -Wall -Wextra -Isrc tests/c/test_kernels.c src/convert.c src/group_norm.c src/batch_norm.c -lm
+ * Expected values are computed by hand (see each comment). Prints "N passed, M failed". */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "fastnorm.h"
+
+static int passed, failed;
+
+static void check_close(const char *what, double got, double want, double tol)
+{
+    if (got == want || fabs(got - want) <= tol || (isnan(got) && isnan(want))) {
+        passed++;
+    } else {
+        failed++;
+        printf("FAIL %s: got %.17g, want %.17g\n", what, got, want);
+    }
+}
+
+static fn_view view_f64(double *p, ptrdiff_t s0, ptrdiff_t s1, ptrdiff_t s2, ptrdiff_t s3)
+{
+    fn_view v = {(char *)p, FN_F64, {s0, s1, s2, s3}};
+    return v;
+}
+
+/* layer norm of the row [1, 2, 3, 6]: mean 3, biased var (4 + 1 + 0 + 9) / 4 = 3.5 */
+static void test_layer_norm_row(void)
+{
+    double x[4] = {1, 2, 3, 6}, y[4], mean, rstd, w[4] = {1, 2, 1, 1}, b[4] = {0, 0, 0, 10};
+    fn_mask none = {0};
+    int st = group_norm_forward(view_f64(y, 32, 32, 8, 8), &mean, &rstd, view_f64(x, 32, 32, 8, 8),
+                                w, b, none, 1, 1, 4, 1, 0.0, 0);
+    check_close("layer status", st, FN_OK, 0);
+    check_close("layer mean", mean, 3.0, 1e-15);
+    check_close("layer rstd", rstd, 1.0 / sqrt(3.5), 1e-15);
+    check_close("layer y0", y[0], -2.0 / sqrt(3.5), 1e-14);
+    check_close("layer y1", y[1], 2.0 * -1.0 / sqrt(3.5), 1e-14);
+    check_close("layer y3", y[3], 3.0 / sqrt(3.5) + 10.0, 1e-14);
+}
+
+/* float32 row with mean 1e4 and values +-1: var exactly 1 */
+static void test_mean_offset_f32(void)
+{
+    float x[4] = {10001.0f, 9999.0f, 10001.0f, 9999.0f}, y[4];
+    double mean, rstd;
+    fn_view vx = {(char *)x, FN_F32, {16, 16, 4, 4}}, vy = {(char *)y, FN_F32, {16, 16, 4, 4}};
+    fn_mask none = {0};
+    group_norm_forward(vy, &mean, &rstd, vx, NULL, NULL, none, 1, 1, 4, 1, 0.0, 0);
+    check_close("offset mean", mean, 1e4, 0);
+    check_close("offset y0", y[0], 1.0, 1e-7);
+    check_close("offset y1", y[1], -1.0, 1e-7);
+}
+
+/* a constant row with eps = 0 gives bias, not NaN; a NaN row stays NaN */
+static void test_constant_and_nan_rows(void)
+{
+    double x[6] = {0.1, 0.1, 0.1, 1.0, NAN, 2.0}, y[6], mean[2], rstd[2], b[3] = {5, 6, 7};
+    fn_mask none = {0};
+    group_norm_forward(view_f64(y, 24, 24, 8, 8), mean, rstd, view_f64(x, 24, 24, 8, 8), NULL, b, none,
+                       2, 1, 3, 1, 0.0, 0);
+    check_close("constant y0", y[0], 5.0, 0);
+    check_close("constant y2", y[2], 7.0, 0);
+    check_close("nan row y3", y[3], NAN, 0);
+    check_close("nan row y5", y[5], NAN, 0);
+}
+
+/* masked instance norm: (A=1, G=1, K=1, S=4), positions 0 and 2 real: values 2, 6 -> mean 4, var 4 */
+static void test_masked_instance(void)
+{
+    double x[4] = {2, 100, 6, -50}, y[4], mean, rstd;
+    unsigned char m[4] = {1, 0, 1, 0};
+    fn_mask mask = {m, {4, 1}};
+    group_norm_forward(view_f64(y, 32, 32, 32, 8), &mean, &rstd, view_f64(x, 32, 32, 32, 8), NULL, NULL,
+                       mask, 1, 1, 1, 4, 0.0, 0);
+    check_close("masked mean", mean, 4.0, 1e-15);
+    check_close("masked y0", y[0], -1.0, 1e-15);
+    check_close("masked y1 (padding)", y[1], 0.0, 0);
+    check_close("masked y2", y[2], 1.0, 1e-15);
+}
+
+/* batch moments down the columns of a (3, 2) array with a negative row stride */
+static void test_channel_moments(void)
+{
+    double x[6] = {1, 10, 2, 20, 6, 60}, count[2], mean[2], var[2];
+    fn_mask none = {0};
+    fn_view v = view_f64(x + 4, -16, 8, 8, 0);   /* rows read bottom-up */
+    channel_moments(count, mean, var, v, none, 3, 2, 1);
+    check_close("bn count", count[0], 3.0, 0);
+    check_close("bn mean0", mean[0], 3.0, 1e-15);
+    check_close("bn var0", var[0], 14.0 / 3.0, 1e-14);     /* (4 + 1 + 9) / 3 */
+    check_close("bn var1", var[1], 1400.0 / 3.0, 1e-12);
+}
+
+/* layer-norm backward: dx sums to zero per row; dbias = sum of dy */
+static void test_group_backward(void)
+{
+    double x[3] = {1, 2, 4}, y[3], dy[3] = {0.5, -1, 2}, dx[3], mean, rstd, dw[3], db[3];
+    fn_mask none = {0};
+    group_norm_forward(view_f64(y, 24, 24, 8, 8), &mean, &rstd, view_f64(x, 24, 24, 8, 8), NULL, NULL, none,
+                       1, 1, 3, 1, 1e-5, 0);
+    group_norm_backward(view_f64(dx, 24, 24, 8, 8), dw, db, view_f64(dy, 24, 24, 8, 8), view_f64(x, 24, 24, 8, 8),
+                        &mean, &rstd, NULL, none, 1, 1, 3, 1, 0);
+    check_close("dx sums to 0", dx[0] + dx[1] + dx[2], 0.0, 1e-14);
+    check_close("dbias", db[2], 2.0, 0);
+    check_close("dweight", dw[0], 0.5 * (1 - mean) * rstd, 1e-15);
+}
+
+/* every finite half survives half -> float -> half; 1/3 rounds to nearest */
+static void test_half_conversion(void)
+{
+    int bad = 0;
+    for (unsigned h = 0; h < 65536; h++) {
+        if ((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu)) continue;   /* NaN payloads */
+        if (fn_float_to_half(fn_half_to_float((uint16_t)h)) != h) bad++;
+    }
+    check_close("half round trips failing", bad, 0, 0);
+    check_close("half(1/3)", fn_half_to_float(fn_float_to_half(1.0f / 3.0f)), 0.333251953125, 0);
+    check_close("half(65520) = inf", fn_half_to_float(fn_float_to_half(65520.0f)), INFINITY, 0);
+}
+
+int main(void)
+{
+    test_layer_norm_row();
+    test_mean_offset_f32();
+    test_constant_and_nan_rows();
+    test_masked_instance();
+    test_channel_moments();
+    test_group_backward();
+    test_half_conversion();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed != 0;
+}
