@@ -16,6 +16,7 @@ from ._functional import (
     rms_norm,
     rms_norm_backward,
 )
+from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
     "layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
     "group_norm_backward",
+    "LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm",
 ]

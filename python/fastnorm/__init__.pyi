@@ -1,0 +1,104 @@
+# Type stubs for fastnorm's public API (see docs/contract.md).
+from typing import Literal, overload
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+Axis = int | tuple[int, ...]
+_Stats3 = tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]
+_Grads = tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]
+
+__version__: str
+
+@overload
+def layer_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: Axis = ...,
+               eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
+               return_stats: Literal[False] = ...) -> NDArray[np.floating]: ...
+@overload
+def layer_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: Axis = ...,
+               eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
+               return_stats: Literal[True]) -> _Stats3: ...
+@overload
+def rms_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: Axis = ...,
+             eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
+             return_stats: Literal[False] = ...) -> NDArray[np.floating]: ...
+@overload
+def rms_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: Axis = ...,
+             eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
+             return_stats: Literal[True]) -> tuple[NDArray[np.floating], NDArray[np.floating]]: ...
+@overload
+def batch_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: int = ...,
+               running_mean: NDArray[np.floating] | None = ..., running_var: NDArray[np.floating] | None = ...,
+               training: bool = ..., momentum: float = ..., eps: float = ..., mask: ArrayLike | None = ...,
+               out: NDArray[np.floating] | None = ..., return_stats: Literal[False] = ...) -> NDArray[np.floating]: ...
+@overload
+def batch_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: int = ...,
+               running_mean: NDArray[np.floating] | None = ..., running_var: NDArray[np.floating] | None = ...,
+               training: bool = ..., momentum: float = ..., eps: float = ..., mask: ArrayLike | None = ...,
+               out: NDArray[np.floating] | None = ..., return_stats: Literal[True]) -> _Stats3: ...
+@overload
+def instance_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: int = ...,
+                  eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
+                  return_stats: Literal[False] = ...) -> NDArray[np.floating]: ...
+@overload
+def instance_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: int = ...,
+                  eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
+                  return_stats: Literal[True]) -> _Stats3: ...
+@overload
+def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *,
+               axis: int = ..., eps: float = ..., mask: ArrayLike | None = ...,
+               out: NDArray[np.floating] | None = ..., return_stats: Literal[False] = ...) -> NDArray[np.floating]: ...
+@overload
+def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *,
+               axis: int = ..., eps: float = ..., mask: ArrayLike | None = ...,
+               out: NDArray[np.floating] | None = ..., return_stats: Literal[True]) -> _Stats3: ...
+def mask_from_lengths(lengths: ArrayLike, max_len: int | None = ...) -> NDArray[np.bool_]: ...
+
+def layer_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike,
+                        weight: ArrayLike | None = ..., *, axis: Axis = ..., mask: ArrayLike | None = ...) -> _Grads: ...
+def rms_norm_backward(dy: ArrayLike, x: ArrayLike, rstd: ArrayLike, weight: ArrayLike | None = ..., *,
+                      axis: Axis = ..., mask: ArrayLike | None = ...) -> _Grads: ...
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike,
+                        weight: ArrayLike | None = ..., *, axis: int = ..., training: bool = ...,
+                        mask: ArrayLike | None = ...) -> _Grads: ...
+def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike,
+                           weight: ArrayLike | None = ..., *, axis: int = ..., mask: ArrayLike | None = ...) -> _Grads: ...
+def group_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike, num_groups: int,
+                        weight: ArrayLike | None = ..., *, axis: int = ..., mask: ArrayLike | None = ...) -> _Grads: ...
+
+class _Norm:
+    eps: float
+    training: bool
+    weight: NDArray[np.floating] | None
+    bias: NDArray[np.floating] | None
+    dweight: NDArray[np.floating] | None
+    dbias: NDArray[np.floating] | None
+    def train(self, mode: bool = ...) -> _Norm: ...
+    def eval(self) -> _Norm: ...
+    def parameters(self) -> list[tuple[NDArray[np.floating], NDArray[np.floating] | None]]: ...
+    def __call__(self, x: ArrayLike, mask: ArrayLike | None = ...) -> NDArray[np.floating]: ...
+    def backward(self, dy: ArrayLike) -> NDArray[np.floating]: ...
+
+class LayerNorm(_Norm):
+    normalized_shape: tuple[int, ...]
+    axis: Axis
+    def __init__(self, normalized_shape: int | tuple[int, ...], *, axis: Axis = ..., eps: float = ...,
+                 affine: bool = ..., dtype: type | np.dtype = ...) -> None: ...
+class RMSNorm(LayerNorm): ...
+class BatchNorm(_Norm):
+    axis: int
+    momentum: float
+    track_running_stats: bool
+    running_mean: NDArray[np.floating] | None
+    running_var: NDArray[np.floating] | None
+    def __init__(self, num_features: int, *, axis: int = ..., eps: float = ..., momentum: float = ...,
+                 affine: bool = ..., track_running_stats: bool = ..., dtype: type | np.dtype = ...) -> None: ...
+class InstanceNorm(_Norm):
+    axis: int
+    def __init__(self, num_features: int, *, axis: int = ..., eps: float = ..., affine: bool = ...,
+                 dtype: type | np.dtype = ...) -> None: ...
+class GroupNorm(_Norm):
+    num_groups: int
+    axis: int
+    def __init__(self, num_groups: int, num_channels: int, *, axis: int = ..., eps: float = ..., affine: bool = ...,
+                 dtype: type | np.dtype = ...) -> None: ...

@@ -1,0 +1,171 @@
+"""Stateful layers for notebooks and hand-written NumPy training loops.
+
+Each layer holds NumPy arrays ``weight`` and ``bias`` (None when ``affine=False``), has
+``training`` with ``train()``/``eval()``, is called as ``layer(x, mask=None) -> y`` (keeping what
+backward needs) and has ``backward(dy) -> dx``, which also sets ``dweight`` and ``dbias``.
+The layers are thin: every number comes from the functions in :mod:`fastnorm`.
+
+Example
+-------
+>>> import numpy as np, fastnorm
+>>> ln = fastnorm.LayerNorm(4)
+>>> x = np.arange(8.0).reshape(2, 4)
+>>> y = ln(x)
+>>> dx = ln.backward(np.ones_like(y))
+>>> ln.dbias
+array([2., 2., 2., 2.])
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _functional as F
+
+__all__ = ["LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm"]
+
+
+class _Norm:
+    """Shared state: parameters, train/eval, and what the last forward call kept for backward."""
+
+    def __init__(self, param_shape, *, eps, affine, dtype):
+        self.eps = eps
+        self.training = True
+        self.weight = np.ones(param_shape, dtype=dtype) if affine else None
+        self.bias = np.zeros(param_shape, dtype=dtype) if affine else None
+        self.dweight = self.dbias = None
+        self._saved = None
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def parameters(self):
+        """[(weight, dweight), (bias, dbias)] for a hand-written optimizer step (empty without affine)."""
+        if self.weight is None:
+            return []
+        return [(self.weight, self.dweight), (self.bias, self.dbias)]
+
+    def _need_saved(self):
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: call the layer on an input first")
+        return self._saved
+
+    def _set_grads(self, dx, dw, db):
+        if self.weight is not None:
+            self.dweight, self.dbias = dw.astype(self.weight.dtype), db.astype(self.bias.dtype)
+        return dx
+
+
+def _feature_axis(normalized_shape, axis):
+    shape = (normalized_shape,) if np.ndim(normalized_shape) == 0 else tuple(normalized_shape)
+    if axis == -1 and len(shape) > 1:      # PyTorch's convention: the trailing len(shape) axes
+        axis = tuple(range(-len(shape), 0))
+    return tuple(int(n) for n in shape), axis
+
+
+class LayerNorm(_Norm):
+    """Layer norm over ``axis`` (default: the trailing ``len(normalized_shape)`` axes)."""
+
+    _rms = False
+
+    def __init__(self, normalized_shape, *, axis=-1, eps=1e-5, affine=True, dtype=np.float64):
+        shape, self.axis = _feature_axis(normalized_shape, axis)
+        super().__init__(shape, eps=eps, affine=affine, dtype=dtype)
+        self.normalized_shape = shape
+
+    def __call__(self, x, mask=None):
+        if self._rms:
+            y, rstd = F.rms_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
+                                 return_stats=True)
+            self._saved = (x, None, rstd, mask)
+        else:
+            y, mean, rstd = F.layer_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
+                                         return_stats=True)
+            self._saved = (x, mean, rstd, mask)
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd, mask = self._need_saved()
+        if self._rms:
+            grads = F.rms_norm_backward(dy, x, rstd, self.weight, axis=self.axis, mask=mask)
+        else:
+            grads = F.layer_norm_backward(dy, x, mean, rstd, self.weight, axis=self.axis, mask=mask)
+        return self._set_grads(*grads)
+
+
+class RMSNorm(LayerNorm):
+    """RMS norm over ``axis``: ``x / sqrt(mean(x**2) + eps) * weight + bias``."""
+
+    _rms = True
+
+
+class BatchNorm(_Norm):
+    """Batch norm of ``num_features`` features along ``axis``, PyTorch's way.
+
+    In training the batch statistics normalize and, with ``track_running_stats``, update
+    ``running_mean``/``running_var`` (momentum, unbiased variance); in eval the running
+    statistics normalize. Without ``track_running_stats`` batch statistics are always used.
+    """
+
+    def __init__(self, num_features, *, axis=-1, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float64):
+        super().__init__((int(num_features),), eps=eps, affine=affine, dtype=dtype)
+        self.axis, self.momentum = axis, momentum
+        self.track_running_stats = track_running_stats
+        self.running_mean = np.zeros(num_features, dtype=dtype) if track_running_stats else None
+        self.running_var = np.ones(num_features, dtype=dtype) if track_running_stats else None
+
+    def __call__(self, x, mask=None):
+        batch_stats = self.training or not self.track_running_stats
+        y, mean, rstd = F.batch_norm(x, self.weight, self.bias, axis=self.axis, running_mean=self.running_mean,
+                                     running_var=self.running_var, training=batch_stats,
+                                     momentum=self.momentum, eps=self.eps, mask=mask, return_stats=True)
+        self._saved = (x, mean, rstd, mask, batch_stats)
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd, mask, batch_stats = self._need_saved()
+        grads = F.batch_norm_backward(dy, x, mean, rstd, self.weight, axis=self.axis, training=batch_stats,
+                                      mask=mask)
+        return self._set_grads(*grads)
+
+
+class GroupNorm(_Norm):
+    """Group norm: ``num_channels`` channels along ``axis`` in ``num_groups`` consecutive groups."""
+
+    def __init__(self, num_groups, num_channels, *, axis=-1, eps=1e-5, affine=True, dtype=np.float64):
+        super().__init__((int(num_channels),), eps=eps, affine=affine, dtype=dtype)
+        self.num_groups, self.axis = num_groups, axis
+
+    def __call__(self, x, mask=None):
+        y, mean, rstd = F.group_norm(x, self.num_groups, self.weight, self.bias, axis=self.axis, eps=self.eps,
+                                     mask=mask, return_stats=True)
+        self._saved = (x, mean, rstd, mask)
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd, mask = self._need_saved()
+        grads = F.group_norm_backward(dy, x, mean, rstd, self.num_groups, self.weight, axis=self.axis, mask=mask)
+        return self._set_grads(*grads)
+
+
+class InstanceNorm(_Norm):
+    """Instance norm of ``num_features`` channels along ``axis``; no affine parameters by default."""
+
+    def __init__(self, num_features, *, axis=-1, eps=1e-5, affine=False, dtype=np.float64):
+        super().__init__((int(num_features),), eps=eps, affine=affine, dtype=dtype)
+        self.axis = axis
+
+    def __call__(self, x, mask=None):
+        y, mean, rstd = F.instance_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
+                                        return_stats=True)
+        self._saved = (x, mean, rstd, mask)
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd, mask = self._need_saved()
+        grads = F.instance_norm_backward(dy, x, mean, rstd, self.weight, axis=self.axis, mask=mask)
+        return self._set_grads(*grads)

@@ -1,0 +1,130 @@
+"""Layer classes against the functional API, step by step, and the training example."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastnorm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sgd(params, grads, lr):
+    for p, g in zip(params, grads):
+        p -= lr * g
+
+
+def test_batchnorm_layer_steps_equal_functional_calls():
+    rng = np.random.default_rng(0)
+    layer = fastnorm.BatchNorm(5, momentum=0.2)
+    w, b = np.ones(5), np.zeros(5)
+    rm, rv = np.zeros(5), np.ones(5)
+    for step in range(4):
+        x = rng.standard_normal((16, 5)) * (step + 1) + step
+        dy = rng.standard_normal((16, 5))
+        y_layer = layer(x)
+        dx_layer = layer.backward(dy)
+        y, mean, rstd = fastnorm.batch_norm(x, w, b, running_mean=rm, running_var=rv, momentum=0.2,
+                                            return_stats=True)
+        dx, dw, db = fastnorm.batch_norm_backward(dy, x, mean, rstd, w)
+        np.testing.assert_array_equal(y_layer, y)
+        np.testing.assert_array_equal(dx_layer, dx)
+        np.testing.assert_array_equal(layer.dweight, dw)
+        np.testing.assert_array_equal(layer.running_mean, rm)
+        np.testing.assert_array_equal(layer.running_var, rv)
+        # the running statistics follow PyTorch's rule, checked against plain NumPy
+        _sgd([layer.weight, layer.bias], [layer.dweight, layer.dbias], 0.1)
+        _sgd([w, b], [dw, db], 0.1)
+    expected_rm, expected_rv = np.zeros(5), np.ones(5)
+    rng = np.random.default_rng(0)
+    for step in range(4):
+        x = rng.standard_normal((16, 5)) * (step + 1) + step
+        rng.standard_normal((16, 5))
+        expected_rm = 0.8 * expected_rm + 0.2 * x.mean(0)
+        expected_rv = 0.8 * expected_rv + 0.2 * x.var(0, ddof=1)
+    np.testing.assert_allclose(layer.running_mean, expected_rm, rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, expected_rv, rtol=1e-12)
+
+    layer.eval()
+    x = rng.standard_normal((3, 5))
+    expected = (x - expected_rm) / np.sqrt(expected_rv + 1e-5) * layer.weight + layer.bias
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal((3, 5))
+    np.testing.assert_allclose(layer.backward(dy), dy * layer.weight / np.sqrt(expected_rv + 1e-5), rtol=1e-12)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_layer_and_rms_classes_equal_functional_calls(rms):
+    rng = np.random.default_rng(1)
+    layer = fastnorm.RMSNorm((3, 4)) if rms else fastnorm.LayerNorm((3, 4))
+    layer.weight[:] = rng.standard_normal((3, 4))
+    x = rng.standard_normal((5, 3, 4)) + 2.0
+    mask = np.array([True, True, False, True, True])
+    w, b, axes = layer.weight.copy(), layer.bias.copy(), (-2, -1)
+    dy = rng.standard_normal(x.shape)
+    if rms:
+        y, rstd = fastnorm.rms_norm(x, w, b, axis=axes, mask=mask, return_stats=True)
+        dx, dw, db = fastnorm.rms_norm_backward(dy, x, rstd, w, axis=axes, mask=mask)
+    else:
+        y, mean, rstd = fastnorm.layer_norm(x, w, b, axis=axes, mask=mask, return_stats=True)
+        dx, dw, db = fastnorm.layer_norm_backward(dy, x, mean, rstd, w, axis=axes, mask=mask)
+    np.testing.assert_array_equal(layer(x, mask=mask), y)
+    np.testing.assert_array_equal(layer.backward(dy), dx)
+    np.testing.assert_array_equal(layer.dweight, dw)
+    np.testing.assert_array_equal(layer.dbias, db)
+    # independent check: dbias is dy summed over the real positions
+    np.testing.assert_allclose(layer.dbias, dy[mask].sum(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("layer, fn, extra", [
+    (lambda: fastnorm.GroupNorm(2, 4, axis=1), fastnorm.group_norm, (2,)),
+    (lambda: fastnorm.InstanceNorm(4, axis=1, affine=True), fastnorm.instance_norm, ()),
+])
+def test_group_and_instance_layers(layer, fn, extra):
+    rng = np.random.default_rng(2)
+    lay = layer()
+    lay.weight[:] = [1.0, 2.0, 0.5, -1.0]
+    lay.bias[:] = [0.0, 1.0, 2.0, 3.0]
+    x = rng.standard_normal((3, 4, 5))
+    y, mean, rstd = fn(x, *extra, lay.weight, lay.bias, axis=1, return_stats=True)
+    np.testing.assert_array_equal(lay(x), y)
+    dy = rng.standard_normal(x.shape)
+    backward = fastnorm.group_norm_backward if fn is fastnorm.group_norm else fastnorm.instance_norm_backward
+    dx, dw, db = backward(dy, x, mean, rstd, *extra, lay.weight, axis=1)
+    np.testing.assert_array_equal(lay.backward(dy), dx)
+    np.testing.assert_allclose(lay.dbias, dy.sum(axis=(0, 2)), rtol=1e-12)
+    xhat = (x - mean[..., None].repeat(4 // len(mean[0]), axis=1)) * rstd[..., None].repeat(4 // len(rstd[0]), axis=1)
+    np.testing.assert_allclose(lay.dweight, (dy * xhat).sum(axis=(0, 2)), rtol=1e-10)
+
+
+def test_layer_norm_train_loop_reduces_a_regression_loss():
+    """Fit y = target through a LayerNorm's affine parameters by SGD: loss falls below 1e-3."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((32, 6)) * 5 + 10
+    mean, std = x.mean(1, keepdims=True), x.std(1, keepdims=True)
+    target = (x - mean) / np.sqrt(std**2 + 1e-5) * np.linspace(0.5, 2, 6) + np.linspace(-1, 1, 6)
+    ln = fastnorm.LayerNorm(6)
+    for _ in range(300):
+        y = ln(x)
+        ln.backward(2 * (y - target) / y.size)
+        ln.weight -= 0.5 * ln.dweight
+        ln.bias -= 0.5 * ln.dbias
+    assert np.mean((ln(x) - target) ** 2) < 1e-3
+    np.testing.assert_allclose(ln.weight, np.linspace(0.5, 2, 6), atol=0.02)
+
+
+def test_backward_before_forward_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="call the layer"):
+        fastnorm.LayerNorm(3).backward(np.ones((2, 3)))
+
+
+def test_training_example_converges():
+    spec = importlib.util.spec_from_file_location("train_mlp", ROOT / "examples" / "train_mlp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    curves = mod.train("layer", steps=120), mod.train("batch", steps=120)
+    chance = np.log(4)
+    for c in curves:
+        assert np.isfinite(c).all()
+        assert c[-20:].mean() < 1.3 < chance     # learned something in 120 steps
