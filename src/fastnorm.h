@@ -53,8 +53,8 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
                        int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms);
 
 /* Gradients of group_norm_forward, from the mean/rstd it returned.
- * dx: (A, G, K, S), written (may alias dy); dweight, dbias: (G*K) doubles, overwritten
- * (summed over a and s); either may be NULL. */
+ * dx: (A, G, K, S), written (may alias dy); dweight, dbias: (G*K) doubles, overwritten with
+ * the sums over a and s. weight NULL means ones. Padded positions get dx = 0 and add nothing. */
 int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, fn_view x,
                         const double *mean, const double *rstd, const double *weight,
                         fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms);

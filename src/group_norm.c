@@ -43,6 +43,32 @@ static int64_t gather_real(double *real, const double *buf, const unsigned char 
     return n;
 }
 
+/* v[i] = (v[i] - mu) * r * w[i] + b[i] over one row; w, b may be NULL (1 and 0) */
+static void affine_row(double *v, int64_t n, double mu, double r, const double *w, const double *b)
+{
+    if (w && b) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) v[i] = (v[i] - mu) * (r * w[i]) + b[i];
+    } else if (w) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) v[i] = (v[i] - mu) * (r * w[i]);
+    } else if (b) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) v[i] = (v[i] - mu) * r + b[i];
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) v[i] = (v[i] - mu) * r;
+    }
+}
+
+/* buf (K, S) = 0 where m[s] is 0 */
+static void zero_padding(double *buf, const unsigned char *m, int64_t K, int64_t S)
+{
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t s = 0; s < S; s++)
+            if (!m[s]) buf[k * S + s] = 0.0;
+}
+
 int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
                        const double *weight, const double *bias, fn_mask mask,
                        int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms)
@@ -73,12 +99,17 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
                 r = rstd_of(var, eps);
             }
             /* y = (x - mean) * rstd * w + b at real positions, 0 at padding */
-            for (int64_t k = 0; k < K; k++) {
-                double scale = r * (weight ? weight[g * K + k] : 1.0);
-                double shift = (bias && s_real > 0) ? bias[g * K + k] : 0.0;
-                double *row = buf + k * S;
-                for (int64_t s = 0; s < S; s++) row[s] = m[s] ? (row[s] - mu) * scale + shift : 0.0;
+            if (S == 1) {
+                affine_row(buf, K, mu, r, weight ? weight + g * K : NULL, bias ? bias + g * K : NULL);
+            } else {
+                for (int64_t k = 0; k < K; k++) {
+                    double scale = r * (weight ? weight[g * K + k] : 1.0);
+                    double shift = bias ? bias[g * K + k] : 0.0, *row = buf + k * S;
+#pragma omp simd
+                    for (int64_t s = 0; s < S; s++) row[s] = (row[s] - mu) * scale + shift;
+                }
             }
+            if (s_real < S) zero_padding(buf, m, K, S);
             store_group(y, buf, a, g, K, S);
             mean[a * G + g] = mu;
             rstd[a * G + g] = r;
@@ -93,9 +124,9 @@ int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, 
                         const double *mean, const double *rstd, const double *weight,
                         fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms)
 {
-    if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
+    if (A < 0 || G < 0 || K < 0 || S < 0 || !dweight || !dbias) return FN_EINVAL;
     int64_t n_group = K * S;
-    double *bx = malloc((size_t)(2 * n_group + 1) * sizeof(double));
+    double *bx = malloc((size_t)(2 * n_group + G * K + 1) * sizeof(double));
     unsigned char *m = malloc((size_t)S + 1);
     if (!bx || !m) {
         free(bx);
@@ -103,43 +134,63 @@ int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, 
         return FN_ENOMEM;
     }
     double *bdy = bx + n_group;     /* (K, S) dy of the group, then dx */
-    for (int64_t c = 0; dweight && c < G * K; c++) dweight[c] = 0.0;
-    for (int64_t c = 0; dbias && c < G * K; c++) dbias[c] = 0.0;
+    double *ones = bdy + n_group;   /* (G*K) the weight when there is none */
+    for (int64_t c = 0; c < G * K; c++) dweight[c] = dbias[c] = 0.0, ones[c] = 1.0;
+    if (!weight) weight = ones;
 
     for (int64_t a = 0; a < A; a++) {
         int64_t s_real = load_mask_row(m, mask, a, S);
         for (int64_t g = 0; g < G; g++) {
+            const double *w = weight + g * K;
+            double *dw = dweight + g * K, *db = dbias + g * K;
             double mu = rms ? 0.0 : mean[a * G + g], r = rstd[a * G + g];
-            double n = (double)(s_real * K), sum_g = 0.0, sum_g_xhat = 0.0;
+            double sum_g = 0.0, sum_g_xhat = 0.0;
             load_group(bx, x, a, g, K, S);
             load_group(bdy, dy, a, g, K, S);
-            /* g = dy * w; partial sums of dweight, dbias and of the two row means dx needs */
-            for (int64_t k = 0; k < K; k++) {
-                double w = weight ? weight[g * K + k] : 1.0, dw = 0.0, db = 0.0;
-                const double *xr = bx + k * S, *dyr = bdy + k * S;
-                for (int64_t s = 0; s < S; s++) {
-                    if (!m[s]) continue;
-                    double xhat = (xr[s] - mu) * r;
-                    dw += dyr[s] * xhat;
-                    db += dyr[s];
-                    sum_g += dyr[s] * w;
-                    sum_g_xhat += dyr[s] * w * xhat;
+            if (s_real < S) zero_padding(bdy, m, K, S);   /* padding: dy = 0, so it adds nothing */
+            /* with g = dy * w: partial sums of dweight, dbias and of the two means dx needs */
+            if (S == 1) {                   /* a row: k is the vector dimension */
+#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
+                for (int64_t k = 0; k < K; k++) {
+                    double xhat = (bx[k] - mu) * r, d = bdy[k];
+                    dw[k] += d * xhat;
+                    db[k] += d;
+                    sum_g += d * w[k];
+                    sum_g_xhat += d * w[k] * xhat;
                 }
-                if (dweight) dweight[g * K + k] += dw;
-                if (dbias) dbias[g * K + k] += db;
+            } else {
+                for (int64_t k = 0; k < K; k++) {
+                    const double *xr = bx + k * S, *dyr = bdy + k * S;
+                    double dwk = 0.0, dbk = 0.0;
+#pragma omp simd reduction(+ : dwk, dbk)
+                    for (int64_t s = 0; s < S; s++) {
+                        dwk += dyr[s] * ((xr[s] - mu) * r);
+                        dbk += dyr[s];
+                    }
+                    dw[k] += dwk;
+                    db[k] += dbk;
+                    sum_g += dbk * w[k];
+                    sum_g_xhat += dwk * w[k];
+                }
             }
             /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), without mean(g) for RMS */
+            double n = (double)(s_real * K);
             double mean_g = (rms || n == 0.0) ? 0.0 : sum_g / n;
             double mean_g_xhat = n == 0.0 ? 0.0 : sum_g_xhat / n;
-            for (int64_t k = 0; k < K; k++) {
-                double w = weight ? weight[g * K + k] : 1.0;
-                const double *xr = bx + k * S;
-                double *dr = bdy + k * S;
-                for (int64_t s = 0; s < S; s++) {
-                    double xhat = (xr[s] - mu) * r;
-                    dr[s] = m[s] ? r * (dr[s] * w - mean_g - xhat * mean_g_xhat) : 0.0;
+            if (S == 1) {
+#pragma omp simd
+                for (int64_t k = 0; k < K; k++)
+                    bdy[k] = r * (bdy[k] * w[k] - mean_g - (bx[k] - mu) * r * mean_g_xhat);
+            } else {
+                for (int64_t k = 0; k < K; k++) {
+                    const double *xr = bx + k * S;
+                    double *dr = bdy + k * S, wk = w[k];
+#pragma omp simd
+                    for (int64_t s = 0; s < S; s++)
+                        dr[s] = r * (dr[s] * wk - mean_g - (xr[s] - mu) * r * mean_g_xhat);
                 }
             }
+            if (s_real < S) zero_padding(bdy, m, K, S);
             store_group(dx, bdy, a, g, K, S);
         }
     }
