@@ -17,6 +17,7 @@ from ._functional import (
     rms_norm_backward,
 )
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from ._data import min_max_scale, standardize, weight_norm, weight_norm_backward
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
     "group_norm_backward",
     "LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm",
+    "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
 ]
