@@ -24,7 +24,7 @@ static void merge_moments(double *n, double *mean, double *m2, double nb, double
 
 static int64_t rows_per_block(int64_t C)
 {
-    return C >= BLOCK_ELEMENTS ? 1 : BLOCK_ELEMENTS / C;
+    return C >= BLOCK_ELEMENTS ? 1 : BLOCK_ELEMENTS / (C > 0 ? C : 1);
 }
 
 /* Column statistics of rows o0..o0+nrows of x (O, C, 1): buf (nrows, C) holds the real rows. */

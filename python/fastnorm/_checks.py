@@ -38,11 +38,14 @@ def stats_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
+def real_number(value, name: str, fn: str) -> float:
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number; got {value!r}")
+    return float(value)
+
+
 def check_eps(eps, fn: str) -> float:
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"{fn}: eps must be a real number; got {eps!r}") from None
+    value = real_number(eps, "eps", fn)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{fn}: eps must be a finite number >= 0; got {eps!r}")
     return value

@@ -275,7 +275,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     w = ck.param(weight, "weight", (C,), fn, what)
     b = ck.param(bias, "bias", (C,), fn, what)
     eps = ck.check_eps(eps, fn)
-    momentum_value = float(momentum)
+    momentum_value = ck.real_number(momentum, "momentum", fn)
     if not 0.0 <= momentum_value <= 1.0:
         raise ValueError(f"{fn}: momentum must be in [0, 1]; got {momentum!r}")
     if (running_mean is None) != (running_var is None):
@@ -483,4 +483,5 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
         coef_x, shift = np.zeros(C), np.zeros(C)
     target = ck.Output(None, arr, arr.dtype, identity, view)
     _core.channel_combine(target.view, xv, mu, coef_x, gv, wr, shift, m)
-    return (target.finish(), (sum_dy_xc * r).astype(arr.dtype), sum_dy.astype(arr.dtype))
+    dweight = sum_dy_xc * r if n > 0 else np.zeros(C)      # a sum over no element is 0, not 0 * NaN
+    return target.finish(), dweight.astype(arr.dtype), sum_dy.astype(arr.dtype)
