@@ -93,39 +93,39 @@ static int same_shape(const npy_intp *a, const npy_intp *b, int ndim)
     return 1;
 }
 
-/* group_forward(y, x, weight, bias, mask, mean, rstd, eps, rms): x, y (A, G, K, S). */
+/* group_forward(y, x, weight, bias, mask, mean, rstd, eps, rms, nthreads): x, y (A, G, K, S). */
 static PyObject *py_group_forward(PyObject *self, PyObject *args)
 {
     PyObject *oy, *ox, *ow, *ob, *om, *omean, *orstd;
     double eps, *w, *b, *mean, *rstd;
-    int rms, status;
+    int rms, status, nthreads;
     npy_intp sx[4], sy[4];
     fn_view x, y;
     fn_mask m;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOOOOdp", &oy, &ox, &ow, &ob, &om, &omean, &orstd, &eps, &rms)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOdpi", &oy, &ox, &ow, &ob, &om, &omean, &orstd, &eps, &rms, &nthreads)) return NULL;
     if (to_view(ox, "x", 4, 0, &x, sx) || to_view(oy, "y", 4, 1, &y, sy) || !same_shape(sx, sy, 4) ||
         to_doubles(ow, "weight", sx[1] * sx[2], 1, 0, &w) || to_doubles(ob, "bias", sx[1] * sx[2], 1, 0, &b) ||
         to_mask(om, sx[0], sx[3], &m) || to_doubles(omean, "mean", sx[0] * sx[1], 0, 1, &mean) ||
         to_doubles(orstd, "rstd", sx[0] * sx[1], 0, 1, &rstd))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    status = group_norm_forward(y, mean, rstd, x, w, b, m, sx[0], sx[1], sx[2], sx[3], eps, rms);
+    status = group_norm_forward(y, mean, rstd, x, w, b, m, sx[0], sx[1], sx[2], sx[3], eps, rms, nthreads);
     Py_END_ALLOW_THREADS
     return status_to_result(status);
 }
 
-/* group_backward(dx, dweight, dbias, dy, x, mean, rstd, weight, mask, rms) */
+/* group_backward(dx, dweight, dbias, dy, x, mean, rstd, weight, mask, rms, nthreads) */
 static PyObject *py_group_backward(PyObject *self, PyObject *args)
 {
     PyObject *odx, *odw, *odb, *ody, *ox, *omean, *orstd, *ow, *om;
     double *dw, *db, *mean, *rstd, *w;
-    int rms, status;
+    int rms, status, nthreads;
     npy_intp sx[4], sdy[4], sdx[4];
     fn_view x, dy, dx;
     fn_mask m;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOp", &odx, &odw, &odb, &ody, &ox, &omean, &orstd, &ow, &om, &rms))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOpi", &odx, &odw, &odb, &ody, &ox, &omean, &orstd, &ow, &om, &rms, &nthreads))
         return NULL;
     if (to_view(ox, "x", 4, 0, &x, sx) || to_view(ody, "dy", 4, 0, &dy, sdy) ||
         to_view(odx, "dx", 4, 1, &dx, sdx) || !same_shape(sx, sdy, 4) || !same_shape(sx, sdx, 4) ||
@@ -135,12 +135,12 @@ static PyObject *py_group_backward(PyObject *self, PyObject *args)
         to_doubles(ow, "weight", sx[1] * sx[2], 1, 0, &w) || to_mask(om, sx[0], sx[3], &m))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    status = group_norm_backward(dx, dw, db, dy, x, mean, rstd, w, m, sx[0], sx[1], sx[2], sx[3], rms);
+    status = group_norm_backward(dx, dw, db, dy, x, mean, rstd, w, m, sx[0], sx[1], sx[2], sx[3], rms, nthreads);
     Py_END_ALLOW_THREADS
     return status_to_result(status);
 }
 
-/* channel_moments(count, mean, var, x, mask): x (O, C, S). */
+/* channel_moments(count, mean, var, x, mask, nthreads): x (O, C, S). */
 static PyObject *py_channel_moments(PyObject *self, PyObject *args)
 {
     PyObject *ocount, *omean, *ovar, *ox, *om;
@@ -148,20 +148,20 @@ static PyObject *py_channel_moments(PyObject *self, PyObject *args)
     npy_intp sx[3];
     fn_view x;
     fn_mask m;
-    int status;
+    int status, nthreads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOO", &ocount, &omean, &ovar, &ox, &om)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOi", &ocount, &omean, &ovar, &ox, &om, &nthreads)) return NULL;
     if (to_view(ox, "x", 3, 0, &x, sx) || to_doubles(ocount, "count", sx[1], 0, 1, &count) ||
         to_doubles(omean, "mean", sx[1], 0, 1, &mean) || to_doubles(ovar, "var", sx[1], 0, 1, &var) ||
         to_mask(om, sx[0], sx[2], &m))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    status = channel_moments(count, mean, var, x, m, sx[0], sx[1], sx[2]);
+    status = channel_moments(count, mean, var, x, m, sx[0], sx[1], sx[2], nthreads);
     Py_END_ALLOW_THREADS
     return status_to_result(status);
 }
 
-/* channel_combine(out, x, center, coef_x, dy, coef_dy, shift, mask); dy/coef_dy may be None. */
+/* channel_combine(out, x, center, coef_x, dy, coef_dy, shift, mask, nthreads); dy/coef_dy may be None. */
 static PyObject *py_channel_combine(PyObject *self, PyObject *args)
 {
     PyObject *oout, *ox, *ocenter, *ocx, *ody, *ocdy, *oshift, *om;
@@ -169,9 +169,9 @@ static PyObject *py_channel_combine(PyObject *self, PyObject *args)
     npy_intp sx[3], sout[3], sdy[3];
     fn_view x, out, dy = {0};
     fn_mask m;
-    int status;
+    int status, nthreads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOOOOO", &oout, &ox, &ocenter, &ocx, &ody, &ocdy, &oshift, &om)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOi", &oout, &ox, &ocenter, &ocx, &ody, &ocdy, &oshift, &om, &nthreads)) return NULL;
     if (to_view(ox, "x", 3, 0, &x, sx) || to_view(oout, "out", 3, 1, &out, sout) || !same_shape(sx, sout, 3) ||
         (ody != Py_None && (to_view(ody, "dy", 3, 0, &dy, sdy) || !same_shape(sx, sdy, 3))) ||
         to_doubles(ocenter, "center", sx[1], 0, 0, &center) || to_doubles(ocx, "coef_x", sx[1], 0, 0, &cx) ||
@@ -179,12 +179,12 @@ static PyObject *py_channel_combine(PyObject *self, PyObject *args)
         to_doubles(oshift, "shift", sx[1], 0, 0, &shift) || to_mask(om, sx[0], sx[2], &m))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    status = channel_combine(out, x, center, cx, dy, cdy, shift, m, sx[0], sx[1], sx[2]);
+    status = channel_combine(out, x, center, cx, dy, cdy, shift, m, sx[0], sx[1], sx[2], nthreads);
     Py_END_ALLOW_THREADS
     return status_to_result(status);
 }
 
-/* channel_grad_sums(sum_dy, sum_dy_xc, dy, x, center, mask) */
+/* channel_grad_sums(sum_dy, sum_dy_xc, dy, x, center, mask, nthreads) */
 static PyObject *py_channel_grad_sums(PyObject *self, PyObject *args)
 {
     PyObject *osdy, *osxc, *ody, *ox, *ocenter, *om;
@@ -192,15 +192,15 @@ static PyObject *py_channel_grad_sums(PyObject *self, PyObject *args)
     npy_intp sx[3], sdy[3];
     fn_view x, dy;
     fn_mask m;
-    int status;
+    int status, nthreads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOOO", &osdy, &osxc, &ody, &ox, &ocenter, &om)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOi", &osdy, &osxc, &ody, &ox, &ocenter, &om, &nthreads)) return NULL;
     if (to_view(ox, "x", 3, 0, &x, sx) || to_view(ody, "dy", 3, 0, &dy, sdy) || !same_shape(sx, sdy, 3) ||
         to_doubles(osdy, "sum_dy", sx[1], 0, 1, &sdy_sum) || to_doubles(osxc, "sum_dy_xc", sx[1], 0, 1, &sxc) ||
         to_doubles(ocenter, "center", sx[1], 0, 0, &center) || to_mask(om, sx[0], sx[2], &m))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    status = channel_grad_sums(sdy_sum, sxc, dy, x, center, m, sx[0], sx[1], sx[2]);
+    status = channel_grad_sums(sdy_sum, sxc, dy, x, center, m, sx[0], sx[1], sx[2], nthreads);
     Py_END_ALLOW_THREADS
     return status_to_result(status);
 }

@@ -54,35 +54,42 @@ static void merge_block_columns(double *count, double *mean, double *m2, double 
                       sdd[c] - sd[c] * sd[c] / (double)nb);
 }
 
-int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask mask,
-                    int64_t O, int64_t C, int64_t S)
+/* Everything a slice of outer indices o needs; shared read-only by the threads of one call. */
+typedef struct {
+    fn_view out, x, dy;
+    fn_mask mask;
+    const double *center, *coef_x, *coef_dy, *shift;
+    double *partial;                 /* per slice: (count, mean, m2) or (sum_dy, sum_dy_xc), C each */
+    int64_t O, C, S;
+} channel_args;
+
+/* Statistics of rows/planes o in [begin, end) into this slice's (count, mean, m2). */
+static int moments_slice(void *ctx, int64_t begin, int64_t end, int part)
 {
-    if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
-    int64_t rows = rows_per_block(C);
-    int64_t nbuf = S == 1 ? rows * C + 3 * C : 2 * S;
-    double *buf = malloc((size_t)(nbuf + 1) * sizeof(double));
+    const channel_args *p = ctx;
+    int64_t C = p->C, S = p->S, rows = rows_per_block(C);
+    double *count = p->partial + (int64_t)part * 3 * C, *mean = count + C, *m2 = mean + C;
+    double *buf = malloc((size_t)((S == 1 ? rows * C + 3 * C : 2 * S) + 1) * sizeof(double));
     unsigned char *m = malloc((size_t)S + 1);
     if (!buf || !m) {
         free(buf);
         free(m);
         return FN_ENOMEM;
     }
-    double *m2 = var;   /* holds the sum of squared deviations until the end */
     for (int64_t c = 0; c < C; c++) count[c] = mean[c] = m2[c] = 0.0;
-
     if (S == 1) {
-        for (int64_t o0 = 0; o0 < O; o0 += rows)
-            merge_block_columns(count, mean, m2, buf, buf + rows * C, x, mask, o0,
-                                O - o0 < rows ? O - o0 : rows, C);
+        for (int64_t o0 = begin; o0 < end; o0 += rows)
+            merge_block_columns(count, mean, m2, buf, buf + rows * C, p->x, p->mask, o0,
+                                end - o0 < rows ? end - o0 : rows, C);
     } else {
         double *real = buf + S;
-        for (int64_t o = 0; o < O; o++) {
-            int64_t n = load_mask_row(m, mask, o, S);
+        for (int64_t o = begin; o < end; o++) {
+            int64_t n = load_mask_row(m, p->mask, o, S);
             if (n == 0) continue;
             for (int64_t c = 0; c < C; c++) {
                 const double *plane = buf;
                 double pm, pv;
-                fn_load(buf, x.data + o * x.stride[0] + c * x.stride[1], S, x.stride[2], x.dtype);
+                fn_load(buf, p->x.data + o * p->x.stride[0] + c * p->x.stride[1], S, p->x.stride[2], p->x.dtype);
                 if (n < S) {
                     for (int64_t i = 0, j = 0; i < S; i++)
                         if (m[i]) real[j++] = buf[i];
@@ -93,56 +100,92 @@ int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask
             }
         }
     }
-    for (int64_t c = 0; c < C; c++) {
-        if (count[c] == 0.0) mean[c] = var[c] = NAN;
-        else var[c] = m2[c] / count[c];
-    }
     free(buf);
     free(m);
     return FN_OK;
 }
 
-int channel_combine(fn_view out, fn_view x, const double *center, const double *coef_x,
-                    fn_view dy, const double *coef_dy, const double *shift, fn_mask mask,
-                    int64_t O, int64_t C, int64_t S)
+/* How many slices of O `elements` of work is worth. */
+static int channel_parts(int nthreads, int64_t O, int64_t elements)
+{
+    int parts = fn_parts(nthreads, elements);
+    return parts > O ? (O > 0 ? (int)O : 1) : parts;
+}
+
+int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask mask,
+                    int64_t O, int64_t C, int64_t S, int nthreads)
 {
     if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
-    int64_t line = S == 1 ? C : S;      /* elements handled per load: a row, or a plane */
-    double *bx = malloc((size_t)(2 * line + 1) * sizeof(double));
+    int parts = channel_parts(nthreads, O, O * C * S);
+    double *partial = malloc((size_t)(parts * 3 * C + 1) * sizeof(double));
+    if (!partial) return FN_ENOMEM;
+    channel_args p = {.x = x, .mask = mask, .partial = partial, .O = O, .C = C, .S = S};
+    int status = fn_parallel_for(parts, O, moments_slice, &p);
+    /* merge the slices in order; var holds m2 until the end */
+    for (int64_t c = 0; c < C; c++) count[c] = mean[c] = var[c] = 0.0;
+    for (int q = 0; q < parts; q++) {
+        const double *qc = partial + (int64_t)q * 3 * C, *qm = qc + C, *q2 = qm + C;
+        for (int64_t c = 0; c < C; c++) merge_moments(&count[c], &mean[c], &var[c], qc[c], qm[c], q2[c]);
+    }
+    for (int64_t c = 0; c < C; c++) {
+        if (count[c] == 0.0) mean[c] = var[c] = NAN;
+        else var[c] /= count[c];
+    }
+    free(partial);
+    return status;
+}
+
+/* out = coef_x * (x - center) + coef_dy * dy + shift for rows/planes o in [begin, end). */
+static int combine_slice(void *ctx, int64_t begin, int64_t end, int part)
+{
+    const channel_args *p = ctx;
+    int64_t C = p->C, S = p->S, line = S == 1 ? C : S;   /* elements per load: a row, or a plane */
+    double *bx = malloc((size_t)(2 * line + 1) * sizeof(double)), *bdy = bx ? bx + line : NULL;
     unsigned char *m = malloc((size_t)S + 1);
+    const int has_dy = p->dy.data != NULL;
+    (void)part;
     if (!bx || !m) {
         free(bx);
         free(m);
         return FN_ENOMEM;
     }
-    double *bdy = bx + line;
-
-    for (int64_t o = 0; o < O; o++) {
-        load_mask_row(m, mask, o, S);
+    for (int64_t o = begin; o < end; o++) {
+        load_mask_row(m, p->mask, o, S);
         if (S == 1) {
             /* one row of C channels */
-            fn_load(bx, x.data + o * x.stride[0], C, x.stride[1], x.dtype);
-            if (dy.data) fn_load(bdy, dy.data + o * dy.stride[0], C, dy.stride[1], dy.dtype);
-            for (int64_t c = 0; c < C; c++) {
-                double v = coef_x[c] * (bx[c] - center[c]) + shift[c];
-                if (dy.data) v += coef_dy[c] * bdy[c];
-                bx[c] = m[0] ? v : 0.0;
+            fn_load(bx, p->x.data + o * p->x.stride[0], C, p->x.stride[1], p->x.dtype);
+            if (has_dy) fn_load(bdy, p->dy.data + o * p->dy.stride[0], C, p->dy.stride[1], p->dy.dtype);
+            if (has_dy) {
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++)
+                    bx[c] = p->coef_x[c] * (bx[c] - p->center[c]) + p->coef_dy[c] * bdy[c] + p->shift[c];
+            } else {
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) bx[c] = p->coef_x[c] * (bx[c] - p->center[c]) + p->shift[c];
             }
-            fn_store(out.data + o * out.stride[0], bx, C, out.stride[1], out.dtype);
+            if (!m[0])
+                for (int64_t c = 0; c < C; c++) bx[c] = 0.0;
+            fn_store(p->out.data + o * p->out.stride[0], bx, C, p->out.stride[1], p->out.dtype);
             continue;
         }
         for (int64_t c = 0; c < C; c++) {
             /* one plane of S positions of channel c */
-            fn_load(bx, x.data + o * x.stride[0] + c * x.stride[1], S, x.stride[2], x.dtype);
-            if (dy.data)
-                fn_load(bdy, dy.data + o * dy.stride[0] + c * dy.stride[1], S, dy.stride[2], dy.dtype);
-            double cx = coef_x[c], mu = center[c], sh = shift[c], cdy = dy.data ? coef_dy[c] : 0.0;
-            for (int64_t i = 0; i < S; i++) {
-                double v = cx * (bx[i] - mu) + sh;
-                if (dy.data) v += cdy * bdy[i];
-                bx[i] = m[i] ? v : 0.0;
+            fn_load(bx, p->x.data + o * p->x.stride[0] + c * p->x.stride[1], S, p->x.stride[2], p->x.dtype);
+            if (has_dy)
+                fn_load(bdy, p->dy.data + o * p->dy.stride[0] + c * p->dy.stride[1], S, p->dy.stride[2],
+                        p->dy.dtype);
+            double cx = p->coef_x[c], mu = p->center[c], sh = p->shift[c], cdy = has_dy ? p->coef_dy[c] : 0.0;
+            if (has_dy) {
+#pragma omp simd
+                for (int64_t i = 0; i < S; i++) bx[i] = cx * (bx[i] - mu) + cdy * bdy[i] + sh;
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < S; i++) bx[i] = cx * (bx[i] - mu) + sh;
             }
-            fn_store(out.data + o * out.stride[0] + c * out.stride[1], bx, S, out.stride[2], out.dtype);
+            for (int64_t i = 0; i < S; i++)
+                if (!m[i]) bx[i] = 0.0;
+            fn_store(p->out.data + o * p->out.stride[0] + c * p->out.stride[1], bx, S, p->out.stride[2],
+                     p->out.dtype);
         }
     }
     free(bx);
@@ -150,40 +193,50 @@ int channel_combine(fn_view out, fn_view x, const double *center, const double *
     return FN_OK;
 }
 
-int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
-                      const double *center, fn_mask mask, int64_t O, int64_t C, int64_t S)
+int channel_combine(fn_view out, fn_view x, const double *center, const double *coef_x,
+                    fn_view dy, const double *coef_dy, const double *shift, fn_mask mask,
+                    int64_t O, int64_t C, int64_t S, int nthreads)
 {
     if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
-    int64_t line = S == 1 ? C : S;
-    double *bx = malloc((size_t)(2 * line + 1) * sizeof(double));
+    channel_args p = {.out = out, .x = x, .dy = dy, .mask = mask, .center = center, .coef_x = coef_x,
+                      .coef_dy = coef_dy, .shift = shift, .O = O, .C = C, .S = S};
+    return fn_parallel_for(channel_parts(nthreads, O, O * C * S), O, combine_slice, &p);
+}
+
+/* This slice's sums of dy and dy * (x - center) over its real (o, s). */
+static int grad_sums_slice(void *ctx, int64_t begin, int64_t end, int part)
+{
+    const channel_args *p = ctx;
+    int64_t C = p->C, S = p->S, line = S == 1 ? C : S;
+    double *sum_dy = p->partial + (int64_t)part * 2 * C, *sum_dy_xc = sum_dy + C;
+    double *bx = malloc((size_t)(2 * line + 1) * sizeof(double)), *bdy = bx ? bx + line : NULL;
     unsigned char *m = malloc((size_t)S + 1);
     if (!bx || !m) {
         free(bx);
         free(m);
         return FN_ENOMEM;
     }
-    double *bdy = bx + line;
     for (int64_t c = 0; c < C; c++) sum_dy[c] = sum_dy_xc[c] = 0.0;
-
-    for (int64_t o = 0; o < O; o++) {
-        if (load_mask_row(m, mask, o, S) == 0) continue;
+    for (int64_t o = begin; o < end; o++) {
+        if (load_mask_row(m, p->mask, o, S) == 0) continue;
         if (S == 1) {
-            fn_load(bx, x.data + o * x.stride[0], C, x.stride[1], x.dtype);
-            fn_load(bdy, dy.data + o * dy.stride[0], C, dy.stride[1], dy.dtype);
+            fn_load(bx, p->x.data + o * p->x.stride[0], C, p->x.stride[1], p->x.dtype);
+            fn_load(bdy, p->dy.data + o * p->dy.stride[0], C, p->dy.stride[1], p->dy.dtype);
+#pragma omp simd
             for (int64_t c = 0; c < C; c++) {
                 sum_dy[c] += bdy[c];
-                sum_dy_xc[c] += bdy[c] * (bx[c] - center[c]);
+                sum_dy_xc[c] += bdy[c] * (bx[c] - p->center[c]);
             }
             continue;
         }
         for (int64_t c = 0; c < C; c++) {
-            fn_load(bx, x.data + o * x.stride[0] + c * x.stride[1], S, x.stride[2], x.dtype);
-            fn_load(bdy, dy.data + o * dy.stride[0] + c * dy.stride[1], S, dy.stride[2], dy.dtype);
-            double s = 0.0, sxc = 0.0, mu = center[c];
+            fn_load(bx, p->x.data + o * p->x.stride[0] + c * p->x.stride[1], S, p->x.stride[2], p->x.dtype);
+            fn_load(bdy, p->dy.data + o * p->dy.stride[0] + c * p->dy.stride[1], S, p->dy.stride[2], p->dy.dtype);
+            double s = 0.0, sxc = 0.0, mu = p->center[c];
+#pragma omp simd reduction(+ : s, sxc)
             for (int64_t i = 0; i < S; i++) {
-                if (!m[i]) continue;
-                s += bdy[i];
-                sxc += bdy[i] * (bx[i] - mu);
+                s += m[i] ? bdy[i] : 0.0;
+                sxc += m[i] ? bdy[i] * (bx[i] - mu) : 0.0;
             }
             sum_dy[c] += s;
             sum_dy_xc[c] += sxc;
@@ -192,4 +245,23 @@ int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
     free(bx);
     free(m);
     return FN_OK;
+}
+
+int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
+                      const double *center, fn_mask mask, int64_t O, int64_t C, int64_t S, int nthreads)
+{
+    if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
+    int parts = channel_parts(nthreads, O, O * C * S);
+    double *partial = malloc((size_t)(parts * 2 * C + 1) * sizeof(double));
+    if (!partial) return FN_ENOMEM;
+    channel_args p = {.x = x, .dy = dy, .mask = mask, .center = center, .partial = partial, .O = O, .C = C, .S = S};
+    int status = fn_parallel_for(parts, O, grad_sums_slice, &p);
+    for (int64_t c = 0; c < C; c++) {
+        double s = 0.0, sxc = 0.0;
+        for (int q = 0; q < parts; q++) s += partial[(int64_t)q * 2 * C + c], sxc += partial[(int64_t)q * 2 * C + C + c];
+        sum_dy[c] = s;
+        sum_dy_xc[c] = sxc;
+    }
+    free(partial);
+    return status;
 }

@@ -12,7 +12,9 @@
  * copies the rare buffers that are not. All arithmetic is in double.
  *
  * Kernels overwrite their outputs (never accumulate into caller memory) and return FN_OK or an
- * FN_E* status; they keep no global state and allocate only per call.
+ * FN_E* status; they keep no global state and allocate only per call. `nthreads` is the most
+ * threads a call may use; small inputs run on the calling thread. Sums split across threads are
+ * combined in a fixed order, so a result depends on the thread count but never on timing.
  */
 #ifndef FASTNORM_H
 #define FASTNORM_H
@@ -36,6 +38,13 @@ typedef struct {
     ptrdiff_t stride[2];
 } fn_mask;
 
+/* ---- parallel.c: slices of [0, n) on C11 threads made for one call ---- */
+enum { FN_PARALLEL_MIN_ELEMENTS = 1 << 17 };   /* below this, threads cost more than they give */
+typedef int (*fn_body)(void *ctx, int64_t begin, int64_t end, int part);
+int fn_parallel_for(int parts, int64_t n, fn_body body, void *ctx);
+/* How many slices `elements` of work is worth with at most `nthreads` threads (>= 1). */
+int fn_parts(int nthreads, int64_t elements);
+
 /* ---- convert.c: moving strided elements of any dtype to and from contiguous doubles ---- */
 void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype);
 void fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype);
@@ -50,32 +59,32 @@ uint16_t fn_float_to_half(float f);
  * A group with no real element gets y = 0, mean = 0, rstd = 0. Overwrites y (may alias x). */
 int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
                        const double *weight, const double *bias, fn_mask mask,
-                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms);
+                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms, int nthreads);
 
 /* Gradients of group_norm_forward, from the mean/rstd it returned.
  * dx: (A, G, K, S), written (may alias dy); dweight, dbias: (G*K) doubles, overwritten with
  * the sums over a and s. weight NULL means ones. Padded positions get dx = 0 and add nothing. */
 int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, fn_view x,
                         const double *mean, const double *rstd, const double *weight,
-                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms);
+                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms, int nthreads);
 
 /* ---- batch_norm.c: statistics per channel c of the (O, C, S) view ---- */
 
 /* count, mean, var: (C) doubles, written: the number of real elements of channel c, their mean
  * and biased variance (NaN where count is 0). mask: (O, S) or no mask. */
 int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask mask,
-                    int64_t O, int64_t C, int64_t S);
+                    int64_t O, int64_t C, int64_t S, int nthreads);
 
 /* out = coef_x[c] * (x - center[c]) + coef_dy[c] * dy + shift[c], 0 where the mask is False.
  * Forward batch norm passes dy = no data (coef_dy unused); its backward passes both.
  * out, x, dy: (O, C, S); center, coef_x, coef_dy, shift: (C) doubles. out may alias x or dy. */
 int channel_combine(fn_view out, fn_view x, const double *center, const double *coef_x,
                     fn_view dy, const double *coef_dy, const double *shift, fn_mask mask,
-                    int64_t O, int64_t C, int64_t S);
+                    int64_t O, int64_t C, int64_t S, int nthreads);
 
 /* sum_dy[c] = sum of dy, sum_dy_xc[c] = sum of dy * (x - center[c]) over the real (o, s).
  * Both (C) doubles, written. */
 int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
-                      const double *center, fn_mask mask, int64_t O, int64_t C, int64_t S);
+                      const double *center, fn_mask mask, int64_t O, int64_t C, int64_t S, int nthreads);
 
 #endif

@@ -69,63 +69,81 @@ static void zero_padding(double *buf, const unsigned char *m, int64_t K, int64_t
             if (!m[s]) buf[k * S + s] = 0.0;
 }
 
-int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
-                       const double *weight, const double *bias, fn_mask mask,
-                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms)
+/* Everything a slice of (a, g) groups needs; shared read-only by the threads of one call. */
+typedef struct {
+    fn_view y, x, dy;
+    double *mean, *rstd, *partial;   /* partial: (parts, 2, G*K) dweight/dbias sums per slice */
+    const double *weight, *bias;
+    fn_mask mask;
+    int64_t A, G, K, S;
+    double eps;
+    int rms;
+} group_args;
+
+/* Forward over groups [begin, end) of the flattened (A, G) index. */
+static int forward_slice(void *ctx, int64_t begin, int64_t end, int part)
 {
-    if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
-    int64_t n_group = K * S;
+    const group_args *p = ctx;
+    int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
     double *buf = malloc((size_t)(2 * n_group + 1) * sizeof(double));
     unsigned char *m = malloc((size_t)S + 1);
+    (void)part;
     if (!buf || !m) {
         free(buf);
         free(m);
         return FN_ENOMEM;
     }
     double *real = buf + n_group;   /* (n_group) the real elements, when masked */
-
-    for (int64_t a = 0; a < A; a++) {
-        int64_t s_real = load_mask_row(m, mask, a, S);
-        for (int64_t g = 0; g < G; g++) {
-            double mu = 0.0, r = 0.0;
-            load_group(buf, x, a, g, K, S);
-            if (s_real > 0) {
-                const double *stats_of = buf;
-                int64_t n = n_group;
-                if (s_real < S) n = gather_real(real, buf, m, K, S), stats_of = real;
-                double var;
-                if (rms) var = mean_square_of(stats_of, n);
-                else moments_of(stats_of, n, &mu, &var);
-                r = rstd_of(var, eps);
-            }
-            /* y = (x - mean) * rstd * w + b at real positions, 0 at padding */
-            if (S == 1) {
-                affine_row(buf, K, mu, r, weight ? weight + g * K : NULL, bias ? bias + g * K : NULL);
-            } else {
-                for (int64_t k = 0; k < K; k++) {
-                    double scale = r * (weight ? weight[g * K + k] : 1.0);
-                    double shift = bias ? bias[g * K + k] : 0.0, *row = buf + k * S;
-#pragma omp simd
-                    for (int64_t s = 0; s < S; s++) row[s] = (row[s] - mu) * scale + shift;
-                }
-            }
-            if (s_real < S) zero_padding(buf, m, K, S);
-            store_group(y, buf, a, g, K, S);
-            mean[a * G + g] = mu;
-            rstd[a * G + g] = r;
+    for (int64_t i = begin; i < end; i++) {
+        int64_t a = i / G, g = i % G;
+        double mu = 0.0, r = 0.0;
+        if (a != a_loaded) s_real = load_mask_row(m, p->mask, a, S), a_loaded = a;
+        load_group(buf, p->x, a, g, K, S);
+        if (s_real > 0) {
+            const double *stats_of = buf;
+            int64_t n = n_group;
+            if (s_real < S) n = gather_real(real, buf, m, K, S), stats_of = real;
+            double var;
+            if (p->rms) var = mean_square_of(stats_of, n);
+            else moments_of(stats_of, n, &mu, &var);
+            r = rstd_of(var, p->eps);
         }
+        /* y = (x - mean) * rstd * w + b at real positions, 0 at padding */
+        const double *w = p->weight ? p->weight + g * K : NULL, *b = p->bias ? p->bias + g * K : NULL;
+        if (S == 1) {
+            affine_row(buf, K, mu, r, w, b);
+        } else {
+            for (int64_t k = 0; k < K; k++) {
+                double scale = r * (w ? w[k] : 1.0), shift = b ? b[k] : 0.0, *row = buf + k * S;
+#pragma omp simd
+                for (int64_t s = 0; s < S; s++) row[s] = (row[s] - mu) * scale + shift;
+            }
+        }
+        if (s_real < S) zero_padding(buf, m, K, S);
+        store_group(p->y, buf, a, g, K, S);
+        p->mean[i] = mu;
+        p->rstd[i] = r;
     }
     free(buf);
     free(m);
     return FN_OK;
 }
 
-int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, fn_view x,
-                        const double *mean, const double *rstd, const double *weight,
-                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms)
+int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
+                       const double *weight, const double *bias, fn_mask mask,
+                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms, int nthreads)
 {
-    if (A < 0 || G < 0 || K < 0 || S < 0 || !dweight || !dbias) return FN_EINVAL;
-    int64_t n_group = K * S;
+    if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
+    group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .weight = weight, .bias = bias,
+                    .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms};
+    return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
+}
+
+/* Backward over groups [begin, end): dx, and this slice's dweight/dbias sums in p->partial. */
+static int backward_slice(void *ctx, int64_t begin, int64_t end, int part)
+{
+    const group_args *p = ctx;
+    int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
     double *bx = malloc((size_t)(2 * n_group + G * K + 1) * sizeof(double));
     unsigned char *m = malloc((size_t)S + 1);
     if (!bx || !m) {
@@ -135,66 +153,93 @@ int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, 
     }
     double *bdy = bx + n_group;     /* (K, S) dy of the group, then dx */
     double *ones = bdy + n_group;   /* (G*K) the weight when there is none */
+    double *dweight = p->partial + (int64_t)part * 2 * G * K, *dbias = dweight + G * K;
     for (int64_t c = 0; c < G * K; c++) dweight[c] = dbias[c] = 0.0, ones[c] = 1.0;
-    if (!weight) weight = ones;
+    const double *weight = p->weight ? p->weight : ones;
 
-    for (int64_t a = 0; a < A; a++) {
-        int64_t s_real = load_mask_row(m, mask, a, S);
-        for (int64_t g = 0; g < G; g++) {
-            const double *w = weight + g * K;
-            double *dw = dweight + g * K, *db = dbias + g * K;
-            double mu = rms ? 0.0 : mean[a * G + g], r = rstd[a * G + g];
-            double sum_g = 0.0, sum_g_xhat = 0.0;
-            load_group(bx, x, a, g, K, S);
-            load_group(bdy, dy, a, g, K, S);
-            if (s_real < S) zero_padding(bdy, m, K, S);   /* padding: dy = 0, so it adds nothing */
-            /* with g = dy * w: partial sums of dweight, dbias and of the two means dx needs */
-            if (S == 1) {                   /* a row: k is the vector dimension */
-#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
-                for (int64_t k = 0; k < K; k++) {
-                    double xhat = (bx[k] - mu) * r, d = bdy[k];
-                    dw[k] += d * xhat;
-                    db[k] += d;
-                    sum_g += d * w[k];
-                    sum_g_xhat += d * w[k] * xhat;
-                }
-            } else {
-                for (int64_t k = 0; k < K; k++) {
-                    const double *xr = bx + k * S, *dyr = bdy + k * S;
-                    double dwk = 0.0, dbk = 0.0;
-#pragma omp simd reduction(+ : dwk, dbk)
-                    for (int64_t s = 0; s < S; s++) {
-                        dwk += dyr[s] * ((xr[s] - mu) * r);
-                        dbk += dyr[s];
-                    }
-                    dw[k] += dwk;
-                    db[k] += dbk;
-                    sum_g += dbk * w[k];
-                    sum_g_xhat += dwk * w[k];
-                }
-            }
-            /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), without mean(g) for RMS */
-            double n = (double)(s_real * K);
-            double mean_g = (rms || n == 0.0) ? 0.0 : sum_g / n;
-            double mean_g_xhat = n == 0.0 ? 0.0 : sum_g_xhat / n;
-            if (S == 1) {
-#pragma omp simd
-                for (int64_t k = 0; k < K; k++)
-                    bdy[k] = r * (bdy[k] * w[k] - mean_g - (bx[k] - mu) * r * mean_g_xhat);
-            } else {
-                for (int64_t k = 0; k < K; k++) {
-                    const double *xr = bx + k * S;
-                    double *dr = bdy + k * S, wk = w[k];
-#pragma omp simd
-                    for (int64_t s = 0; s < S; s++)
-                        dr[s] = r * (dr[s] * wk - mean_g - (xr[s] - mu) * r * mean_g_xhat);
-                }
-            }
-            if (s_real < S) zero_padding(bdy, m, K, S);
-            store_group(dx, bdy, a, g, K, S);
+    for (int64_t i = begin; i < end; i++) {
+        int64_t a = i / G, g = i % G;
+        if (a != a_loaded) s_real = load_mask_row(m, p->mask, a, S), a_loaded = a;
+        const double *w = weight + g * K;
+        double *dw = dweight + g * K, *db = dbias + g * K;
+        double mu = p->rms ? 0.0 : p->mean[i], r = p->rstd[i];
+        double sum_g = 0.0, sum_g_xhat = 0.0;
+        load_group(bx, p->x, a, g, K, S);
+        load_group(bdy, p->dy, a, g, K, S);
+        if (s_real < S) {               /* padding: x = dy = 0, so it adds nothing, even if NaN */
+            zero_padding(bx, m, K, S);
+            zero_padding(bdy, m, K, S);
         }
+        /* with g = dy * w: partial sums of dweight, dbias and of the two means dx needs */
+        if (S == 1) {                   /* a row: k is the vector dimension */
+#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
+            for (int64_t k = 0; k < K; k++) {
+                double xhat = (bx[k] - mu) * r, d = bdy[k];
+                dw[k] += d * xhat;
+                db[k] += d;
+                sum_g += d * w[k];
+                sum_g_xhat += d * w[k] * xhat;
+            }
+        } else {
+            for (int64_t k = 0; k < K; k++) {
+                const double *xr = bx + k * S, *dyr = bdy + k * S;
+                double dwk = 0.0, dbk = 0.0;
+#pragma omp simd reduction(+ : dwk, dbk)
+                for (int64_t s = 0; s < S; s++) {
+                    dwk += dyr[s] * ((xr[s] - mu) * r);
+                    dbk += dyr[s];
+                }
+                dw[k] += dwk;
+                db[k] += dbk;
+                sum_g += dbk * w[k];
+                sum_g_xhat += dwk * w[k];
+            }
+        }
+        /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), without mean(g) for RMS */
+        double n = (double)(s_real * K);
+        double mean_g = (p->rms || n == 0.0) ? 0.0 : sum_g / n;
+        double mean_g_xhat = n == 0.0 ? 0.0 : sum_g_xhat / n;
+        if (S == 1) {
+#pragma omp simd
+            for (int64_t k = 0; k < K; k++)
+                bdy[k] = r * (bdy[k] * w[k] - mean_g - (bx[k] - mu) * r * mean_g_xhat);
+        } else {
+            for (int64_t k = 0; k < K; k++) {
+                const double *xr = bx + k * S;
+                double *dr = bdy + k * S, wk = w[k];
+#pragma omp simd
+                for (int64_t s = 0; s < S; s++)
+                    dr[s] = r * (dr[s] * wk - mean_g - (xr[s] - mu) * r * mean_g_xhat);
+            }
+        }
+        if (s_real < S) zero_padding(bdy, m, K, S);
+        store_group(p->y, bdy, a, g, K, S);
     }
     free(bx);
     free(m);
     return FN_OK;
+}
+
+int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, fn_view x,
+                        const double *mean, const double *rstd, const double *weight,
+                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms, int nthreads)
+{
+    if (A < 0 || G < 0 || K < 0 || S < 0 || !dweight || !dbias) return FN_EINVAL;
+    int parts = fn_parts(nthreads, A * G * K * S);
+    if (parts > A * G) parts = A * G > 0 ? (int)(A * G) : 1;
+    double *partial = malloc((size_t)(parts * 2 * G * K + 1) * sizeof(double));
+    if (!partial) return FN_ENOMEM;
+    group_args p = {.y = dx, .x = x, .dy = dy, .mean = (double *)mean, .rstd = (double *)rstd,
+                    .partial = partial, .weight = weight, .mask = mask,
+                    .A = A, .G = G, .K = K, .S = S, .rms = rms};
+    int status = fn_parallel_for(parts, A * G, backward_slice, &p);
+    /* dweight, dbias = the slices' sums, added in slice order */
+    for (int64_t c = 0; c < G * K; c++) {
+        double dw = 0.0, db = 0.0;
+        for (int q = 0; q < parts; q++) dw += partial[(q * 2) * G * K + c], db += partial[(q * 2 + 1) * G * K + c];
+        dweight[c] = dw;
+        dbias[c] = db;
+    }
+    free(partial);
+    return status;
 }

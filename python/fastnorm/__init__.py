@@ -16,6 +16,7 @@ from ._functional import (
     rms_norm,
     rms_norm_backward,
 )
+from ._threads import get_num_threads, set_num_threads
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from ._data import min_max_scale, standardize, weight_norm, weight_norm_backward
 

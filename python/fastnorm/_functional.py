@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _checks as ck
 from . import _core
+from ._threads import get_num_threads
 
 __all__ = [
     "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
@@ -99,7 +100,8 @@ def _group_forward(fn, plan: GroupPlan, x, weight, bias, eps, mask, out, rms):
     target = ck.Output(out, arr, dtype, plan.perm, plan.view)
     mean = np.empty(A * G)
     rstd = np.empty(A * G)
-    _core.group_forward(target.view, ck.input_view(arr, plan.perm, plan.view), w, b, m, mean, rstd, eps, rms)
+    _core.group_forward(target.view, ck.input_view(arr, plan.perm, plan.view), w, b, m, mean, rstd, eps, rms,
+                        get_num_threads())
     y = target.finish()
     sd = ck.stats_dtype(dtype)
     return y, mean.reshape(plan.stats_shape).astype(sd), rstd.reshape(plan.stats_shape).astype(sd)
@@ -291,7 +293,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
 
     if training:
         count, mean, var = np.empty(C), np.empty(C), np.empty(C)
-        _core.channel_moments(count, mean, var, xv, m)
+        _core.channel_moments(count, mean, var, xv, m, get_num_threads())
         if arr.size and (count < 2).any():
             c = int(np.argmin(count))
             who = "mask" if m is not None else "x"
@@ -309,7 +311,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     target = ck.Output(out, arr, dtype, tuple(range(arr.ndim)), view)
     scale = rstd if w is None else rstd * w
     shift = np.zeros(C) if b is None else b
-    _core.channel_combine(target.view, xv, mean, scale, None, None, shift, m)
+    _core.channel_combine(target.view, xv, mean, scale, None, None, shift, m, get_num_threads())
     y = target.finish()
     if return_stats:
         sd = ck.stats_dtype(dtype)
@@ -357,7 +359,7 @@ def _group_backward(fn, plan: GroupPlan, dy, x, mean, rstd, weight, mask, rms):
     target = ck.Output(None, arr, dtype, plan.perm, plan.view)
     dweight, dbias = np.empty(G * K), np.empty(G * K)
     _core.group_backward(target.view, dweight, dbias, ck.input_view(g, plan.perm, plan.view),
-                         ck.input_view(arr, plan.perm, plan.view), mu, r, w, m, rms)
+                         ck.input_view(arr, plan.perm, plan.view), mu, r, w, m, rms, get_num_threads())
     return (target.finish(), dweight.reshape(plan.param_shape).astype(dtype),
             dbias.reshape(plan.param_shape).astype(dtype))
 
@@ -472,7 +474,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     xv, gv = ck.input_view(arr, identity, view), ck.input_view(g, identity, view)
 
     sum_dy, sum_dy_xc = np.empty(C), np.empty(C)
-    _core.channel_grad_sums(sum_dy, sum_dy_xc, gv, xv, mu, m)
+    _core.channel_grad_sums(sum_dy, sum_dy_xc, gv, xv, mu, m, get_num_threads())
     n = float(O * S if m is None else np.count_nonzero(m))
     wr = r if w is None else r * w
     if training and n > 0:
@@ -482,6 +484,6 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     else:
         coef_x, shift = np.zeros(C), np.zeros(C)
     target = ck.Output(None, arr, arr.dtype, identity, view)
-    _core.channel_combine(target.view, xv, mu, coef_x, gv, wr, shift, m)
+    _core.channel_combine(target.view, xv, mu, coef_x, gv, wr, shift, m, get_num_threads())
     dweight = sum_dy_xc * r if n > 0 else np.zeros(C)      # a sum over no element is 0, not 0 * NaN
     return target.finish(), dweight.astype(arr.dtype), sum_dy.astype(arr.dtype)

@@ -1,5 +1,6 @@
 /* The kernels alone, without Python: build and run with
- *   cc -std=c11 -Wall -Wextra -Isrc tests/c/test_kernels.c src/convert.c src/group_norm.c src/batch_norm.c -lm
+ *   cc -std=c11 -Wall -Wextra -pthread -Isrc tests/c/test_kernels.c src/convert.c src/parallel.c \
+ *      src/group_norm.c src/batch_norm.c -lm
  * Expected values are computed by hand (see each comment). Prints "N passed, M failed". */
 #include <math.h>
 #include <stdio.h>
@@ -31,7 +32,7 @@ static void test_layer_norm_row(void)
     double x[4] = {1, 2, 3, 6}, y[4], mean, rstd, w[4] = {1, 2, 1, 1}, b[4] = {0, 0, 0, 10};
     fn_mask none = {0};
     int st = group_norm_forward(view_f64(y, 32, 32, 8, 8), &mean, &rstd, view_f64(x, 32, 32, 8, 8),
-                                w, b, none, 1, 1, 4, 1, 0.0, 0);
+                                w, b, none, 1, 1, 4, 1, 0.0, 0, 1);
     check_close("layer status", st, FN_OK, 0);
     check_close("layer mean", mean, 3.0, 1e-15);
     check_close("layer rstd", rstd, 1.0 / sqrt(3.5), 1e-15);
@@ -47,7 +48,7 @@ static void test_mean_offset_f32(void)
     double mean, rstd;
     fn_view vx = {(char *)x, FN_F32, {16, 16, 4, 4}}, vy = {(char *)y, FN_F32, {16, 16, 4, 4}};
     fn_mask none = {0};
-    group_norm_forward(vy, &mean, &rstd, vx, NULL, NULL, none, 1, 1, 4, 1, 0.0, 0);
+    group_norm_forward(vy, &mean, &rstd, vx, NULL, NULL, none, 1, 1, 4, 1, 0.0, 0, 1);
     check_close("offset mean", mean, 1e4, 0);
     check_close("offset y0", y[0], 1.0, 1e-7);
     check_close("offset y1", y[1], -1.0, 1e-7);
@@ -59,7 +60,7 @@ static void test_constant_and_nan_rows(void)
     double x[6] = {0.1, 0.1, 0.1, 1.0, NAN, 2.0}, y[6], mean[2], rstd[2], b[3] = {5, 6, 7};
     fn_mask none = {0};
     group_norm_forward(view_f64(y, 24, 24, 8, 8), mean, rstd, view_f64(x, 24, 24, 8, 8), NULL, b, none,
-                       2, 1, 3, 1, 0.0, 0);
+                       2, 1, 3, 1, 0.0, 0, 1);
     check_close("constant y0", y[0], 5.0, 0);
     check_close("constant y2", y[2], 7.0, 0);
     check_close("nan row y3", y[3], NAN, 0);
@@ -73,7 +74,7 @@ static void test_masked_instance(void)
     unsigned char m[4] = {1, 0, 1, 0};
     fn_mask mask = {m, {4, 1}};
     group_norm_forward(view_f64(y, 32, 32, 32, 8), &mean, &rstd, view_f64(x, 32, 32, 32, 8), NULL, NULL,
-                       mask, 1, 1, 1, 4, 0.0, 0);
+                       mask, 1, 1, 1, 4, 0.0, 0, 1);
     check_close("masked mean", mean, 4.0, 1e-15);
     check_close("masked y0", y[0], -1.0, 1e-15);
     check_close("masked y1 (padding)", y[1], 0.0, 0);
@@ -86,7 +87,7 @@ static void test_channel_moments(void)
     double x[6] = {1, 10, 2, 20, 6, 60}, count[2], mean[2], var[2];
     fn_mask none = {0};
     fn_view v = view_f64(x + 4, -16, 8, 8, 0);   /* rows read bottom-up */
-    channel_moments(count, mean, var, v, none, 3, 2, 1);
+    channel_moments(count, mean, var, v, none, 3, 2, 1, 1);
     check_close("bn count", count[0], 3.0, 0);
     check_close("bn mean0", mean[0], 3.0, 1e-15);
     check_close("bn var0", var[0], 14.0 / 3.0, 1e-14);     /* (4 + 1 + 9) / 3 */
@@ -99,12 +100,33 @@ static void test_group_backward(void)
     double x[3] = {1, 2, 4}, y[3], dy[3] = {0.5, -1, 2}, dx[3], mean, rstd, dw[3], db[3];
     fn_mask none = {0};
     group_norm_forward(view_f64(y, 24, 24, 8, 8), &mean, &rstd, view_f64(x, 24, 24, 8, 8), NULL, NULL, none,
-                       1, 1, 3, 1, 1e-5, 0);
+                       1, 1, 3, 1, 1e-5, 0, 1);
     group_norm_backward(view_f64(dx, 24, 24, 8, 8), dw, db, view_f64(dy, 24, 24, 8, 8), view_f64(x, 24, 24, 8, 8),
-                        &mean, &rstd, NULL, none, 1, 1, 3, 1, 0);
+                        &mean, &rstd, NULL, none, 1, 1, 3, 1, 0, 1);
     check_close("dx sums to 0", dx[0] + dx[1] + dx[2], 0.0, 1e-14);
     check_close("dbias", db[2], 2.0, 0);
     check_close("dweight", dw[0], 0.5 * (1 - mean) * rstd, 1e-15);
+}
+
+/* 2 threads give the 1-thread answer: layer norm (512, 512) rows, batch moments of (512*512/4, 4) */
+static void test_threads_agree(void)
+{
+    enum { R = 512, D = 512 };
+    static double x[R * D], y1[R * D], y2[R * D], m1[R], r1[R], m2[R], r2[R];
+    double c1[4], mu1[4], v1[4], c2[4], mu2[4], v2[4], worst = 0.0;
+    fn_mask none = {0};
+    for (int i = 0; i < R * D; i++) x[i] = sin(0.001 * i) * 3.0 + (i % 7);
+    group_norm_forward(view_f64(y1, D * 8, D * 8, 8, 8), m1, r1, view_f64(x, D * 8, D * 8, 8, 8), NULL, NULL,
+                       none, R, 1, D, 1, 1e-5, 0, 1);
+    group_norm_forward(view_f64(y2, D * 8, D * 8, 8, 8), m2, r2, view_f64(x, D * 8, D * 8, 8, 8), NULL, NULL,
+                       none, R, 1, D, 1, 1e-5, 0, 2);
+    for (int i = 0; i < R * D; i++) worst = fmax(worst, fabs(y1[i] - y2[i]));
+    check_close("threads: layer norm", worst, 0.0, 0.0);
+    channel_moments(c1, mu1, v1, view_f64(x, 32, 8, 8, 0), none, R * D / 4, 4, 1, 1);
+    channel_moments(c2, mu2, v2, view_f64(x, 32, 8, 8, 0), none, R * D / 4, 4, 1, 2);
+    check_close("threads: bn count", c2[3], c1[3], 0.0);
+    check_close("threads: bn mean", mu2[3], mu1[3], 1e-13);
+    check_close("threads: bn var", v2[3], v1[3], 1e-12);
 }
 
 /* every finite half survives half -> float -> half; 1/3 rounds to nearest */
@@ -129,6 +151,7 @@ int main(void)
     test_channel_moments();
     test_group_backward();
     test_half_conversion();
+    test_threads_agree();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }

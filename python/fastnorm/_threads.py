@@ -1,0 +1,51 @@
+"""How many threads a large call may use: ``set_num_threads`` / ``FASTNORM_NUM_THREADS``.
+
+The count lives here, in Python, and is passed to every kernel call; the C side keeps no state.
+Threads are created per call for large inputs only and never outlive it, so a ``fork`` in the middle
+of use leaves a working child, and there is no second OpenMP runtime beside PyTorch's.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+
+def _available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _from_environment() -> int:
+    value = os.environ.get("FASTNORM_NUM_THREADS", "").strip()
+    if not value:
+        return _available_cores()
+    try:
+        n = int(value)
+        if n < 1:
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"FASTNORM_NUM_THREADS={value!r} is not a positive int; using {_available_cores()}",
+                      RuntimeWarning, stacklevel=2)
+        return _available_cores()
+    return n
+
+
+_num_threads = _from_environment()
+
+
+def set_num_threads(n: int) -> None:
+    """Use at most ``n`` threads per call (large inputs only); ``n >= 1``.
+
+    The default is ``FASTNORM_NUM_THREADS`` if set, else the number of cores this process may use.
+    """
+    global _num_threads
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads: n must be an int >= 1; got {n!r}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """The most threads one call may use."""
+    return _num_threads

@@ -1,0 +1,403 @@
+"""Bad inputs raise the right exception type, and the message names the offending argument."""
+
+import re
+
+import numpy as np
+import pytest
+
+import fastnorm
+from forward_checks import FUNCS, call
+
+X2 = np.arange(24.0).reshape(4, 6) % 7          # (N, C) = (4, 6)
+X3 = np.arange(48.0).reshape(2, 4, 6) % 5       # (N, L, C) = (2, 4, 6)
+
+
+def extra_for(name, num_groups=3):
+    return {"num_groups": num_groups} if name == "group_norm" else {}
+
+
+def word(name):
+    """Regex matching `name` as a whole word (so 'x' does not match inside 'max')."""
+    return rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])"
+
+
+def raises(exc, *, names):
+    """pytest.raises for exc with a message naming one of `names`."""
+    return pytest.raises(exc, match="|".join(word(n) for n in names))
+
+
+# --------------------------------------------------------------------------- x
+
+BAD_X = {
+    "complex128": np.ones((2, 4, 6), dtype=np.complex128),
+    "complex64": np.ones((2, 4, 6), dtype=np.complex64),
+    "object": np.ones((2, 4, 6), dtype=object),
+    "str": np.full((2, 4, 6), "a"),
+    "bytes": np.full((2, 4, 6), b"a"),
+    "datetime": np.zeros((2, 4, 6), dtype="datetime64[s]"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_X))
+@pytest.mark.parametrize("name", FUNCS)
+def test_bad_x_dtype_is_type_error(name, kind):
+    with raises(TypeError, names=["x"]):
+        call(name, BAD_X[kind], **extra_for(name))
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_x_as_list_of_strings_is_type_error(name):
+    with raises(TypeError, names=["x"]):
+        call(name, [[["a", "b"], ["c", "d"]]] * 2, **extra_for(name, 2))
+
+
+# --------------------------------------------------------------------------- axis
+
+@pytest.mark.parametrize("axis", [3, -4, 100])
+@pytest.mark.parametrize("name", FUNCS)
+def test_axis_out_of_range_is_axis_error(name, axis):
+    with raises(np.exceptions.AxisError, names=["axis"]):
+        call(name, X3, axis=axis, **extra_for(name, 1))
+
+
+@pytest.mark.parametrize("axis", [(0, 3), (-4, -1), (5,)])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_tuple_axis_out_of_range_is_axis_error(name, axis):
+    with raises(np.exceptions.AxisError, names=["axis"]):
+        call(name, X3, axis=axis)
+
+
+@pytest.mark.parametrize("axis", [(1, 1), (0, -3), (2, -1, 0)])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_repeated_axis_is_value_error(name, axis):
+    with raises(ValueError, names=["axis"]):
+        call(name, X3, axis=axis)
+
+
+@pytest.mark.parametrize("axis", [(1,), (1, 2), [2]])
+@pytest.mark.parametrize("name", ["batch_norm", "instance_norm", "group_norm"])
+def test_tuple_axis_rejected_where_int_only(name, axis):
+    with raises(TypeError, names=["axis"]):
+        call(name, X3, axis=axis, **extra_for(name, 1))
+
+
+@pytest.mark.parametrize("axis", [0, -3])
+@pytest.mark.parametrize("name", ["instance_norm", "group_norm"])
+def test_batch_axis_cannot_be_feature_axis(name, axis):
+    with raises(ValueError, names=["axis"]):
+        call(name, X3, axis=axis, **extra_for(name, 1))
+
+
+def test_group_norm_axis_zero_two_dimensional():
+    with raises(ValueError, names=["axis"]):
+        fastnorm.group_norm(X2, 2, axis=0)
+
+
+@pytest.mark.parametrize("shape", [(6,), (4, 6)])
+def test_instance_norm_needs_three_dimensions(shape):
+    with raises(ValueError, names=["x", "ndim", "axis"]):
+        fastnorm.instance_norm(np.ones(shape))
+
+
+def test_group_norm_one_dimensional():
+    """1-D x: the only axis is the batch axis."""
+    with raises(ValueError, names=["x", "axis", "ndim"]):
+        fastnorm.group_norm(np.ones(6), 2)
+
+
+# --------------------------------------------------------------------------- weight / bias
+
+def shape_text(shape):
+    return re.escape(str(tuple(shape)))
+
+
+WRONG_PARAM_SHAPES = [
+    # (name, x, axis, extra, expected shape, wrong shape)
+    ("layer_norm", X2, -1, {}, (6,), (5,)),
+    ("layer_norm", X2, -1, {}, (6,), (1, 6)),
+    ("layer_norm", X2, -1, {}, (6,), ()),
+    ("layer_norm", X2, 0, {}, (4,), (6,)),
+    ("layer_norm", X3, (-2, -1), {}, (4, 6), (6, 4)),
+    ("layer_norm", X3, (-2, -1), {}, (4, 6), (6,)),
+    ("layer_norm", X3, (2, 0), {}, (2, 6), (6, 2)),
+    ("rms_norm", X2, -1, {}, (6,), (4,)),
+    ("rms_norm", X3, (0, 1), {}, (2, 4), (8,)),
+    ("batch_norm", X2, -1, {}, (6,), (4,)),
+    ("batch_norm", X3, 1, {}, (4,), (6,)),
+    ("instance_norm", X3, -1, {}, (6,), (2, 6)),
+    ("instance_norm", X3, 1, {}, (4,), (6,)),
+    ("group_norm", X3, -1, {"num_groups": 3}, (6,), (3,)),
+    ("group_norm", X2, -1, {"num_groups": 2}, (6,), (4, 6)),
+]
+
+
+@pytest.mark.parametrize("which", ["weight", "bias"])
+@pytest.mark.parametrize("name,x,axis,extra,good,bad", WRONG_PARAM_SHAPES)
+def test_wrong_weight_or_bias_shape(name, x, axis, extra, good, bad, which):
+    params = {"weight": np.ones(good), "bias": np.zeros(good)}
+    params[which] = np.ones(bad)
+    with raises(ValueError, names=[which]) as info:
+        call(name, x, params["weight"], params["bias"], axis=axis, **extra)
+    msg = str(info.value)
+    assert str(tuple(good)) in msg, f"expected shape {good} not named in: {msg}"
+    assert str(tuple(bad)) in msg, f"given shape {bad} not named in: {msg}"
+
+
+# --------------------------------------------------------------------------- mask
+
+WRONG_MASK_SHAPES = [
+    ("layer_norm", X3, -1, {}, (2, 4, 6)),       # x's full shape
+    ("layer_norm", X3, -1, {}, (4, 2)),
+    ("layer_norm", X3, (0, 2), {}, (2, 4)),
+    ("rms_norm", X2, -1, {}, (6,)),
+    ("batch_norm", X3, -1, {}, (2, 6)),
+    ("batch_norm", X2, -1, {}, (6,)),
+    ("instance_norm", X3, 1, {}, (2, 4)),
+    ("group_norm", X3, -1, {"num_groups": 2}, (2,)),
+]
+
+
+@pytest.mark.parametrize("name,x,axis,extra,bad", WRONG_MASK_SHAPES)
+def test_wrong_mask_shape(name, x, axis, extra, bad):
+    with raises(ValueError, names=["mask"]):
+        call(name, x, axis=axis, mask=np.ones(bad, dtype=bool), **extra)
+
+
+@pytest.mark.parametrize("mask_dtype", [np.int64, np.uint8, np.float64, np.float32])
+@pytest.mark.parametrize("name", FUNCS)
+def test_mask_must_be_bool(name, mask_dtype):
+    mask = np.ones((2, 4), dtype=mask_dtype)  # right shape for X3 with axis=-1
+    with raises(TypeError, names=["mask"]):
+        call(name, X3, mask=mask, **extra_for(name))
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_mask_as_list_of_ints_is_type_error(name):
+    with raises(TypeError, names=["mask"]):
+        call(name, X3, mask=[[1, 1, 0, 1], [1, 1, 1, 0]], **extra_for(name))
+
+
+# --------------------------------------------------------------------------- out
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_out_wrong_shape(name):
+    for bad in [(2, 4, 5), (2, 24), (48,), (1, 2, 4, 6)]:
+        with raises(ValueError, names=["out"]):
+            call(name, X3, out=np.empty(bad), **extra_for(name))
+
+
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize(
+    "x_dtype,out_dtype",
+    [(np.float64, np.float32), (np.float32, np.float64), (np.float16, np.float32),
+     (np.int32, np.float32), (np.int64, np.int64), (np.float64, np.int64)],
+)
+def test_out_wrong_dtype(name, x_dtype, out_dtype):
+    x = X3.astype(x_dtype)
+    with raises(ValueError, names=["out"]):
+        call(name, x, out=np.empty(x.shape, dtype=out_dtype), **extra_for(name))
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_out_in_place_on_integer_x_is_wrong_dtype(name):
+    x = X3.astype(np.int64)
+    with raises(ValueError, names=["out"]):
+        call(name, x, out=x, **extra_for(name))
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_out_read_only(name):
+    out = np.empty(X3.shape)
+    out.flags.writeable = False
+    with raises(ValueError, names=["out"]):
+        call(name, X3, out=out, **extra_for(name))
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_out_read_only_in_place(name):
+    x = X3.copy()
+    x.flags.writeable = False
+    with raises(ValueError, names=["out"]):
+        call(name, x, out=x, **extra_for(name))
+    np.testing.assert_array_equal(x, X3)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_out_not_an_ndarray(name):
+    with raises(TypeError, names=["out"]):
+        call(name, X3, out=np.empty(X3.shape).tolist(), **extra_for(name))
+
+
+# --------------------------------------------------------------------------- batch norm running stats, momentum
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_running_stat_wrong_shape(which, training):
+    stats = {"running_mean": np.zeros(6), "running_var": np.ones(6)}
+    for bad in [(4,), (1, 6), (6, 1), ()]:
+        stats[which] = np.ones(bad)
+        with raises(ValueError, names=[which]):
+            fastnorm.batch_norm(X2, training=training, **stats)
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_running_stat_read_only_in_training(which):
+    stats = {"running_mean": np.zeros(6), "running_var": np.ones(6)}
+    stats[which].flags.writeable = False
+    other = "running_var" if which == "running_mean" else "running_mean"
+    before = stats[other].copy()
+    with raises(ValueError, names=[which]):
+        fastnorm.batch_norm(X2, **stats)
+    np.testing.assert_array_equal(stats[other], before)   # nothing half-updated
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_running_stat_not_float(which):
+    stats = {"running_mean": np.zeros(6), "running_var": np.ones(6)}
+    stats[which] = np.ones(6, dtype=np.int64)
+    with raises((TypeError, ValueError), names=[which]):
+        fastnorm.batch_norm(X2, **stats)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_only_one_running_stat(given, training):
+    with raises(ValueError, names=["running_mean", "running_var"]):
+        fastnorm.batch_norm(X2, training=training, **{given: np.ones(6)})
+
+
+def test_eval_without_running_stats():
+    with raises(ValueError, names=["running_mean"]):
+        fastnorm.batch_norm(X2, training=False)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, np.nan, np.inf])
+def test_momentum_out_of_range(momentum):
+    rm, rv = np.zeros(6), np.ones(6)
+    with raises(ValueError, names=["momentum"]):
+        fastnorm.batch_norm(X2, running_mean=rm, running_var=rv, momentum=momentum)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+
+
+@pytest.mark.parametrize(
+    "x,axis,mask",
+    [
+        (np.ones((1, 6)), -1, None),
+        (np.ones((1, 1, 6)), -1, None),
+        (np.ones((6,)), 0, None),
+        (np.ones((3, 1)), 0, None),
+        (X2, -1, np.array([True, False, False, False])),
+        (X2, -1, np.zeros(4, dtype=bool)),
+    ],
+    ids=["1x6", "1x1x6", "1-D", "3x1-axis0", "mask-one-real", "mask-none-real"],
+)
+def test_batch_norm_training_needs_two_values_per_feature(x, axis, mask):
+    with raises(ValueError, names=["x", "mask", "value", "values"]):
+        fastnorm.batch_norm(x, axis=axis, mask=mask)
+
+
+def test_batch_norm_training_error_leaves_running_stats_untouched():
+    rm, rv = np.zeros(6), np.ones(6)
+    with pytest.raises(ValueError):
+        fastnorm.batch_norm(np.ones((1, 6)), running_mean=rm, running_var=rv)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+
+
+def test_bad_weight_leaves_running_stats_untouched():
+    rm, rv = np.zeros(6), np.ones(6)
+    with raises(ValueError, names=["weight"]):
+        fastnorm.batch_norm(X2, np.ones(5), running_mean=rm, running_var=rv)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+
+
+# --------------------------------------------------------------------------- eps, num_groups
+
+@pytest.mark.parametrize("eps", [-1e-5, -1.0, np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", FUNCS)
+def test_bad_eps(name, eps):
+    with raises(ValueError, names=["eps"]):
+        call(name, X3, eps=eps, **extra_for(name))
+
+
+@pytest.mark.parametrize("eps", ["1e-5", 1e-5j])
+@pytest.mark.parametrize("name", FUNCS)
+def test_eps_not_a_real_number(name, eps):
+    with raises((TypeError, ValueError), names=["eps"]):
+        call(name, X3, eps=eps, **extra_for(name))
+
+
+@pytest.mark.parametrize("num_groups", [4, 5, 12, 0, -2, -3])
+def test_num_groups_must_divide_channels(num_groups):
+    with raises(ValueError, names=["num_groups"]):
+        fastnorm.group_norm(X3, num_groups)          # C = 6
+
+
+def test_num_groups_must_divide_channels_axis1():
+    with raises(ValueError, names=["num_groups"]):
+        fastnorm.group_norm(X3, 3, axis=1)           # C = 4
+
+
+# --------------------------------------------------------------------------- zero-length reductions
+
+ZERO_REDUCTIONS = [
+    ("layer_norm", (4, 0), -1, {}),
+    ("layer_norm", (0, 0), -1, {}),
+    ("layer_norm", (2, 0, 3), (1, 2), {}),
+    ("layer_norm", (0, 3), 0, {}),
+    ("rms_norm", (4, 0), -1, {}),
+    ("rms_norm", (0,), 0, {}),
+    ("instance_norm", (2, 3, 0), 1, {}),
+    ("instance_norm", (2, 0, 3), -1, {}),
+    ("instance_norm", (0, 3, 0), 1, {}),             # output empty anyway
+    ("group_norm", (2, 4, 0), 1, {"num_groups": 2}),
+    ("group_norm", (0, 4, 0), 1, {"num_groups": 2}),
+]
+
+
+@pytest.mark.parametrize("name,shape,axis,extra", ZERO_REDUCTIONS)
+def test_zero_length_reduction(name, shape, axis, extra):
+    with raises(ValueError, names=["x"]):
+        call(name, np.zeros(shape), axis=axis, **extra)
+
+
+def test_group_norm_zero_channels():
+    """C = 0: each group would have no element."""
+    with raises(ValueError, names=["x", "num_groups"]):
+        fastnorm.group_norm(np.zeros((2, 0)), 1)
+
+
+# --------------------------------------------------------------------------- mask_from_lengths
+
+@pytest.mark.parametrize("lengths,max_len", [([3, -1, 2], None), ([3, -1, 2], 5), (np.array([-2]), None)])
+def test_mask_from_lengths_negative(lengths, max_len):
+    with raises(ValueError, names=["lengths"]):
+        fastnorm.mask_from_lengths(lengths, max_len)
+
+
+@pytest.mark.parametrize("lengths,max_len", [([3, 6, 2], 5), ([1], 0)])
+def test_mask_from_lengths_longer_than_max_len(lengths, max_len):
+    with raises(ValueError, names=["lengths", "max_len"]):
+        fastnorm.mask_from_lengths(lengths, max_len)
+
+
+def test_mask_from_lengths_negative_max_len():
+    with raises(ValueError, names=["max_len", "lengths"]):
+        fastnorm.mask_from_lengths([0, 0], -1)
+
+
+# --------------------------------------------------------------------------- 0-d x
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "batch_norm"])
+def test_zero_dimensional_x_has_no_feature_axis(name):
+    with raises(np.exceptions.AxisError, names=["axis"]):
+        call(name, np.float64(3.0))
+
+
+@pytest.mark.parametrize("name", ["instance_norm", "group_norm"])
+def test_zero_dimensional_x_too_few_dimensions(name):
+    """Too few dimensions for a batch axis: ValueError (AxisError is one too) naming x or axis."""
+    with raises(ValueError, names=["x", "axis"]):
+        call(name, np.float64(3.0), **extra_for(name, 1))

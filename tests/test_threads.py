@@ -1,0 +1,84 @@
+"""fastnorm's own threads: results match one thread, Python threads share inputs safely, fork works."""
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import fastnorm
+
+
+@pytest.fixture
+def restore_threads():
+    n = fastnorm.get_num_threads()
+    yield
+    fastnorm.set_num_threads(n)
+
+
+def _all_functions(x):
+    """Every function on x (N, C, L) big enough to be split across threads."""
+    y, mean, rstd = fastnorm.layer_norm(x, return_stats=True)
+    b, bmean, brstd = fastnorm.batch_norm(x, axis=1, return_stats=True)
+    return {
+        "layer_norm": y,
+        "rms_norm": fastnorm.rms_norm(x),
+        "batch_norm": b,
+        "instance_norm": fastnorm.instance_norm(x, axis=1),
+        "group_norm": fastnorm.group_norm(x, 4, axis=1),
+        "layer_norm_backward": fastnorm.layer_norm_backward(x, x, mean, rstd)[0],
+        "batch_norm_backward": fastnorm.batch_norm_backward(x, x, bmean, brstd, axis=1)[0],
+    }
+
+
+def test_two_threads_match_one_thread_and_numpy(restore_threads):
+    x = np.random.default_rng(0).standard_normal((64, 8, 1024)) * 3 + 1   # 2**19 elements
+    fastnorm.set_num_threads(1)
+    one = _all_functions(x)
+    fastnorm.set_num_threads(2)
+    two = _all_functions(x)
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-12, atol=1e-12, err_msg=name)
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(two["layer_norm"], ref, atol=1e-12)
+    ref_bn = (x - x.mean((0, 2), keepdims=True)) / np.sqrt(x.var((0, 2), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(two["batch_norm"], ref_bn, atol=1e-12)
+
+
+def test_python_threads_on_shared_inputs_match_serial_calls():
+    x = np.random.default_rng(1).standard_normal((16, 8, 2048)).astype(np.float32)
+    serial = _all_functions(x)
+    results, errors = [None] * 6, []
+
+    def work(i):
+        try:
+            results[i] = _all_functions(x)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for r in results:
+        for name in serial:
+            np.testing.assert_array_equal(r[name], serial[name], err_msg=name)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_in_the_middle_of_use_leaves_a_working_child():
+    x = np.random.default_rng(2).standard_normal((512, 1024))
+    expected = fastnorm.layer_norm(x)          # threads have run in the parent
+    pid = os.fork()
+    if pid == 0:                               # child: the same call must work and agree
+        ok = np.allclose(fastnorm.layer_norm(x), expected, rtol=0, atol=1e-12)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_set_num_threads_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match="set_num_threads"):
+        fastnorm.set_num_threads(bad)
