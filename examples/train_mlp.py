@@ -4,7 +4,10 @@ The network is plain NumPy matrix products; the normalization layers and their g
 fastnorm's. The task is synthetic: classify points of a 4-class problem whose 16 input features
 have scales from 0.01 to 100, with a deep (5 hidden layers) ReLU network trained by plain SGD.
 The lecture notes claim normalization gives more stable training and faster convergence; the
-printed loss curves show whether that holds here.
+printed loss curves show whether that holds here. On this task (seeded) it does: without
+normalization the first steps blow the loss up to ~100, the ReLUs die and the loss sits at chance
+(ln 4 = 1.386); with batch or layer norm the loss falls below chance from the start (~1.07 and
+~1.10 after 600 steps).
 
     python examples/train_mlp.py [--steps 600] [--plot losses.png]
 """
@@ -115,11 +118,15 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4))
+        smooth = max(1, window // 3)
+        labels = {"none": "no normalization", "batch": "batch norm", "layer": "layer norm"}
         for k, c in curves.items():
-            ax.plot(np.convolve(c, np.ones(window) / window, mode="valid"), label=f"{k} norm")
+            ax.plot(np.convolve(c, np.ones(smooth) / smooth, mode="valid"), label=labels[k])
+        ax.axhline(np.log(N_CLASSES), color="gray", linestyle="--", label=f"chance (ln {N_CLASSES})")
+        ax.set_yscale("log")
         ax.set_xlabel("training step")
-        ax.set_ylabel(f"cross-entropy loss (moving mean of {window})")
-        ax.set_title("Deep MLP on badly scaled inputs: no norm vs batch norm vs layer norm")
+        ax.set_ylabel(f"training loss, moving mean of {smooth} (log scale)")
+        ax.set_title(f"{DEPTH}-hidden-layer MLP, badly scaled inputs, plain SGD")
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=100)
