@@ -44,7 +44,7 @@ uint16_t fn_float_to_half(float f)
     return (uint16_t)(sign | (ax >> 13));
 }
 
-void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype)
+FN_VECTOR_CLONES void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype)
 {
     if (dtype == FN_F32) {
         if (stride == (ptrdiff_t)sizeof(float)) {
@@ -66,7 +66,7 @@ void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtyp
 }
 
 /* float16 is rounded through float32: at most one extra rounding of the last half ulp. */
-void fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype)
+FN_VECTOR_CLONES void fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype)
 {
     if (dtype == FN_F32) {
         if (stride == (ptrdiff_t)sizeof(float)) {

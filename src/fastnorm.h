@@ -22,6 +22,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and the best one the CPU has is
+ * picked at load time (GCC/clang function multi-versioning); elsewhere they are compiled once.
+ * No -ffast-math, no FMA contraction across the clones: only the vector width differs. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(FASTNORM_NO_CLONES)
+#define FN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FN_VECTOR_CLONES
+#endif
+/* Helpers of the hot loops are inlined into each clone, so they get its vector width too. */
+#if defined(__GNUC__)
+#define FN_INLINE static inline __attribute__((always_inline))
+#else
+#define FN_INLINE static inline
+#endif
+
 enum fn_dtype { FN_F16 = 0, FN_F32 = 1, FN_F64 = 2 };
 enum fn_status { FN_OK = 0, FN_ENOMEM = 1, FN_EINVAL = 2 };
 

@@ -12,7 +12,7 @@
 #include "moments.h"
 
 /* buf[k*S + s] = v[a, g, k, s] */
-static void load_group(double *buf, fn_view v, int64_t a, int64_t g, int64_t K, int64_t S)
+FN_INLINE void load_group(double *buf, fn_view v, int64_t a, int64_t g, int64_t K, int64_t S)
 {
     const char *p = v.data + a * v.stride[0] + g * v.stride[1];
     if (S == 1) {
@@ -23,7 +23,7 @@ static void load_group(double *buf, fn_view v, int64_t a, int64_t g, int64_t K, 
 }
 
 /* v[a, g, k, s] = buf[k*S + s] */
-static void store_group(fn_view v, const double *buf, int64_t a, int64_t g, int64_t K, int64_t S)
+FN_INLINE void store_group(fn_view v, const double *buf, int64_t a, int64_t g, int64_t K, int64_t S)
 {
     char *p = v.data + a * v.stride[0] + g * v.stride[1];
     if (S == 1) {
@@ -34,7 +34,7 @@ static void store_group(fn_view v, const double *buf, int64_t a, int64_t g, int6
 }
 
 /* real[0..n) = the elements of buf (K, S) at real positions s; returns n. */
-static int64_t gather_real(double *real, const double *buf, const unsigned char *m, int64_t K, int64_t S)
+FN_INLINE int64_t gather_real(double *real, const double *buf, const unsigned char *m, int64_t K, int64_t S)
 {
     int64_t n = 0;
     for (int64_t k = 0; k < K; k++)
@@ -44,7 +44,7 @@ static int64_t gather_real(double *real, const double *buf, const unsigned char 
 }
 
 /* v[i] = (v[i] - mu) * r * w[i] + b[i] over one row; w, b may be NULL (1 and 0) */
-static void affine_row(double *v, int64_t n, double mu, double r, const double *w, const double *b)
+FN_INLINE void affine_row(double *v, int64_t n, double mu, double r, const double *w, const double *b)
 {
     if (w && b) {
 #pragma omp simd
@@ -62,7 +62,7 @@ static void affine_row(double *v, int64_t n, double mu, double r, const double *
 }
 
 /* buf (K, S) = 0 where m[s] is 0 */
-static void zero_padding(double *buf, const unsigned char *m, int64_t K, int64_t S)
+FN_INLINE void zero_padding(double *buf, const unsigned char *m, int64_t K, int64_t S)
 {
     for (int64_t k = 0; k < K; k++)
         for (int64_t s = 0; s < S; s++)
@@ -81,7 +81,7 @@ typedef struct {
 } group_args;
 
 /* Forward over groups [begin, end) of the flattened (A, G) index. */
-static int forward_slice(void *ctx, int64_t begin, int64_t end, int part)
+FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end, int part)
 {
     const group_args *p = ctx;
     int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
@@ -140,7 +140,7 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
 }
 
 /* Backward over groups [begin, end): dx, and this slice's dweight/dbias sums in p->partial. */
-static int backward_slice(void *ctx, int64_t begin, int64_t end, int part)
+FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end, int part)
 {
     const group_args *p = ctx;
     int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;

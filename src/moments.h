@@ -10,7 +10,7 @@
 /* mean and biased variance of x[0..n), n > 0, by the corrected two-pass algorithm:
  * the second pass sums the deviations too, which removes the rounding error of the first mean.
  * NaN or Inf in x makes both NaN. */
-static inline void moments_of(const double *x, int64_t n, double *mean, double *var)
+FN_INLINE void moments_of(const double *x, int64_t n, double *mean, double *var)
 {
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
@@ -28,7 +28,7 @@ static inline void moments_of(const double *x, int64_t n, double *mean, double *
 }
 
 /* mean of x*x over x[0..n), n > 0 (the RMS-norm statistic). */
-static inline double mean_square_of(const double *x, int64_t n)
+FN_INLINE double mean_square_of(const double *x, int64_t n)
 {
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
@@ -37,7 +37,7 @@ static inline double mean_square_of(const double *x, int64_t n)
 }
 
 /* 1 / sqrt(var + eps); 0 when var + eps == 0 (a constant row with eps = 0 then maps to bias). */
-static inline double rstd_of(double var, double eps)
+FN_INLINE double rstd_of(double var, double eps)
 {
     double ve = var + eps;
     return ve == 0.0 ? 0.0 : 1.0 / sqrt(ve);
@@ -45,7 +45,7 @@ static inline double rstd_of(double var, double eps)
 
 /* m[0..n) = 1 where mask (row `a` of an (A, n) mask) is True; all 1 without a mask.
  * Returns the number of real positions. */
-static inline int64_t load_mask_row(unsigned char *m, fn_mask mask, int64_t a, int64_t n)
+FN_INLINE int64_t load_mask_row(unsigned char *m, fn_mask mask, int64_t a, int64_t n)
 {
     int64_t real = 0;
     for (int64_t i = 0; i < n; i++) {

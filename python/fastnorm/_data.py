@@ -19,7 +19,6 @@ output); ``min_max_scale`` and ``weight_norm`` are NumPy, computed in float64.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
@@ -66,13 +65,13 @@ def standardize(x, axis=0, *, eps=0.0, out=None):
     ``var`` is the biased variance (divide by the count), as in :func:`fastnorm.batch_norm`,
     which computes the same thing for features with more than one value.
 
-    ===================  =======================================  ==============
-    x                    statistics over                          one per
-    ===================  =======================================  ==============
-    (N, D), axis=1       each column (its N samples)              feature
-    (N, D), axis=0       each row (its D values)                  row
-    (N, C, H, W), axis=1  N, H, W of each channel                  channel
-    ===================  =======================================  ==============
+    ====================  ======================================  ==============
+    x                     statistics over                         one per
+    ====================  ======================================  ==============
+    (N, D), axis=1        each column (its N samples)             feature
+    (N, D), axis=0        each row (its D values)                 row
+    (N, C, H, W), axis=1  N, H, W of each channel                 channel
+    ====================  ======================================  ==============
 
     Parameters
     ----------
@@ -194,11 +193,11 @@ def min_max_scale(x, axis=0, *, feature_range=(0, 1), out=None):
         span = np.where(half, 0.5 * mx - 0.5 * mn, span)
         shift = np.where(half, 0.5 * mn, mn)
         pre = np.where(half, 0.5, 1.0)
-        constant = finite & (span == 0)
-        inv = np.where(constant | ~finite, 0.0, 1.0 / np.where(span == 0, 1.0, span))
-        # unit in [0, 1]: (pre * x - shift) / span
+        # a constant feature has x - min = 0 everywhere: divide by 1 to give 0, i.e. `low`
+        span = np.where(finite & (span > 0), span, 1.0)
+        # unit in [0, 1]: (pre * x - shift) / span; a division, not a reciprocal, so subnormal spans work
         unit = (_per_feature(pre, ax, arr.ndim) * x64 - _per_feature(shift, ax, arr.ndim)) \
-            * _per_feature(inv, ax, arr.ndim)
+            / _per_feature(span, ax, arr.ndim)
         y = np.clip(lo + unit * (hi - lo), lo, hi)
     y[np.broadcast_to(_per_feature(~finite, ax, arr.ndim), y.shape)] = np.nan
     return _finish(y, dtype, out)
@@ -216,15 +215,23 @@ def _weight_args(v, g, axis, fn):
     return arr, ax, gains
 
 
-def _norms(v64: np.ndarray, ax: int) -> np.ndarray:
-    """||v|| per position along ``ax`` over every other axis, without overflow or underflow."""
-    others = _other_axes(ax, v64.ndim)
+def _directions(v64: np.ndarray, ax: int):
+    """u = v / ||v|| per position along ``ax`` (norm over every other axis), and ||v||.
+
+    The slice is divided by its largest magnitude first, so neither huge nor subnormal values
+    overflow, underflow or lose precision. u is 0 where ||v|| = 0 and NaN for a slice holding NaN
+    or Inf. Returns (u, big, scaled_norm, zero) with ||v|| = big * scaled_norm, per position.
+    """
+    nd, others = v64.ndim, _other_axes(ax, v64.ndim)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         big = np.max(np.abs(v64), axis=others, initial=0.0)      # NaN propagates
-        safe = np.where((big > 0) & np.isfinite(big), big, 1.0)
-        scaled = v64 / _per_feature(safe, ax, v64.ndim)
-        norm = safe * np.sqrt(np.sum(scaled * scaled, axis=others))
-    return np.where(np.isfinite(big), norm, np.nan)
+        zero = big == 0
+        ok = np.isfinite(big) & ~zero
+        scaled = v64 / _per_feature(np.where(ok, big, 1.0), ax, nd)
+        scaled_norm = np.sqrt(np.sum(scaled * scaled, axis=others))  # in [1, sqrt(n)] where ok
+        u = scaled / _per_feature(np.where(ok, scaled_norm, 1.0), ax, nd)
+    u[np.broadcast_to(_per_feature(~np.isfinite(big), ax, nd), u.shape)] = np.nan
+    return u, np.where(ok, big, 1.0), np.where(ok, scaled_norm, 1.0), zero
 
 
 def weight_norm(v, g, *, axis=0):
@@ -269,11 +276,8 @@ def weight_norm(v, g, *, axis=0):
     arr, ax, gains = _weight_args(v, g, axis, fn)
     if arr.size == 0:
         return np.empty(arr.shape, dtype=arr.dtype)
-    v64 = arr.astype(np.float64)
-    norm = _norms(v64, ax)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.where(norm == 0, 0.0, gains / np.where(norm == 0, 1.0, norm))
-    return (v64 * _per_feature(scale, ax, arr.ndim)).astype(arr.dtype)
+    u, _, _, _ = _directions(arr.astype(np.float64), ax)
+    return (u * _per_feature(gains, ax, arr.ndim)).astype(arr.dtype)
 
 
 def weight_norm_backward(dw, v, g, *, axis=0):
@@ -306,11 +310,11 @@ def weight_norm_backward(dw, v, g, *, axis=0):
         return np.empty(arr.shape, dtype=dtype), np.zeros(arr.shape[ax], dtype=dtype)
     v64, dw64 = arr.astype(np.float64), grad.astype(np.float64)
     nd, others = arr.ndim, _other_axes(ax, arr.ndim)
-    norm = _norms(v64, ax)
-    zero = norm == 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        inv = np.where(zero, 0.0, 1.0 / np.where(zero, 1.0, norm))
-        u = v64 * _per_feature(inv, ax, nd)
+    u, big, scaled_norm, zero = _directions(v64, ax)
+    with np.errstate(invalid="ignore", over="ignore"):
         dg = np.sum(dw64 * u, axis=others)
-        dv = _per_feature(gains * inv, ax, nd) * (dw64 - u * _per_feature(dg, ax, nd))
+        # g / ||v|| * (dw - u dg), dividing by ||v|| = big * scaled_norm in two steps
+        dv = (dw64 - u * _per_feature(dg, ax, nd)) / _per_feature(big, ax, nd) \
+            * _per_feature(gains / scaled_norm, ax, nd)
+    dv[np.broadcast_to(_per_feature(zero, ax, nd), dv.shape)] = 0.0
     return dv.astype(dtype), dg.astype(dtype)
