@@ -43,21 +43,40 @@ FN_INLINE int64_t gather_real(double *real, const double *buf, const unsigned ch
     return n;
 }
 
-/* v[i] = (v[i] - mu) * r * w[i] + b[i] over one row; w, b may be NULL (1 and 0) */
-FN_INLINE void affine_row(double *v, int64_t n, double mu, double r, const double *w, const double *b)
+/* A group (K, S) whose elements are contiguous in memory (k-major), for the float32 fast path. */
+FN_INLINE int group_contiguous(fn_view v, int64_t K, int64_t S, ptrdiff_t item)
 {
-    if (w && b) {
+    return (S == 1 || v.stride[3] == item) && (K == 1 || v.stride[2] == S * item);
+}
+
+/* y = (x - mu) * r * w[k] + b[k] for a contiguous float32 group (K, S); y may be x. */
+FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, double mu, double r,
+                                const double *w, const double *b)
+{
+    if (S == 1) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; i++) v[i] = (v[i] - mu) * (r * w[i]) + b[i];
-    } else if (w) {
+        for (int64_t k = 0; k < K; k++) y[k] = (float)(((double)x[k] - mu) * (r * w[k]) + b[k]);
+        return;
+    }
+    for (int64_t k = 0; k < K; k++) {
+        double scale = r * w[k], shift = b[k];
 #pragma omp simd
-        for (int64_t i = 0; i < n; i++) v[i] = (v[i] - mu) * (r * w[i]);
-    } else if (b) {
+        for (int64_t s = 0; s < S; s++) y[k * S + s] = (float)(((double)x[k * S + s] - mu) * scale + shift);
+    }
+}
+
+/* The same on the double buffer of a group (K, S), in place. */
+FN_INLINE void affine_group(double *v, int64_t K, int64_t S, double mu, double r, const double *w, const double *b)
+{
+    if (S == 1) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; i++) v[i] = (v[i] - mu) * r + b[i];
-    } else {
+        for (int64_t k = 0; k < K; k++) v[k] = (v[k] - mu) * (r * w[k]) + b[k];
+        return;
+    }
+    for (int64_t k = 0; k < K; k++) {
+        double scale = r * w[k], shift = b[k];
 #pragma omp simd
-        for (int64_t i = 0; i < n; i++) v[i] = (v[i] - mu) * r;
+        for (int64_t s = 0; s < S; s++) v[k * S + s] = (v[k * S + s] - mu) * scale + shift;
     }
 }
 
@@ -85,7 +104,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
 {
     const group_args *p = ctx;
     int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
-    double *buf = malloc((size_t)(2 * n_group + 1) * sizeof(double));
+    double *buf = malloc((size_t)(2 * n_group + 2 * G * K + 1) * sizeof(double));
     unsigned char *m = malloc((size_t)S + 1);
     (void)part;
     if (!buf || !m) {
@@ -93,34 +112,40 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         free(m);
         return FN_ENOMEM;
     }
-    double *real = buf + n_group;   /* (n_group) the real elements, when masked */
+    double *real = buf + n_group;         /* (n_group) the real elements, when masked */
+    double *ones = real + n_group, *zeros = ones + G * K;
+    for (int64_t c = 0; c < G * K; c++) ones[c] = 1.0, zeros[c] = 0.0;
+    const double *weight = p->weight ? p->weight : ones, *bias = p->bias ? p->bias : zeros;
+    /* float32 groups contiguous in x and y are read in place: no double buffer */
+    const int f32_in_place = p->x.dtype == FN_F32 && p->y.dtype == FN_F32 &&
+                             group_contiguous(p->x, K, S, 4) && group_contiguous(p->y, K, S, 4);
+
     for (int64_t i = begin; i < end; i++) {
         int64_t a = i / G, g = i % G;
-        double mu = 0.0, r = 0.0;
+        double mu = 0.0, r = 0.0, var;
         if (a != a_loaded) s_real = load_mask_row(m, p->mask, a, S), a_loaded = a;
-        load_group(buf, p->x, a, g, K, S);
-        if (s_real > 0) {
-            const double *stats_of = buf;
-            int64_t n = n_group;
-            if (s_real < S) n = gather_real(real, buf, m, K, S), stats_of = real;
-            double var;
-            if (p->rms) var = mean_square_of(stats_of, n);
-            else moments_of(stats_of, n, &mu, &var);
+        if (f32_in_place && s_real == S) {
+            const float *xg = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
+            float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
+            if (p->rms) var = mean_square_of_f32(xg, n_group);
+            else moments_of_f32(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
-        }
-        /* y = (x - mean) * rstd * w + b at real positions, 0 at padding */
-        const double *w = p->weight ? p->weight + g * K : NULL, *b = p->bias ? p->bias + g * K : NULL;
-        if (S == 1) {
-            affine_row(buf, K, mu, r, w, b);
+            affine_group_f32(yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
         } else {
-            for (int64_t k = 0; k < K; k++) {
-                double scale = r * (w ? w[k] : 1.0), shift = b ? b[k] : 0.0, *row = buf + k * S;
-#pragma omp simd
-                for (int64_t s = 0; s < S; s++) row[s] = (row[s] - mu) * scale + shift;
+            load_group(buf, p->x, a, g, K, S);
+            if (s_real > 0) {
+                const double *stats_of = buf;
+                int64_t n = n_group;
+                if (s_real < S) n = gather_real(real, buf, m, K, S), stats_of = real;
+                if (p->rms) var = mean_square_of(stats_of, n);
+                else moments_of(stats_of, n, &mu, &var);
+                r = rstd_of(var, p->eps);
             }
+            /* y = (x - mean) * rstd * w + b at real positions, 0 at padding */
+            affine_group(buf, K, S, mu, r, weight + g * K, bias + g * K);
+            if (s_real < S) zero_padding(buf, m, K, S);
+            store_group(p->y, buf, a, g, K, S);
         }
-        if (s_real < S) zero_padding(buf, m, K, S);
-        store_group(p->y, buf, a, g, K, S);
         p->mean[i] = mu;
         p->rstd[i] = r;
     }

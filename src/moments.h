@@ -10,6 +10,13 @@
 /* mean and biased variance of x[0..n), n > 0, by the corrected two-pass algorithm:
  * the second pass sums the deviations too, which removes the rounding error of the first mean.
  * NaN or Inf in x makes both NaN. */
+FN_INLINE void finish_moments(double m0, double sd, double sdd, int64_t n, double *mean, double *var)
+{
+    double v = (sdd - sd * sd / (double)n) / (double)n;
+    *mean = m0 + sd / (double)n;
+    *var = v < 0.0 ? 0.0 : v;
+}
+
 FN_INLINE void moments_of(const double *x, int64_t n, double *mean, double *var)
 {
     double s = 0.0;
@@ -22,9 +29,23 @@ FN_INLINE void moments_of(const double *x, int64_t n, double *mean, double *var)
         sd += d;
         sdd += d * d;
     }
-    double v = (sdd - sd * sd / (double)n) / (double)n;
-    *mean = m0 + sd / (double)n;
-    *var = v < 0.0 ? 0.0 : v;
+    finish_moments(m0, sd, sdd, n, mean, var);
+}
+
+/* The same, straight from contiguous float32 (widened to double element by element). */
+FN_INLINE void moments_of_f32(const float *x, int64_t n, double *mean, double *var)
+{
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += (double)x[i];
+    double m0 = s / (double)n, sd = 0.0, sdd = 0.0;
+#pragma omp simd reduction(+ : sd, sdd)
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)x[i] - m0;
+        sd += d;
+        sdd += d * d;
+    }
+    finish_moments(m0, sd, sdd, n, mean, var);
 }
 
 /* mean of x*x over x[0..n), n > 0 (the RMS-norm statistic). */
@@ -33,6 +54,14 @@ FN_INLINE double mean_square_of(const double *x, int64_t n)
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < n; i++) s += x[i] * x[i];
+    return s / (double)n;
+}
+
+FN_INLINE double mean_square_of_f32(const float *x, int64_t n)
+{
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += (double)x[i] * (double)x[i];
     return s / (double)n;
 }
 
