@@ -205,7 +205,84 @@ static PyObject *py_channel_grad_sums(PyObject *self, PyObject *args)
     return status_to_result(status);
 }
 
+/* A C-contiguous, aligned, native float32/64 ndarray (the fast path's x, out, weight, bias). */
+static int is_plain(PyObject *obj, int type)
+{
+    if (!PyArray_CheckExact(obj)) return 0;
+    PyArrayObject *a = (PyArrayObject *)obj;
+    return PyArray_TYPE(a) == type && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISALIGNED(a) &&
+           PyArray_ISNBO(PyArray_DESCR(a)->byteorder);
+}
+
+/* (D) doubles from a weight/bias that is None or a plain 1-d array of D elements of x's dtype. */
+static int param_doubles(PyObject *obj, int type, npy_intp D, double *dst, const double **p)
+{
+    *p = NULL;
+    if (obj == Py_None) return 1;
+    if (!is_plain(obj, type) || PyArray_NDIM((PyArrayObject *)obj) != 1 || PyArray_DIM((PyArrayObject *)obj, 0) != D)
+        return 0;
+    fn_load(dst, PyArray_BYTES((PyArrayObject *)obj), D, PyArray_ITEMSIZE((PyArrayObject *)obj),
+            type == NPY_FLOAT ? FN_F32 : FN_F64);
+    *p = dst;
+    return 1;
+}
+
+/* rows_fast(x, weight, bias, eps, out, rms, nthreads): layer/RMS norm along the last axis of a
+ * plain C-contiguous float32/64 array, the common case, with no Python in between. Returns y,
+ * or NotImplemented when any argument needs the general path (which also owns the errors). */
+static PyObject *py_rows_fast(PyObject *self, PyObject *args)
+{
+    PyObject *ox, *ow, *ob, *oout, *result = NULL;
+    double eps;
+    int rms, nthreads, status;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOdOpi", &ox, &ow, &ob, &eps, &oout, &rms, &nthreads)) return NULL;
+    if (!PyArray_CheckExact(ox)) Py_RETURN_NOTIMPLEMENTED;
+    PyArrayObject *x = (PyArrayObject *)ox;
+    int type = PyArray_TYPE(x), nd = PyArray_NDIM(x);
+    if ((type != NPY_FLOAT && type != NPY_DOUBLE) || !is_plain(ox, type) || nd < 1 || !(eps >= 0.0) ||
+        eps == HUGE_VAL || PyArray_DIM(x, nd - 1) == 0)
+        Py_RETURN_NOTIMPLEMENTED;
+    npy_intp D = PyArray_DIM(x, nd - 1), A = PyArray_SIZE(x) / D;
+    if (oout != Py_None) {
+        PyArrayObject *out = (PyArrayObject *)oout;
+        if (!is_plain(oout, type) || !PyArray_ISWRITEABLE(out) || !PyArray_SAMESHAPE(out, x)) Py_RETURN_NOTIMPLEMENTED;
+        const char *xb = PyArray_BYTES(x), *ob_ = PyArray_BYTES(out);
+        npy_intp nbytes = PyArray_NBYTES(x);
+        if (ob_ != xb && ob_ < xb + nbytes && xb < ob_ + nbytes) Py_RETURN_NOTIMPLEMENTED;   /* partial overlap */
+    }
+    double *scratch = PyMem_RawMalloc((size_t)(2 * D + 2 * A + 1) * sizeof(double));
+    if (!scratch) return PyErr_NoMemory();
+    const double *w, *b;
+    if (!param_doubles(ow, type, D, scratch, &w) || !param_doubles(ob, type, D, scratch + D, &b)) {
+        PyMem_RawFree(scratch);
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    if (oout == Py_None) {
+        result = PyArray_NewLikeArray(x, NPY_CORDER, NULL, 0);
+        if (!result) goto fail;
+    } else {
+        result = Py_NewRef(oout);
+    }
+    ptrdiff_t item = PyArray_ITEMSIZE(x);
+    fn_view vx = {PyArray_BYTES(x), type == NPY_FLOAT ? FN_F32 : FN_F64, {D * item, 0, item, 0}};
+    fn_view vy = {PyArray_BYTES((PyArrayObject *)result), vx.dtype, {D * item, 0, item, 0}};
+    fn_mask none = {NULL, {0, 0}};
+    double *mean = scratch + 2 * D, *rstd = mean + A;
+    Py_BEGIN_ALLOW_THREADS
+    status = group_norm_forward(vy, mean, rstd, vx, w, b, none, A, 1, D, 1, eps, rms, nthreads);
+    Py_END_ALLOW_THREADS
+    if (status != FN_OK) {
+        Py_CLEAR(result);
+        status_to_result(status);
+    }
+fail:
+    PyMem_RawFree(scratch);
+    return result;
+}
+
 static PyMethodDef core_methods[] = {
+    {"rows_fast", py_rows_fast, METH_VARARGS, "Layer/RMS norm along the last axis of a plain array, or NotImplemented."},
     {"group_forward", py_group_forward, METH_VARARGS, "Layer/RMS/instance/group norm on an (A, G, K, S) view."},
     {"group_backward", py_group_backward, METH_VARARGS, "Gradients of group_forward."},
     {"channel_moments", py_channel_moments, METH_VARARGS, "Per-channel count, mean, biased var of an (O, C, S) view."},

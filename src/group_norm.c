@@ -49,19 +49,23 @@ FN_INLINE int group_contiguous(fn_view v, int64_t K, int64_t S, ptrdiff_t item)
     return (S == 1 || v.stride[3] == item) && (K == 1 || v.stride[2] == S * item);
 }
 
-/* y = (x - mu) * r * w[k] + b[k] for a contiguous float32 group (K, S); y may be x. */
+/* y = (x - mu) * r * w[k] + b[k] for a contiguous float32 group (K, S); y may be x.
+ * Computed in float: mu is split into mu_hi + mu_lo (both float), so x - mu_hi is exact or has
+ * a rounding error relative to |x - mu|, never to |mu|; every step then errs by ~1 ulp of the
+ * output's scale, also for rows with a large mean offset. wf, bf: (K) float copies of w, b. */
 FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, double mu, double r,
-                                const double *w, const double *b)
+                                const float *wf, const float *bf)
 {
+    const float mu_hi = (float)mu, mu_lo = (float)(mu - (double)mu_hi), rf = (float)r;
     if (S == 1) {
 #pragma omp simd
-        for (int64_t k = 0; k < K; k++) y[k] = (float)(((double)x[k] - mu) * (r * w[k]) + b[k]);
+        for (int64_t k = 0; k < K; k++) y[k] = ((x[k] - mu_hi) - mu_lo) * (rf * wf[k]) + bf[k];
         return;
     }
     for (int64_t k = 0; k < K; k++) {
-        double scale = r * w[k], shift = b[k];
+        const float scale = (float)(r * (double)wf[k]), shift = bf[k];
 #pragma omp simd
-        for (int64_t s = 0; s < S; s++) y[k * S + s] = (float)(((double)x[k * S + s] - mu) * scale + shift);
+        for (int64_t s = 0; s < S; s++) y[k * S + s] = ((x[k * S + s] - mu_hi) - mu_lo) * scale + shift;
     }
 }
 
@@ -104,21 +108,33 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
 {
     const group_args *p = ctx;
     int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
-    double *buf = malloc((size_t)(2 * n_group + 2 * G * K + 1) * sizeof(double));
+    /* float32 groups contiguous in x and y are read in place: no double buffer */
+    const int f32_in_place = p->x.dtype == FN_F32 && p->y.dtype == FN_F32 &&
+                             group_contiguous(p->x, K, S, 4) && group_contiguous(p->y, K, S, 4);
+    int64_t n_buf = (f32_in_place && !p->mask.data ? 0 : 2 * n_group) +
+                    (p->weight ? 0 : G * K) + (p->bias ? 0 : G * K);
+    double *buf = malloc((size_t)(n_buf + 1) * sizeof(double));
+    float *wf = f32_in_place ? malloc((size_t)(2 * G * K + 1) * sizeof(float)) : NULL, *bf = wf + G * K;
     unsigned char *m = malloc((size_t)S + 1);
     (void)part;
-    if (!buf || !m) {
+    if (!buf || !m || (f32_in_place && !wf)) {
         free(buf);
+        free(wf);
         free(m);
         return FN_ENOMEM;
     }
     double *real = buf + n_group;         /* (n_group) the real elements, when masked */
-    double *ones = real + n_group, *zeros = ones + G * K;
-    for (int64_t c = 0; c < G * K; c++) ones[c] = 1.0, zeros[c] = 0.0;
-    const double *weight = p->weight ? p->weight : ones, *bias = p->bias ? p->bias : zeros;
-    /* float32 groups contiguous in x and y are read in place: no double buffer */
-    const int f32_in_place = p->x.dtype == FN_F32 && p->y.dtype == FN_F32 &&
-                             group_contiguous(p->x, K, S, 4) && group_contiguous(p->y, K, S, 4);
+    double *ones = buf + (n_buf - (p->weight ? 0 : G * K) - (p->bias ? 0 : G * K)), *zeros = ones;
+    const double *weight = p->weight, *bias = p->bias;
+    if (!weight) {
+        for (int64_t c = 0; c < G * K; c++) ones[c] = 1.0;
+        weight = ones, zeros = ones + G * K;
+    }
+    if (!bias) {
+        for (int64_t c = 0; c < G * K; c++) zeros[c] = 0.0;
+        bias = zeros;
+    }
+    for (int64_t c = 0; f32_in_place && c < G * K; c++) wf[c] = (float)weight[c], bf[c] = (float)bias[c];
 
     for (int64_t i = begin; i < end; i++) {
         int64_t a = i / G, g = i % G;
@@ -130,7 +146,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             if (p->rms) var = mean_square_of_f32(xg, n_group);
             else moments_of_f32(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
-            affine_group_f32(yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
+            affine_group_f32(yg, xg, K, S, mu, r, wf + g * K, bf + g * K);
         } else {
             load_group(buf, p->x, a, g, K, S);
             if (s_real > 0) {
@@ -150,6 +166,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         p->rstd[i] = r;
     }
     free(buf);
+    free(wf);
     free(m);
     return FN_OK;
 }

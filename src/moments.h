@@ -7,63 +7,79 @@
 
 #include "fastnorm.h"
 
-/* mean and biased variance of x[0..n), n > 0, by the corrected two-pass algorithm:
- * the second pass sums the deviations too, which removes the rounding error of the first mean.
- * NaN or Inf in x makes both NaN. */
-FN_INLINE void finish_moments(double m0, double sd, double sdd, int64_t n, double *mean, double *var)
+/* Sums of d = x - shift and d*d over x[0..n), in double, with MOMENT_LANES independent
+ * accumulators (no loop-carried dependency to wait on; also a pairwise-like summation order).
+ * The two loaders differ only in the element type. */
+enum { MOMENT_LANES = 32 };
+
+#define DEFINE_SHIFTED_SUMS(NAME, T)                                                          \
+    FN_INLINE void NAME(const T *x, int64_t n, double shift, double *sum_d, double *sum_dd)   \
+    {                                                                                         \
+        double a[MOMENT_LANES] = {0}, b[MOMENT_LANES] = {0}, s1 = 0.0, s2 = 0.0;               \
+        int64_t i = 0;                                                                        \
+        for (; i + MOMENT_LANES <= n; i += MOMENT_LANES)                                      \
+            for (int j = 0; j < MOMENT_LANES; j++) {                                          \
+                double d = (double)x[i + j] - shift;                                          \
+                a[j] += d;                                                                    \
+                b[j] += d * d;                                                                \
+            }                                                                                 \
+        for (; i < n; i++) {                                                                  \
+            double d = (double)x[i] - shift;                                                  \
+            s1 += d;                                                                          \
+            s2 += d * d;                                                                      \
+        }                                                                                     \
+        for (int j = 0; j < MOMENT_LANES; j++) s1 += a[j], s2 += b[j];                        \
+        *sum_d = s1;                                                                          \
+        *sum_dd = s2;                                                                         \
+    }
+DEFINE_SHIFTED_SUMS(shifted_sums, double)
+DEFINE_SHIFTED_SUMS(shifted_sums_f32, float)
+#undef DEFINE_SHIFTED_SUMS
+
+/* mean and biased variance from the shifted sums of n values. */
+FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, double *mean, double *var)
 {
     double v = (sdd - sd * sd / (double)n) / (double)n;
-    *mean = m0 + sd / (double)n;
+    *mean = shift + sd / (double)n;
     *var = v < 0.0 ? 0.0 : v;
 }
 
-FN_INLINE void moments_of(const double *x, int64_t n, double *mean, double *var)
-{
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += x[i];
-    double m0 = s / (double)n, sd = 0.0, sdd = 0.0;
-#pragma omp simd reduction(+ : sd, sdd)
-    for (int64_t i = 0; i < n; i++) {
-        double d = x[i] - m0;
-        sd += d;
-        sdd += d * d;
+/* mean and biased variance of x[0..n), n > 0, never by E[x^2] - E[x]^2:
+ * one pass of sums shifted by the first element, which is exact for a constant row and accurate
+ * to ~64 ulp of var whenever that element lies within 8 standard deviations of the mean; when it
+ * does not (an outlier first, or NaN), a second pass shifts by the mean just found (the corrected
+ * two-pass algorithm). NaN or Inf in x makes both NaN. */
+#define DEFINE_MOMENTS(NAME, T, SUMS)                                                         \
+    FN_INLINE void NAME(const T *x, int64_t n, double *mean, double *var)                      \
+    {                                                                                         \
+        double shift = (double)x[0], sd, sdd;                                                 \
+        SUMS(x, n, shift, &sd, &sdd);                                                         \
+        finish_moments(shift, sd, sdd, n, mean, var);                                         \
+        double offset = sd / (double)n;                                                       \
+        if (offset * offset <= 64.0 * *var) return;                                           \
+        shift = *mean;                                                                        \
+        SUMS(x, n, shift, &sd, &sdd);                                                         \
+        finish_moments(shift, sd, sdd, n, mean, var);                                         \
     }
-    finish_moments(m0, sd, sdd, n, mean, var);
-}
+DEFINE_MOMENTS(moments_of, double, shifted_sums)
+DEFINE_MOMENTS(moments_of_f32, float, shifted_sums_f32)
+#undef DEFINE_MOMENTS
 
-/* The same, straight from contiguous float32 (widened to double element by element). */
-FN_INLINE void moments_of_f32(const float *x, int64_t n, double *mean, double *var)
-{
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += (double)x[i];
-    double m0 = s / (double)n, sd = 0.0, sdd = 0.0;
-#pragma omp simd reduction(+ : sd, sdd)
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)x[i] - m0;
-        sd += d;
-        sdd += d * d;
+/* mean of x*x over x[0..n), n > 0 (the RMS-norm statistic), MOMENT_LANES accumulators. */
+#define DEFINE_MEAN_SQUARE(NAME, T)                                                           \
+    FN_INLINE double NAME(const T *x, int64_t n)                                              \
+    {                                                                                         \
+        double a[MOMENT_LANES] = {0}, s = 0.0;                                                 \
+        int64_t i = 0;                                                                        \
+        for (; i + MOMENT_LANES <= n; i += MOMENT_LANES)                                      \
+            for (int j = 0; j < MOMENT_LANES; j++) a[j] += (double)x[i + j] * (double)x[i + j]; \
+        for (; i < n; i++) s += (double)x[i] * (double)x[i];                                  \
+        for (int j = 0; j < MOMENT_LANES; j++) s += a[j];                                     \
+        return s / (double)n;                                                                 \
     }
-    finish_moments(m0, sd, sdd, n, mean, var);
-}
-
-/* mean of x*x over x[0..n), n > 0 (the RMS-norm statistic). */
-FN_INLINE double mean_square_of(const double *x, int64_t n)
-{
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += x[i] * x[i];
-    return s / (double)n;
-}
-
-FN_INLINE double mean_square_of_f32(const float *x, int64_t n)
-{
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += (double)x[i] * (double)x[i];
-    return s / (double)n;
-}
+DEFINE_MEAN_SQUARE(mean_square_of, double)
+DEFINE_MEAN_SQUARE(mean_square_of_f32, float)
+#undef DEFINE_MEAN_SQUARE
 
 /* 1 / sqrt(var + eps); 0 when var + eps == 0 (a constant row with eps = 0 then maps to bias). */
 FN_INLINE double rstd_of(double var, double eps)

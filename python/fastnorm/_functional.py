@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _checks as ck
 from . import _core
+from . import _threads
 from ._threads import get_num_threads
 
 __all__ = [
@@ -148,6 +149,10 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=N
     >>> fastnorm.layer_norm([[1.0, 2.0, 3.0]]).round(4)
     array([[-1.2247,  0.    ,  1.2247]])
     """
+    if axis == -1 and mask is None and not return_stats and type(x) is np.ndarray and type(eps) is float:
+        y = _core.rows_fast(x, weight, bias, eps, out, False, _threads.num_threads)
+        if y is not NotImplemented:
+            return y
     fn = "layer_norm"
     plan = _layer_plan(np.shape(x), axis, fn)
     y, mean, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=False)
@@ -173,6 +178,10 @@ def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=Non
     >>> fastnorm.rms_norm([[3.0, 4.0]], eps=0.0).round(4)
     array([[0.8485, 1.1314]])
     """
+    if axis == -1 and mask is None and not return_stats and type(x) is np.ndarray and type(eps) is float:
+        y = _core.rows_fast(x, weight, bias, eps, out, True, _threads.num_threads)
+        if y is not NotImplemented:
+            return y
     fn = "rms_norm"
     plan = _layer_plan(np.shape(x), axis, fn)
     y, _, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=True)

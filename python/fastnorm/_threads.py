@@ -32,7 +32,7 @@ def _from_environment() -> int:
     return n
 
 
-_num_threads = _from_environment()
+num_threads = _from_environment()
 
 
 def set_num_threads(n: int) -> None:
@@ -40,12 +40,12 @@ def set_num_threads(n: int) -> None:
 
     The default is ``FASTNORM_NUM_THREADS`` if set, else the number of cores this process may use.
     """
-    global _num_threads
+    global num_threads
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"set_num_threads: n must be an int >= 1; got {n!r}")
-    _num_threads = n
+    num_threads = n
 
 
 def get_num_threads() -> int:
     """The most threads one call may use."""
-    return _num_threads
+    return num_threads
