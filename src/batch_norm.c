@@ -10,7 +10,7 @@
 
 #include "moments.h"
 
-enum { BLOCK_ELEMENTS = 1 << 16 };  /* a block of rows: 512 KiB of doubles, in L2 */
+enum { BLOCK_ELEMENTS = 1 << 16 };  /* rows whose column sums share one shift: ~64K elements */
 
 /* Merge (nb, mean_b, m2_b) into the running (n, mean, m2) of one channel. */
 FN_INLINE void merge_moments(double *n, double *mean, double *m2, double nb, double mean_b, double m2_b)
@@ -24,34 +24,48 @@ FN_INLINE void merge_moments(double *n, double *mean, double *m2, double nb, dou
 
 FN_INLINE int64_t rows_per_block(int64_t C)
 {
-    return C >= BLOCK_ELEMENTS ? 1 : BLOCK_ELEMENTS / (C > 0 ? C : 1);
+    int64_t rows = BLOCK_ELEMENTS / (C > 0 ? C : 1);
+    return rows < 16 ? 16 : rows;
 }
 
-/* Column statistics of rows o0..o0+nrows of x (O, C, 1): buf (nrows, C) holds the real rows. */
-FN_INLINE void merge_block_columns(double *count, double *mean, double *m2, double *buf, double *tmp,
-                                fn_view x, fn_mask mask, int64_t o0, int64_t nrows, int64_t C)
+/* Column statistics of the real rows among o0..o0+nrows of x (O, C, 1), merged into
+ * (count, mean, m2): one pass of sums shifted by the block's first real row; a column whose
+ * shift lay more than 8 standard deviations from its mean gets a second pass shifted by that
+ * mean (as moments_of does for a row). row: (C) doubles; tmp: (3C) doubles. */
+FN_INLINE void merge_block_columns(double *count, double *mean, double *m2, double *row, double *tmp,
+                                   fn_view x, fn_mask mask, int64_t o0, int64_t nrows, int64_t C)
 {
+    double *shift = tmp, *sd = tmp + C, *sdd = tmp + 2 * C;
     int64_t nb = 0;
     for (int64_t o = o0; o < o0 + nrows; o++) {
         if (mask.data && !mask.data[o * mask.stride[0]]) continue;
-        fn_load(buf + nb * C, x.data + o * x.stride[0], C, x.stride[1], x.dtype);
-        nb++;
-    }
-    if (nb == 0) return;
-    double *bmean = tmp, *sd = tmp + C, *sdd = tmp + 2 * C;
-    for (int64_t c = 0; c < C; c++) bmean[c] = sd[c] = sdd[c] = 0.0;
-    for (int64_t r = 0; r < nb; r++)
-        for (int64_t c = 0; c < C; c++) bmean[c] += buf[r * C + c];
-    for (int64_t c = 0; c < C; c++) bmean[c] /= (double)nb;
-    for (int64_t r = 0; r < nb; r++)
+        fn_load(nb == 0 ? shift : row, x.data + o * x.stride[0], C, x.stride[1], x.dtype);
+        if (nb++ == 0) {
+            for (int64_t c = 0; c < C; c++) sd[c] = sdd[c] = 0.0;
+            continue;
+        }
+#pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-            double d = buf[r * C + c] - bmean[c];
+            double d = row[c] - shift[c];
             sd[c] += d;
             sdd[c] += d * d;
         }
-    for (int64_t c = 0; c < C; c++)
-        merge_moments(&count[c], &mean[c], &m2[c], (double)nb, bmean[c] + sd[c] / (double)nb,
-                      sdd[c] - sd[c] * sd[c] / (double)nb);
+    }
+    for (int64_t c = 0; nb > 0 && c < C; c++) {
+        double bmean, bvar, offset = sd[c] / (double)nb;
+        finish_moments(shift[c], sd[c], sdd[c], nb, &bmean, &bvar);
+        if (!(offset * offset <= 64.0 * bvar)) {        /* far shift (or NaN): shift by the mean */
+            double s1 = 0.0, s2 = 0.0, v;
+            for (int64_t o = o0; o < o0 + nrows; o++) {
+                if (mask.data && !mask.data[o * mask.stride[0]]) continue;
+                fn_load(&v, x.data + o * x.stride[0] + c * x.stride[1], 1, 0, x.dtype);
+                s1 += v - bmean;
+                s2 += (v - bmean) * (v - bmean);
+            }
+            finish_moments(bmean, s1, s2, nb, &bmean, &bvar);
+        }
+        merge_moments(&count[c], &mean[c], &m2[c], (double)nb, bmean, bvar * (double)nb);
+    }
 }
 
 /* Everything a slice of outer indices o needs; shared read-only by the threads of one call. */
@@ -69,8 +83,9 @@ FN_VECTOR_CLONES static int moments_slice(void *ctx, int64_t begin, int64_t end,
     const channel_args *p = ctx;
     int64_t C = p->C, S = p->S, rows = rows_per_block(C);
     double *count = p->partial + (int64_t)part * 3 * C, *mean = count + C, *m2 = mean + C;
-    double *buf = malloc((size_t)((S == 1 ? rows * C + 3 * C : 2 * S) + 1) * sizeof(double));
+    double *buf = malloc((size_t)((S == 1 ? 4 * C : 2 * S) + 1) * sizeof(double));
     unsigned char *m = malloc((size_t)S + 1);
+    const int f32_planes = S > 1 && p->x.dtype == FN_F32 && p->x.stride[2] == 4;
     if (!buf || !m) {
         free(buf);
         free(m);
@@ -79,7 +94,7 @@ FN_VECTOR_CLONES static int moments_slice(void *ctx, int64_t begin, int64_t end,
     for (int64_t c = 0; c < C; c++) count[c] = mean[c] = m2[c] = 0.0;
     if (S == 1) {
         for (int64_t o0 = begin; o0 < end; o0 += rows)
-            merge_block_columns(count, mean, m2, buf, buf + rows * C, p->x, p->mask, o0,
+            merge_block_columns(count, mean, m2, buf, buf + C, p->x, p->mask, o0,
                                 end - o0 < rows ? end - o0 : rows, C);
     } else {
         double *real = buf + S;
@@ -88,8 +103,14 @@ FN_VECTOR_CLONES static int moments_slice(void *ctx, int64_t begin, int64_t end,
             if (n == 0) continue;
             for (int64_t c = 0; c < C; c++) {
                 const double *plane = buf;
+                const char *src = p->x.data + o * p->x.stride[0] + c * p->x.stride[1];
                 double pm, pv;
-                fn_load(buf, p->x.data + o * p->x.stride[0] + c * p->x.stride[1], S, p->x.stride[2], p->x.dtype);
+                if (f32_planes && n == S) {     /* a contiguous float32 plane, read in place */
+                    moments_of_f32((const float *)src, S, &pm, &pv);
+                    merge_moments(&count[c], &mean[c], &m2[c], (double)n, pm, pv * (double)n);
+                    continue;
+                }
+                fn_load(buf, src, S, p->x.stride[2], p->x.dtype);
                 if (n < S) {
                     for (int64_t i = 0, j = 0; i < S; i++)
                         if (m[i]) real[j++] = buf[i];
@@ -135,6 +156,22 @@ int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask
     return status;
 }
 
+/* Forward batch norm of one contiguous float32 line (a row of C channels, or a plane of
+ * channel c) in float arithmetic, the center split into hi + lo floats as in affine_group_f32.
+ * f: (4, C) floats: center_hi, center_lo, coef_x, shift; `step` 1 walks channels, 0 stays on c. */
+FN_INLINE void combine_line_f32(float *y, const float *x, int64_t n, const float *f, int64_t C, int64_t c, int step)
+{
+    const float *hi = f, *lo = f + C, *cx = f + 2 * C, *sh = f + 3 * C;
+    if (step) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - hi[i]) - lo[i]) * cx[i] + sh[i];
+    } else {
+        const float h = hi[c], l = lo[c], k = cx[c], b = sh[c];
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - h) - l) * k + b;
+    }
+}
+
 /* out = coef_x * (x - center) + coef_dy * dy + shift for rows/planes o in [begin, end). */
 FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end, int part)
 {
@@ -142,15 +179,38 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
     int64_t C = p->C, S = p->S, line = S == 1 ? C : S;   /* elements per load: a row, or a plane */
     double *bx = malloc((size_t)(2 * line + 1) * sizeof(double)), *bdy = bx ? bx + line : NULL;
     unsigned char *m = malloc((size_t)S + 1);
-    const int has_dy = p->dy.data != NULL;
+    const int has_dy = p->dy.data != NULL, line_dim = S == 1 ? 1 : 2;
+    /* contiguous float32 lines of x and out, forward only: float arithmetic, no buffer */
+    const int f32 = !has_dy && p->x.dtype == FN_F32 && p->out.dtype == FN_F32 &&
+                    p->x.stride[line_dim] == 4 && p->out.stride[line_dim] == 4;
+    float *f = f32 ? malloc((size_t)(4 * C + 1) * sizeof(float)) : NULL;
     (void)part;
-    if (!bx || !m) {
+    if (!bx || !m || (f32 && !f)) {
         free(bx);
         free(m);
+        free(f);
         return FN_ENOMEM;
     }
+    for (int64_t c = 0; f32 && c < C; c++) {
+        f[c] = (float)p->center[c];
+        f[C + c] = (float)(p->center[c] - (double)f[c]);
+        f[2 * C + c] = (float)p->coef_x[c];
+        f[3 * C + c] = (float)p->shift[c];
+    }
     for (int64_t o = begin; o < end; o++) {
-        load_mask_row(m, p->mask, o, S);
+        int64_t real = load_mask_row(m, p->mask, o, S);
+        if (f32 && real == S) {
+            const char *xo = p->x.data + o * p->x.stride[0];
+            char *yo = p->out.data + o * p->out.stride[0];
+            if (S == 1) {
+                combine_line_f32((float *)yo, (const float *)xo, C, f, C, 0, 1);
+            } else {
+                for (int64_t c = 0; c < C; c++)
+                    combine_line_f32((float *)(yo + c * p->out.stride[1]), (const float *)(xo + c * p->x.stride[1]),
+                                     S, f, C, c, 0);
+            }
+            continue;
+        }
         if (S == 1) {
             /* one row of C channels */
             fn_load(bx, p->x.data + o * p->x.stride[0], C, p->x.stride[1], p->x.dtype);
@@ -190,6 +250,7 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
     }
     free(bx);
     free(m);
+    free(f);
     return FN_OK;
 }
 
