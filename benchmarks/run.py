@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Speed of fastnorm side by side with plain NumPy, PyTorch CPU and a memory copy.
 
-    python benchmarks/run.py                     # full run, one table (~4 minutes)
+    python benchmarks/run.py                     # full run, one table (~3-4 minutes)
     python benchmarks/run.py --quick             # small shapes, few repeats: a smoke run
     python benchmarks/run.py --cases 'batch'     # only the cases whose name matches (regex)
     python benchmarks/run.py --json out.json     # also write every sample to a JSON file
-    python benchmarks/run.py --memory            # also the peak-memory check (1 GiB input, ~3 GiB RAM)
+    python benchmarks/run.py --memory            # also the peak-memory check (1 GiB input, ~2.5 GiB RAM)
 
 The main rows use each library's default thread count (fastnorm.get_num_threads(),
 torch.get_num_threads()); the threads=N rows set both to N.
@@ -512,12 +512,12 @@ def main(argv=None):
                     "(case-insensitive), e.g. 'backward', 'float16', '^batch_norm ', 'threads'")
     ap.add_argument("--json", metavar="FILE", help="write machine, medians, samples and ratios here")
     ap.add_argument("--memory", action="store_true",
-                    help="also measure the peak memory of a layer norm of a 1 GiB float32 input (~3 GiB RAM)")
+                    help="also measure the peak memory of a layer norm of a 1 GiB float32 input (~2.5 GiB RAM)")
     ap.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                    help="timing budget per case (default 10, or 1 with --quick)")
+                    help="timing budget per case (default 8, or 1 with --quick)")
     args = ap.parse_args(argv)
 
-    cfg = dict(warmup=2, sample_s=0.02, min_rounds=7, max_rounds=101, budget_s=10.0)
+    cfg = dict(warmup=2, sample_s=0.02, min_rounds=7, max_rounds=101, budget_s=8.0)
     if args.quick:
         cfg.update(warmup=1, sample_s=0.005, min_rounds=3, max_rounds=15, budget_s=1.0)
     if args.budget is not None:
