@@ -1,50 +1,58 @@
 /* Moving strided elements of any supported dtype to and from contiguous double buffers.
  * src/dst: n elements, `stride` bytes apart (may be negative), native-endian and aligned.
  * Contiguous rows take a loop the compiler vectorizes; other strides an element-wise loop. */
-#include <math.h>
 #include <string.h>
 
 #include "fastnorm.h"
 
-/* IEEE binary16 -> binary32, exact. */
-float fn_half_to_float(uint16_t h)
+FN_INLINE uint32_t bits_of(float f)
 {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
-    if (exp == 0x1fu) {
-        bits = sign | 0x7f800000u | (mant << 13);            /* Inf, NaN */
-    } else if (exp == 0) {
-        float f = (float)mant * 0x1p-24f;                   /* zero, subnormal */
-        return sign ? -f : f;
-    } else {
-        bits = sign | ((exp + 112u) << 23) | (mant << 13);  /* rebias 15 -> 127 */
-    }
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+FN_INLINE float float_of(uint32_t u)
+{
     float f;
-    memcpy(&f, &bits, sizeof f);
+    memcpy(&f, &u, sizeof f);
     return f;
 }
 
-/* binary32 -> binary16, round to nearest even; overflow gives Inf, NaN stays NaN. */
-uint16_t fn_float_to_half(float f)
+/* IEEE binary16 -> binary32, exact. Branch-free (selects only), so loops of it vectorize:
+ * rebias the exponent; Inf/NaN get the rest of the rebias; subnormals are renormalized by
+ * subtracting 2**-14 in float arithmetic. */
+FN_INLINE float half_to_float(uint16_t h)
 {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u)                                    /* NaN: keep it quiet */
-        return (uint16_t)(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
-    if (ax >= 0x477ff000u)                                   /* >= 65520: Inf */
-        return (uint16_t)(sign | 0x7c00u);
-    if (ax < 0x38800000u) {                                  /* below 2**-14: subnormal */
-        float a;
-        memcpy(&a, &ax, sizeof a);
-        return (uint16_t)(sign | (uint16_t)lrintf(a * 0x1p24f));
-    }
-    ax += 0xc8000fffu + ((ax >> 13) & 1u);                   /* rebias 127 -> 15, round */
-    return (uint16_t)(sign | (ax >> 13));
+    uint32_t o = (uint32_t)(h & 0x7fffu) << 13, exp = o & 0x0f800000u;
+    o += (uint32_t)(127 - 15) << 23;
+    uint32_t inf_nan = o + ((uint32_t)(128 - 16) << 23);
+    uint32_t sub = bits_of(float_of(o + (1u << 23)) - 0x1p-14f);
+    uint32_t special = 0u - (uint32_t)(exp == 0x0f800000u), subnormal = 0u - (uint32_t)(exp == 0);
+    o = (inf_nan & special) | (sub & subnormal) | (o & ~(special | subnormal));   /* masks, not branches */
+    return float_of(o | (uint32_t)(h & 0x8000u) << 16);
 }
 
-FN_VECTOR_CLONES void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype)
+/* binary32 -> binary16, round to nearest even; overflow gives Inf, NaN stays (quiet) NaN.
+ * Branch-free: subnormal results come from adding a magic number in float arithmetic (whose
+ * rounding is the round to nearest even we want), normal ones from integer rounding. */
+FN_INLINE uint16_t float_to_half(float f)
+{
+    const uint32_t denorm_magic = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
+    uint32_t x = bits_of(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    uint32_t big = 0x7c00u | (0x0200u & (0u - (uint32_t)(ax > 0x7f800000u)));  /* Inf, or NaN */
+    uint32_t sub = bits_of(float_of(ax) + float_of(denorm_magic)) - denorm_magic;
+    uint32_t nrm = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;              /* rebias, round */
+    uint32_t huge = 0u - (uint32_t)(ax >= 0x47800000u), tiny = 0u - (uint32_t)(ax < 0x38800000u);
+    uint32_t o = (big & huge) | (sub & tiny) | (nrm & ~(huge | tiny));      /* >= 2**16, < 2**-14 */
+    return (uint16_t)(o | sign);
+}
+
+float fn_half_to_float(uint16_t h) { return half_to_float(h); }
+
+uint16_t fn_float_to_half(float f) { return float_to_half(f); }
+
+void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype)
 {
     if (dtype == FN_F32) {
         if (stride == (ptrdiff_t)sizeof(float)) {
@@ -59,9 +67,12 @@ FN_VECTOR_CLONES void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t
         } else {
             for (int64_t i = 0; i < n; i++) dst[i] = *(const double *)(src + i * stride);
         }
+    } else if (stride == (ptrdiff_t)sizeof(uint16_t)) {
+        const uint16_t *h = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(h[i]);
     } else {
         for (int64_t i = 0; i < n; i++)
-            dst[i] = fn_half_to_float(*(const uint16_t *)(src + i * stride));
+            dst[i] = half_to_float(*(const uint16_t *)(src + i * stride));
     }
 }
 
@@ -81,8 +92,11 @@ FN_VECTOR_CLONES void fn_store(char *dst, const double *src, int64_t n, ptrdiff_
         } else {
             for (int64_t i = 0; i < n; i++) *(double *)(dst + i * stride) = src[i];
         }
+    } else if (stride == (ptrdiff_t)sizeof(uint16_t)) {
+        uint16_t *h = (uint16_t *)dst;
+        for (int64_t i = 0; i < n; i++) h[i] = float_to_half((float)src[i]);
     } else {
         for (int64_t i = 0; i < n; i++)
-            *(uint16_t *)(dst + i * stride) = fn_float_to_half((float)src[i]);
+            *(uint16_t *)(dst + i * stride) = float_to_half((float)src[i]);
     }
 }

@@ -181,6 +181,59 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
     return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
 }
 
+/* Backward of one contiguous float32 group (no padding), read in place: adds the group's
+ * dweight/dbias sums into dw, db (K) and writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+ * g = dy * w, in float arithmetic with the mean split as in affine_group_f32. */
+FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r,
+                                  const double *w, const float *wf, double *dw, double *db)
+{
+    int64_t K = p->K, S = p->S;
+    const float *x = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
+    const float *dy = (const float *)(p->dy.data + a * p->dy.stride[0] + g * p->dy.stride[1]);
+    float *dx = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
+    double sum_g = 0.0, sum_g_xhat = 0.0;
+    if (S == 1) {
+#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
+        for (int64_t k = 0; k < K; k++) {
+            double xhat = ((double)x[k] - mu) * r, d = (double)dy[k];
+            dw[k] += d * xhat;
+            db[k] += d;
+            sum_g += d * w[k];
+            sum_g_xhat += d * w[k] * xhat;
+        }
+    } else {
+        for (int64_t k = 0; k < K; k++) {
+            double dwk = 0.0, dbk = 0.0;
+#pragma omp simd reduction(+ : dwk, dbk)
+            for (int64_t s = 0; s < S; s++) {
+                double d = (double)dy[k * S + s];
+                dwk += d * (((double)x[k * S + s] - mu) * r);
+                dbk += d;
+            }
+            dw[k] += dwk;
+            db[k] += dbk;
+            sum_g += dbk * w[k];
+            sum_g_xhat += dwk * w[k];
+        }
+    }
+    double n = (double)(K * S);
+    /* dx = dy * (r * w) + c0 - (x - mu) * c1 */
+    const float rf = (float)r, c0 = p->rms ? 0.0f : (float)(-r * sum_g / n), c1 = (float)(r * r * sum_g_xhat / n);
+    const float mu_hi = (float)mu, mu_lo = (float)(mu - (double)mu_hi);
+    if (S == 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; k++) dx[k] = dy[k] * (rf * wf[k]) + c0 - ((x[k] - mu_hi) - mu_lo) * c1;
+        return;
+    }
+    for (int64_t k = 0; k < K; k++) {
+        const float scale = rf * wf[k];
+        const float *xk = x + k * S, *dyk = dy + k * S;
+        float *dxk = dx + k * S;
+#pragma omp simd
+        for (int64_t s = 0; s < S; s++) dxk[s] = dyk[s] * scale + c0 - ((xk[s] - mu_hi) - mu_lo) * c1;
+    }
+}
+
 /* Backward over groups [begin, end): dx, and this slice's dweight/dbias sums in p->partial. */
 FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end, int part)
 {
@@ -198,6 +251,17 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
     double *dweight = p->partial + (int64_t)part * 2 * G * K, *dbias = dweight + G * K;
     for (int64_t c = 0; c < G * K; c++) dweight[c] = dbias[c] = 0.0, ones[c] = 1.0;
     const double *weight = p->weight ? p->weight : ones;
+    /* float32 groups contiguous in x, dy and dx are read in place */
+    const int f32_in_place = p->x.dtype == FN_F32 && p->dy.dtype == FN_F32 && p->y.dtype == FN_F32 &&
+                             group_contiguous(p->x, K, S, 4) && group_contiguous(p->dy, K, S, 4) &&
+                             group_contiguous(p->y, K, S, 4);
+    float *wf = f32_in_place ? malloc((size_t)(G * K + 1) * sizeof(float)) : NULL;
+    if (f32_in_place && !wf) {
+        free(bx);
+        free(m);
+        return FN_ENOMEM;
+    }
+    for (int64_t c = 0; f32_in_place && c < G * K; c++) wf[c] = (float)weight[c];
 
     for (int64_t i = begin; i < end; i++) {
         int64_t a = i / G, g = i % G;
@@ -206,6 +270,10 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         double *dw = dweight + g * K, *db = dbias + g * K;
         double mu = p->rms ? 0.0 : p->mean[i], r = p->rstd[i];
         double sum_g = 0.0, sum_g_xhat = 0.0;
+        if (f32_in_place && s_real == S) {
+            backward_group_f32(p, a, g, mu, r, w, wf + g * K, dw, db);
+            continue;
+        }
         load_group(bx, p->x, a, g, K, S);
         load_group(bdy, p->dy, a, g, K, S);
         if (s_real < S) {               /* padding: x = dy = 0, so it adds nothing, even if NaN */
@@ -258,6 +326,7 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         store_group(p->y, bdy, a, g, K, S);
     }
     free(bx);
+    free(wf);
     free(m);
     return FN_OK;
 }
