@@ -36,14 +36,26 @@ FN_INLINE void merge_block_columns(double *count, double *mean, double *m2, doub
                                    fn_view x, fn_mask mask, int64_t o0, int64_t nrows, int64_t C)
 {
     double *shift = tmp, *sd = tmp + C, *sdd = tmp + 2 * C;
+    const int f32_rows = x.dtype == FN_F32 && x.stride[1] == 4;
     int64_t nb = 0;
     for (int64_t o = o0; o < o0 + nrows; o++) {
         if (mask.data && !mask.data[o * mask.stride[0]]) continue;
-        fn_load(nb == 0 ? shift : row, x.data + o * x.stride[0], C, x.stride[1], x.dtype);
         if (nb++ == 0) {
+            fn_load(shift, x.data + o * x.stride[0], C, x.stride[1], x.dtype);
             for (int64_t c = 0; c < C; c++) sd[c] = sdd[c] = 0.0;
             continue;
         }
+        if (f32_rows) {                 /* a contiguous float32 row, read in place */
+            const float *xr = (const float *)(x.data + o * x.stride[0]);
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double d = (double)xr[c] - shift[c];
+                sd[c] += d;
+                sdd[c] += d * d;
+            }
+            continue;
+        }
+        fn_load(row, x.data + o * x.stride[0], C, x.stride[1], x.dtype);
 #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
             double d = row[c] - shift[c];
@@ -156,15 +168,24 @@ int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask
     return status;
 }
 
-/* Forward batch norm of one contiguous float32 line (a row of C channels, or a plane of
- * channel c) in float arithmetic, the center split into hi + lo floats as in affine_group_f32.
- * f: (4, C) floats: center_hi, center_lo, coef_x, shift; `step` 1 walks channels, 0 stays on c. */
-FN_INLINE void combine_line_f32(float *y, const float *x, int64_t n, const float *f, int64_t C, int64_t c, int step)
+/* channel_combine on one contiguous float32 line (a row of C channels, or a plane of channel c)
+ * in float arithmetic, the center split into hi + lo floats as in affine_group_f32.
+ * f: (5, C) floats: center_hi, center_lo, coef_x, shift, coef_dy; dy may be NULL;
+ * `step` 1 walks the channels along the line, 0 stays on channel c. */
+FN_INLINE void combine_line_f32(float *y, const float *x, const float *dy, int64_t n, const float *f, int64_t C,
+                                int64_t c, int step)
 {
-    const float *hi = f, *lo = f + C, *cx = f + 2 * C, *sh = f + 3 * C;
-    if (step) {
+    const float *hi = f, *lo = f + C, *cx = f + 2 * C, *sh = f + 3 * C, *cdy = f + 4 * C;
+    if (step && dy) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - hi[i]) - lo[i]) * cx[i] + dy[i] * cdy[i] + sh[i];
+    } else if (step) {
 #pragma omp simd
         for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - hi[i]) - lo[i]) * cx[i] + sh[i];
+    } else if (dy) {
+        const float h = hi[c], l = lo[c], k = cx[c], b = sh[c], kd = cdy[c];
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - h) - l) * k + dy[i] * kd + b;
     } else {
         const float h = hi[c], l = lo[c], k = cx[c], b = sh[c];
 #pragma omp simd
@@ -180,10 +201,11 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
     double *bx = malloc((size_t)(2 * line + 1) * sizeof(double)), *bdy = bx ? bx + line : NULL;
     unsigned char *m = malloc((size_t)S + 1);
     const int has_dy = p->dy.data != NULL, line_dim = S == 1 ? 1 : 2;
-    /* contiguous float32 lines of x and out, forward only: float arithmetic, no buffer */
-    const int f32 = !has_dy && p->x.dtype == FN_F32 && p->out.dtype == FN_F32 &&
-                    p->x.stride[line_dim] == 4 && p->out.stride[line_dim] == 4;
-    float *f = f32 ? malloc((size_t)(4 * C + 1) * sizeof(float)) : NULL;
+    /* contiguous float32 lines of x, out (and dy): float arithmetic, no buffer */
+    const int f32 = p->x.dtype == FN_F32 && p->out.dtype == FN_F32 && p->x.stride[line_dim] == 4 &&
+                    p->out.stride[line_dim] == 4 &&
+                    (!has_dy || (p->dy.dtype == FN_F32 && p->dy.stride[line_dim] == 4));
+    float *f = f32 ? malloc((size_t)(5 * C + 1) * sizeof(float)) : NULL;
     (void)part;
     if (!bx || !m || (f32 && !f)) {
         free(bx);
@@ -196,18 +218,19 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
         f[C + c] = (float)(p->center[c] - (double)f[c]);
         f[2 * C + c] = (float)p->coef_x[c];
         f[3 * C + c] = (float)p->shift[c];
+        f[4 * C + c] = has_dy ? (float)p->coef_dy[c] : 0.0f;
     }
     for (int64_t o = begin; o < end; o++) {
         int64_t real = load_mask_row(m, p->mask, o, S);
         if (f32 && real == S) {
-            const char *xo = p->x.data + o * p->x.stride[0];
+            const char *xo = p->x.data + o * p->x.stride[0], *dyo = has_dy ? p->dy.data + o * p->dy.stride[0] : NULL;
             char *yo = p->out.data + o * p->out.stride[0];
             if (S == 1) {
-                combine_line_f32((float *)yo, (const float *)xo, C, f, C, 0, 1);
+                combine_line_f32((float *)yo, (const float *)xo, (const float *)dyo, C, f, C, 0, 1);
             } else {
                 for (int64_t c = 0; c < C; c++)
                     combine_line_f32((float *)(yo + c * p->out.stride[1]), (const float *)(xo + c * p->x.stride[1]),
-                                     S, f, C, c, 0);
+                                     dyo ? (const float *)(dyo + c * p->dy.stride[1]) : NULL, S, f, C, c, 0);
             }
             continue;
         }
@@ -277,9 +300,38 @@ FN_VECTOR_CLONES static int grad_sums_slice(void *ctx, int64_t begin, int64_t en
         free(m);
         return FN_ENOMEM;
     }
+    const int line_dim = S == 1 ? 1 : 2;
+    const int f32 = p->x.dtype == FN_F32 && p->dy.dtype == FN_F32 && p->x.stride[line_dim] == 4 &&
+                    p->dy.stride[line_dim] == 4;
     for (int64_t c = 0; c < C; c++) sum_dy[c] = sum_dy_xc[c] = 0.0;
     for (int64_t o = begin; o < end; o++) {
-        if (load_mask_row(m, p->mask, o, S) == 0) continue;
+        int64_t real = load_mask_row(m, p->mask, o, S);
+        if (real == 0) continue;
+        if (f32 && real == S) {         /* contiguous float32 lines, read in place */
+            const char *xo = p->x.data + o * p->x.stride[0], *dyo = p->dy.data + o * p->dy.stride[0];
+            if (S == 1) {
+                const float *xr = (const float *)xo, *dyr = (const float *)dyo;
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) {
+                    double d = (double)dyr[c];
+                    sum_dy[c] += d;
+                    sum_dy_xc[c] += d * ((double)xr[c] - p->center[c]);
+                }
+                continue;
+            }
+            for (int64_t c = 0; c < C; c++) {
+                const float *xr = (const float *)(xo + c * p->x.stride[1]), *dyr = (const float *)(dyo + c * p->dy.stride[1]);
+                double sd = 0.0, sxc = 0.0, mu = p->center[c];
+#pragma omp simd reduction(+ : sd, sxc)
+                for (int64_t i = 0; i < S; i++) {
+                    sd += (double)dyr[i];
+                    sxc += (double)dyr[i] * ((double)xr[i] - mu);
+                }
+                sum_dy[c] += sd;
+                sum_dy_xc[c] += sxc;
+            }
+            continue;
+        }
         if (S == 1) {
             fn_load(bx, p->x.data + o * p->x.stride[0], C, p->x.stride[1], p->x.dtype);
             fn_load(bdy, p->dy.data + o * p->dy.stride[0], C, p->dy.stride[1], p->dy.dtype);
