@@ -69,18 +69,19 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
     }
 }
 
-/* The same on the double buffer of a group (K, S), in place. */
-FN_INLINE void affine_group(double *v, int64_t K, int64_t S, double mu, double r, const double *w, const double *b)
+/* The same in double, for a contiguous float64 group or the double buffer of any group; y may be x. */
+FN_INLINE void affine_group(double *y, const double *x, int64_t K, int64_t S, double mu, double r, const double *w,
+                            const double *b)
 {
     if (S == 1) {
 #pragma omp simd
-        for (int64_t k = 0; k < K; k++) v[k] = (v[k] - mu) * (r * w[k]) + b[k];
+        for (int64_t k = 0; k < K; k++) y[k] = (x[k] - mu) * (r * w[k]) + b[k];
         return;
     }
     for (int64_t k = 0; k < K; k++) {
         double scale = r * w[k], shift = b[k];
 #pragma omp simd
-        for (int64_t s = 0; s < S; s++) v[k * S + s] = (v[k * S + s] - mu) * scale + shift;
+        for (int64_t s = 0; s < S; s++) y[k * S + s] = (x[k * S + s] - mu) * scale + shift;
     }
 }
 
@@ -108,10 +109,12 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
 {
     const group_args *p = ctx;
     int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
-    /* float32 groups contiguous in x and y are read in place: no double buffer */
+    /* float32 and float64 groups contiguous in x and y are read in place: no double buffer */
     const int f32_in_place = p->x.dtype == FN_F32 && p->y.dtype == FN_F32 &&
                              group_contiguous(p->x, K, S, 4) && group_contiguous(p->y, K, S, 4);
-    int64_t n_buf = (f32_in_place && !p->mask.data ? 0 : 2 * n_group) +
+    const int f64_in_place = p->x.dtype == FN_F64 && p->y.dtype == FN_F64 &&
+                             group_contiguous(p->x, K, S, 8) && group_contiguous(p->y, K, S, 8);
+    int64_t n_buf = ((f32_in_place || f64_in_place) && !p->mask.data ? 0 : 2 * n_group) +
                     (p->weight ? 0 : G * K) + (p->bias ? 0 : G * K);
     double *buf = malloc((size_t)(n_buf + 1) * sizeof(double));
     float *wf = f32_in_place ? malloc((size_t)(2 * G * K + 1) * sizeof(float)) : NULL, *bf = wf + G * K;
@@ -147,6 +150,13 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             else moments_of_f32(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
             affine_group_f32(yg, xg, K, S, mu, r, wf + g * K, bf + g * K);
+        } else if (f64_in_place && s_real == S) {
+            const double *xg = (const double *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
+            double *yg = (double *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
+            if (p->rms) var = mean_square_of(xg, n_group);
+            else moments_of(xg, n_group, &mu, &var);
+            r = rstd_of(var, p->eps);
+            affine_group(yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
         } else {
             load_group(buf, p->x, a, g, K, S);
             if (s_real > 0) {
@@ -158,7 +168,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
                 r = rstd_of(var, p->eps);
             }
             /* y = (x - mean) * rstd * w + b at real positions, 0 at padding */
-            affine_group(buf, K, S, mu, r, weight + g * K, bias + g * K);
+            affine_group(buf, buf, K, S, mu, r, weight + g * K, bias + g * K);
             if (s_real < S) zero_padding(buf, m, K, S);
             store_group(p->y, buf, a, g, K, S);
         }
