@@ -100,3 +100,14 @@ FN_VECTOR_CLONES void fn_store(char *dst, const double *src, int64_t n, ptrdiff_
             *(uint16_t *)(dst + i * stride) = float_to_half((float)src[i]);
     }
 }
+
+/* Contiguous runs of n float16 <-> float32 (the float16 path of the group kernels). */
+FN_VECTOR_CLONES void fn_halves_to_floats(float *dst, const uint16_t *src, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+FN_VECTOR_CLONES void fn_floats_to_halves(uint16_t *dst, const float *src, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = float_to_half(src[i]);
+}

@@ -114,13 +114,17 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
                              group_contiguous(p->x, K, S, 4) && group_contiguous(p->y, K, S, 4);
     const int f64_in_place = p->x.dtype == FN_F64 && p->y.dtype == FN_F64 &&
                              group_contiguous(p->x, K, S, 8) && group_contiguous(p->y, K, S, 8);
+    /* contiguous float16 groups go through a float32 buffer and the float32 arithmetic */
+    const int f16_via_f32 = p->x.dtype == FN_F16 && p->y.dtype == FN_F16 &&
+                            group_contiguous(p->x, K, S, 2) && group_contiguous(p->y, K, S, 2);
     int64_t n_buf = ((f32_in_place || f64_in_place) && !p->mask.data ? 0 : 2 * n_group) +
                     (p->weight ? 0 : G * K) + (p->bias ? 0 : G * K);
     double *buf = malloc((size_t)(n_buf + 1) * sizeof(double));
-    float *wf = f32_in_place ? malloc((size_t)(2 * G * K + 1) * sizeof(float)) : NULL, *bf = wf + G * K;
+    const int use_wf = f32_in_place || f16_via_f32;
+    float *wf = use_wf ? malloc((size_t)(2 * G * K + 1) * sizeof(float)) : NULL, *bf = wf + G * K;
     unsigned char *m = malloc((size_t)S + 1);
     (void)part;
-    if (!buf || !m || (f32_in_place && !wf)) {
+    if (!buf || !m || (use_wf && !wf)) {
         free(buf);
         free(wf);
         free(m);
@@ -137,7 +141,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         for (int64_t c = 0; c < G * K; c++) zeros[c] = 0.0;
         bias = zeros;
     }
-    for (int64_t c = 0; f32_in_place && c < G * K; c++) wf[c] = (float)weight[c], bf[c] = (float)bias[c];
+    for (int64_t c = 0; use_wf && c < G * K; c++) wf[c] = (float)weight[c], bf[c] = (float)bias[c];
 
     for (int64_t i = begin; i < end; i++) {
         int64_t a = i / G, g = i % G;
@@ -150,6 +154,14 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             else moments_of_f32(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
             affine_group_f32(yg, xg, K, S, mu, r, wf + g * K, bf + g * K);
+        } else if (f16_via_f32 && s_real == S) {
+            float *fb = (float *)buf;
+            fn_halves_to_floats(fb, (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]), n_group);
+            if (p->rms) var = mean_square_of_f32(fb, n_group);
+            else moments_of_f32(fb, n_group, &mu, &var);
+            r = rstd_of(var, p->eps);
+            affine_group_f32(fb, fb, K, S, mu, r, wf + g * K, bf + g * K);
+            fn_floats_to_halves((uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]), fb, n_group);
         } else if (f64_in_place && s_real == S) {
             const double *xg = (const double *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             double *yg = (double *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
