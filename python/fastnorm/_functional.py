@@ -12,6 +12,7 @@ kernels take byte strides, so transposed, sliced and negatively strided arrays n
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,7 +43,8 @@ class GroupPlan:
     feature: tuple          # the feature axes, for messages
 
 
-def _layer_plan(shape, axis, fn) -> GroupPlan:
+@functools.lru_cache(maxsize=256)
+def _cached_layer_plan(shape, axis, fn) -> GroupPlan:
     feat = ck.feature_axes(axis, len(shape), fn, allow_tuple=True)
     others = tuple(i for i in range(len(shape)) if i not in feat)
     fshape = tuple(shape[i] for i in feat)
@@ -54,7 +56,8 @@ def _layer_plan(shape, axis, fn) -> GroupPlan:
     return GroupPlan(others + feat, (ck.count(oshape), 1, K, 1), fshape, oshape, oshape, feat)
 
 
-def _grouped_plan(shape, axis, num_groups, fn, min_ndim) -> GroupPlan:
+@functools.lru_cache(maxsize=256)
+def _cached_grouped_plan(shape, axis, num_groups, fn, min_ndim) -> GroupPlan:
     ax = ck.batch_axis_feature(axis, len(shape), fn, min_ndim)
     C = shape[ax]
     if num_groups is None:          # instance norm: every channel is a group
@@ -73,6 +76,29 @@ def _grouped_plan(shape, axis, num_groups, fn, min_ndim) -> GroupPlan:
     N = shape[0]
     mask_shape = (N,) + tuple(shape[i] for i in spatial)
     return GroupPlan((0, ax) + spatial, (N, G, C // G, S), (C,), mask_shape, (N, G), (ax,))
+
+
+def _hashable(axis):
+    return tuple(axis) if isinstance(axis, list) else axis
+
+
+def _layer_plan(shape, axis, fn) -> GroupPlan:
+    """The plan for x of `shape` (cached: the same shapes come back call after call)."""
+    try:
+        return _cached_layer_plan(tuple(shape), _hashable(axis), fn)
+    except TypeError as err:            # an unhashable axis: plan it uncached, for the error
+        if "unhashable" not in str(err):
+            raise
+        return _cached_layer_plan.__wrapped__(tuple(shape), axis, fn)
+
+
+def _grouped_plan(shape, axis, num_groups, fn, min_ndim) -> GroupPlan:
+    try:
+        return _cached_grouped_plan(tuple(shape), _hashable(axis), num_groups, fn, min_ndim)
+    except TypeError as err:
+        if "unhashable" not in str(err):
+            raise
+        return _cached_grouped_plan.__wrapped__(tuple(shape), axis, num_groups, fn, min_ndim)
 
 
 def _channel_plan(shape, axis, fn):

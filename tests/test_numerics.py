@@ -1,0 +1,43 @@
+"""The statistics' shifted single pass and its two-pass fallback, against NumPy float64."""
+import numpy as np
+import pytest
+
+import fastnorm
+
+
+def _ref_rows(x, eps=1e-5):
+    x = x.astype(np.float64)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("first", [1e8, -3e6, 1e4 + 50.0])
+def test_outlier_first_element_takes_the_two_pass_fallback(dtype, tol, first):
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.standard_normal((4, 4096))).astype(dtype)
+    x[:, 0] = first                       # the shift of the single pass lies far from the mean
+    y = fastnorm.layer_norm(x, eps=0.0)
+    np.testing.assert_allclose(y, _ref_rows(x, 0.0), atol=tol * np.abs(_ref_rows(x, 0.0)).max())
+    # batch norm: the same values down the columns, the outlier in the first row of the block
+    yb = fastnorm.batch_norm(np.ascontiguousarray(x.T), eps=0.0)
+    np.testing.assert_allclose(yb, _ref_rows(x, 0.0).T, atol=tol * np.abs(_ref_rows(x, 0.0)).max())
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5), (np.float16, 1e-2)])
+def test_rms_and_layer_norm_of_a_million_elements_with_offset(dtype, tol):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((2, 1_000_000)) + (1e4 if dtype != np.float16 else 100.0)).astype(dtype)
+    np.testing.assert_allclose(fastnorm.layer_norm(x), _ref_rows(x), atol=tol * 5)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(fastnorm.rms_norm(x), ref, atol=tol * 2)
+
+
+def test_constant_rows_give_exactly_the_bias_in_every_dtype():
+    for dtype in (np.float16, np.float32, np.float64):
+        x = np.full((3, 777), 0.1, dtype=dtype)
+        bias = np.linspace(-1, 1, 777).astype(dtype)
+        y = fastnorm.layer_norm(x, None, bias, eps=0.0)
+        np.testing.assert_array_equal(y, np.broadcast_to(bias, y.shape))
+        yb = fastnorm.batch_norm(x.T.copy(), None, bias[:3], eps=0.0)
+        np.testing.assert_array_equal(yb, np.broadcast_to(bias[:3], yb.shape))
