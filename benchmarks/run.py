@@ -17,8 +17,8 @@ timed in loops of `number` calls (as timeit does) and reported per call.
 
 Implementations:
   fastnorm      the call as a user writes it (allocates its output)
-  fastnorm out= the same call writing into a preallocated output (forward only: the backward
-                functions have no out=)
+  fastnorm out= the same call writing into a preallocated output (for the backward functions,
+                dx into a preallocated array: out= is fastnorm's addition to the contract)
   numpy         the obvious NumPy code, written below (x.mean / x.var / arithmetic)
   torch         torch.nn.functional on CPU, if torch is installed (optional, never required);
                 backward via torch.autograd.grad on leaf tensors (graph built once, retained)
@@ -185,11 +185,13 @@ class Case:
             if self.op == "layer_norm_backward":
                 _, mean, rstd = fastnorm.layer_norm(x, w, b, axis=ax, return_stats=True)
                 fns["fastnorm"] = lambda: fn(dy, x, mean, rstd, w, axis=ax)
+                fns["fastnorm out="] = lambda: fn(dy, x, mean, rstd, w, axis=ax, out=out)
                 if self.with_numpy:
                     fns["numpy"] = lambda: np_layer_norm_backward(dy, x, mean, rstd, w)
             else:
                 _, mean, rstd = fastnorm.batch_norm(x, w, b, axis=ax, return_stats=True)
                 fns["fastnorm"] = lambda: fn(dy, x, mean, rstd, w, axis=ax)
+                fns["fastnorm out="] = lambda: fn(dy, x, mean, rstd, w, axis=ax, out=out)
                 if self.with_numpy:
                     fns["numpy"] = lambda: np_batch_norm_backward(dy, x, mean, rstd, w, ax)
             if torch is not None:

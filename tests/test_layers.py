@@ -143,3 +143,42 @@ def test_training_example_plot_writes_a_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     final = {k: float(np.mean(c[-4:])) for k, c in curves.items()}
     assert f"layer {final['layer']:.4f}" in printed     # the printed table reports the curves' values
+
+
+@pytest.mark.parametrize("name", ["layer", "rms", "batch", "instance", "group"])
+@pytest.mark.parametrize("where", ["fresh", "dy itself", "reversed view of dy", "x itself"])
+def test_backward_out_gives_the_allocating_result(name, where):
+    """out= for dx (an addition to the contract): any target, even one aliasing dy or x, gives the
+    same dx as the allocating call, and dweight/dbias are unchanged by it."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 6, 8)).astype(np.float32) + 3
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.standard_normal(6 if name in ("batch", "instance", "group") else 8).astype(np.float32)
+    axis = 1 if name in ("batch", "instance", "group") else -1
+    if name == "layer":
+        y, mean, rstd = fastnorm.layer_norm(x, w, return_stats=True)
+        call = lambda dy_, x_, out: fastnorm.layer_norm_backward(dy_, x_, mean, rstd, w, out=out)
+    elif name == "rms":
+        y, rstd = fastnorm.rms_norm(x, w, return_stats=True)
+        call = lambda dy_, x_, out: fastnorm.rms_norm_backward(dy_, x_, rstd, w, out=out)
+    elif name == "batch":
+        y, mean, rstd = fastnorm.batch_norm(x, w, axis=1, return_stats=True)
+        call = lambda dy_, x_, out: fastnorm.batch_norm_backward(dy_, x_, mean, rstd, w, axis=1, out=out)
+    elif name == "instance":
+        y, mean, rstd = fastnorm.instance_norm(x, w, axis=1, return_stats=True)
+        call = lambda dy_, x_, out: fastnorm.instance_norm_backward(dy_, x_, mean, rstd, w, axis=1, out=out)
+    else:
+        y, mean, rstd = fastnorm.group_norm(x, 3, w, axis=1, return_stats=True)
+        call = lambda dy_, x_, out: fastnorm.group_norm_backward(dy_, x_, mean, rstd, 3, w, axis=1, out=out)
+    expected = call(dy, x, None)
+    dy2, x2 = dy.copy(), x.copy()
+    out = {"fresh": np.empty_like(x), "dy itself": dy2, "x itself": x2}.get(where)
+    if where == "reversed view of dy":
+        backing = dy2[::-1].copy()
+        dy2 = backing[::-1]                  # dy2 reads the same values through negative strides
+        out = backing                        # out overlaps dy2 in another layout
+    dx, dw, db = call(dy2, x2, out)
+    assert dx is out
+    np.testing.assert_array_equal(dx, expected[0])
+    np.testing.assert_array_equal(dw, expected[1])
+    np.testing.assert_array_equal(db, expected[2])

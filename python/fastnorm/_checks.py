@@ -171,14 +171,15 @@ class Output:
 
     `result` is what the function returns, `view` the kernel-shaped view the kernel writes into.
     Call finish() after the kernel: it copies into `out` when a temporary had to be used (out
-    overlapping x in another layout, or with axes that do not merge, or byte-swapped).
+    overlapping x, or an array in `also_read`, in another layout; axes that do not merge; byte-swapped).
+    The kernels read each element before writing the same element, so out may be exactly x (or dy).
     """
 
-    def __init__(self, out, x: np.ndarray, dtype: np.dtype, perm, shape):
+    def __init__(self, out, x: np.ndarray, dtype: np.dtype, perm, shape, also_read=()):
         self._out, self._tmp = out, None
         if out is not None:
-            direct = (out.dtype == dtype and out.flags.aligned
-                      and (not np.may_share_memory(out, x) or _same_memory_layout(out, x)))
+            direct = out.dtype == dtype and out.flags.aligned and all(
+                not np.may_share_memory(out, a) or _same_memory_layout(out, a) for a in (x, *also_read))
             view = view_of(out, perm, shape) if direct else None
             if view is not None:
                 self.result, self.view = out, view

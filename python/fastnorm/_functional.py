@@ -381,7 +381,7 @@ def mask_from_lengths(lengths, max_len=None):
 
 # ---- backward ----------------------------------------------------------------------------------
 
-def _group_backward(fn, plan: GroupPlan, dy, x, mean, rstd, weight, mask, rms):
+def _group_backward(fn, plan: GroupPlan, dy, x, mean, rstd, weight, mask, rms, out):
     arr = ck.as_input(x, "x", fn)
     g = ck.as_input(dy, "dy", fn)
     ck.same_shape(g, arr, fn)
@@ -391,7 +391,8 @@ def _group_backward(fn, plan: GroupPlan, dy, x, mean, rstd, weight, mask, rms):
     w = ck.param(weight, "weight", plan.param_shape, fn, f"x.shape along the feature axes {plan.feature}")
     m = _mask_2d(mask, plan.mask_shape, A, S, fn)
     dtype = arr.dtype
-    target = ck.Output(None, arr, dtype, plan.perm, plan.view)
+    ck.check_out(out, arr.shape, dtype, fn)
+    target = ck.Output(out, arr, dtype, plan.perm, plan.view, also_read=(g,))
     dweight, dbias = np.empty(G * K), np.empty(G * K)
     _core.group_backward(target.view, dweight, dbias, ck.input_view(g, plan.perm, plan.view),
                          ck.input_view(arr, plan.perm, plan.view), mu, r, w, m, rms, get_num_threads())
@@ -399,7 +400,7 @@ def _group_backward(fn, plan: GroupPlan, dy, x, mean, rstd, weight, mask, rms):
             dbias.reshape(plan.param_shape).astype(dtype))
 
 
-def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None):
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`layer_norm`: ``(dx, dweight, dbias)``.
 
     ``mean``/``rstd`` are what ``return_stats=True`` returned; nothing is recomputed. With
@@ -408,8 +409,10 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None):
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
         dweight = sum(dy * xhat), dbias = sum(dy)      (over the non-feature axes)
 
-    Outputs are new arrays (never accumulated into caller memory); dweight/dbias have the shape
-    of weight (as if weight were ones when None) and x's dtype. Padded positions get dx = 0.
+    Outputs are written, never accumulated into caller memory: dx into a new array, or into
+    ``out=`` (x's shape and dtype; it may be dy itself), an addition to the contract for training
+    loops that reuse buffers. dweight/dbias are new arrays with the shape of weight (as if weight
+    were ones when None) and x's dtype. Padded positions get dx = 0.
 
     Examples
     --------
@@ -422,10 +425,10 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None):
     """
     fn = "layer_norm_backward"
     plan = _layer_plan(np.shape(x), axis, fn)
-    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False)
+    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False, out=out)
 
 
-def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None):
+def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`rms_norm`: ``(dx, dweight, dbias)``, with ``xhat = x * rstd``::
 
         dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * weight
@@ -440,10 +443,10 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None):
     """
     fn = "rms_norm_backward"
     plan = _layer_plan(np.shape(x), axis, fn)
-    return _group_backward(fn, plan, dy, x, None, rstd, weight, mask, rms=True)
+    return _group_backward(fn, plan, dy, x, None, rstd, weight, mask, rms=True, out=out)
 
 
-def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None):
+def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`instance_norm`: ``(dx, dweight, dbias)``; the layer-norm formula
     per (sample, channel), dweight/dbias of shape ``(C,)``.
 
@@ -457,10 +460,10 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None
     """
     fn = "instance_norm_backward"
     plan = _grouped_plan(np.shape(x), axis, None, fn, min_ndim=3)
-    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False)
+    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False, out=out)
 
 
-def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, mask=None):
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`group_norm`: ``(dx, dweight, dbias)``; the layer-norm formula per
     (sample, group), dweight/dbias of shape ``(C,)``.
 
@@ -474,10 +477,10 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, 
     """
     fn = "group_norm_backward"
     plan = _grouped_plan(np.shape(x), axis, num_groups, fn, min_ndim=2)
-    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False)
+    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False, out=out)
 
 
-def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=True, mask=None):
+def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=True, mask=None, out=None):
     """Gradients of :func:`batch_norm`: ``(dx, dweight, dbias)``, each feature over every other axis.
 
     Training (batch statistics), with ``xhat = (x - mean) * rstd`` and n real values per feature::
@@ -518,7 +521,8 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
         shift = -wr * sum_dy / n
     else:
         coef_x, shift = np.zeros(C), np.zeros(C)
-    target = ck.Output(None, arr, arr.dtype, identity, view)
+    ck.check_out(out, arr.shape, arr.dtype, fn)
+    target = ck.Output(out, arr, arr.dtype, identity, view, also_read=(g,))
     _core.channel_combine(target.view, xv, mu, coef_x, gv, wr, shift, m, get_num_threads())
     dweight = sum_dy_xc * r if n > 0 else np.zeros(C)      # a sum over no element is 0, not 0 * NaN
     return target.finish(), dweight.astype(arr.dtype), sum_dy.astype(arr.dtype)
