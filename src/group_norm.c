@@ -203,6 +203,45 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
     return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
 }
 
+/* The sums of a group's backward (K, S), read from x and dy of element type T: adds
+ * sum_s dy * xhat into dw[k] and sum_s dy into db[k], and returns sum(g) and sum(g * xhat) with
+ * g = dy * w[k], xhat = (x - mu) * r. All in double. */
+#define DEFINE_BACKWARD_SUMS(NAME, T)                                                              \
+    FN_INLINE void NAME(const T *x, const T *dy, int64_t K, int64_t S, double mu, double r,         \
+                        const double *w, double *dw, double *db, double *sum_g, double *sum_g_xhat) \
+    {                                                                                              \
+        double sg = 0.0, sgx = 0.0;                                                                \
+        if (S == 1) {                   /* a row: k is the vector dimension */                     \
+            _Pragma("omp simd reduction(+ : sg, sgx)")                                             \
+            for (int64_t k = 0; k < K; k++) {                                                      \
+                double xhat = ((double)x[k] - mu) * r, d = (double)dy[k];                          \
+                dw[k] += d * xhat;                                                                 \
+                db[k] += d;                                                                        \
+                sg += d * w[k];                                                                    \
+                sgx += d * w[k] * xhat;                                                            \
+            }                                                                                      \
+        } else {                                                                                   \
+            for (int64_t k = 0; k < K; k++) {                                                      \
+                const T *xk = x + k * S, *dyk = dy + k * S;                                        \
+                double dwk = 0.0, dbk = 0.0;                                                       \
+                _Pragma("omp simd reduction(+ : dwk, dbk)")                                        \
+                for (int64_t s = 0; s < S; s++) {                                                  \
+                    dwk += (double)dyk[s] * (((double)xk[s] - mu) * r);                            \
+                    dbk += (double)dyk[s];                                                         \
+                }                                                                                  \
+                dw[k] += dwk;                                                                      \
+                db[k] += dbk;                                                                      \
+                sg += dbk * w[k];                                                                  \
+                sgx += dwk * w[k];                                                                 \
+            }                                                                                      \
+        }                                                                                          \
+        *sum_g = sg;                                                                               \
+        *sum_g_xhat = sgx;                                                                         \
+    }
+DEFINE_BACKWARD_SUMS(backward_sums, double)
+DEFINE_BACKWARD_SUMS(backward_sums_f32, float)
+#undef DEFINE_BACKWARD_SUMS
+
 /* Backward of one contiguous float32 group (no padding), read in place: adds the group's
  * dweight/dbias sums into dw, db (K) and writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
  * g = dy * w, in float arithmetic with the mean split as in affine_group_f32. */
@@ -214,30 +253,7 @@ FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, dou
     const float *dy = (const float *)(p->dy.data + a * p->dy.stride[0] + g * p->dy.stride[1]);
     float *dx = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
     double sum_g = 0.0, sum_g_xhat = 0.0;
-    if (S == 1) {
-#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
-        for (int64_t k = 0; k < K; k++) {
-            double xhat = ((double)x[k] - mu) * r, d = (double)dy[k];
-            dw[k] += d * xhat;
-            db[k] += d;
-            sum_g += d * w[k];
-            sum_g_xhat += d * w[k] * xhat;
-        }
-    } else {
-        for (int64_t k = 0; k < K; k++) {
-            double dwk = 0.0, dbk = 0.0;
-#pragma omp simd reduction(+ : dwk, dbk)
-            for (int64_t s = 0; s < S; s++) {
-                double d = (double)dy[k * S + s];
-                dwk += d * (((double)x[k * S + s] - mu) * r);
-                dbk += d;
-            }
-            dw[k] += dwk;
-            db[k] += dbk;
-            sum_g += dbk * w[k];
-            sum_g_xhat += dwk * w[k];
-        }
-    }
+    backward_sums_f32(x, dy, K, S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
     double n = (double)(K * S);
     /* dx = dy * (r * w) + c0 - (x - mu) * c1 */
     const float rf = (float)r, c0 = p->rms ? 0.0f : (float)(-r * sum_g / n), c1 = (float)(r * r * sum_g_xhat / n);
@@ -303,30 +319,7 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
             zero_padding(bdy, m, K, S);
         }
         /* with g = dy * w: partial sums of dweight, dbias and of the two means dx needs */
-        if (S == 1) {                   /* a row: k is the vector dimension */
-#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
-            for (int64_t k = 0; k < K; k++) {
-                double xhat = (bx[k] - mu) * r, d = bdy[k];
-                dw[k] += d * xhat;
-                db[k] += d;
-                sum_g += d * w[k];
-                sum_g_xhat += d * w[k] * xhat;
-            }
-        } else {
-            for (int64_t k = 0; k < K; k++) {
-                const double *xr = bx + k * S, *dyr = bdy + k * S;
-                double dwk = 0.0, dbk = 0.0;
-#pragma omp simd reduction(+ : dwk, dbk)
-                for (int64_t s = 0; s < S; s++) {
-                    dwk += dyr[s] * ((xr[s] - mu) * r);
-                    dbk += dyr[s];
-                }
-                dw[k] += dwk;
-                db[k] += dbk;
-                sum_g += dbk * w[k];
-                sum_g_xhat += dwk * w[k];
-            }
-        }
+        backward_sums(bx, bdy, K, S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
         /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), without mean(g) for RMS */
         double n = (double)(s_real * K);
         double mean_g = (p->rms || n == 0.0) ? 0.0 : sum_g / n;
