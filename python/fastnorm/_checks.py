@@ -19,7 +19,13 @@ def as_input(x, name: str, fn: str) -> np.ndarray:
 
     No copy for arrays that already qualify; byte-swapped or misaligned data is copied.
     """
-    arr = np.asarray(x)
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{fn}: {name} is a numpy.ma.MaskedArray, whose mask would be ignored; pass "
+                        f"{name}.data and mask=~{name}.mask (fastnorm's mask is True for real elements)")
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{fn}: {name} could not be turned into an array: {err}") from None
     kind = arr.dtype.kind
     if kind in "biu":
         return arr.astype(np.float64)
@@ -38,8 +44,14 @@ def stats_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
+def check_bool(value, name: str, fn: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be True or False; got {value!r}")
+    return bool(value)
+
+
 def real_number(value, name: str, fn: str) -> float:
-    if not isinstance(value, numbers.Real):
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{fn}: {name} must be a real number; got {value!r}")
     return float(value)
 
@@ -80,7 +92,7 @@ def batch_axis_feature(axis, ndim: int, fn: str, min_ndim: int) -> int:
 
 
 def param(p, name: str, shape: tuple[int, ...], fn: str, what: str) -> np.ndarray | None:
-    """weight/bias-like parameter: None, or a contiguous float64 copy-or-view of shape `shape`, flattened."""
+    """weight/bias-like parameter: None, or a contiguous float64 copy of shape `shape`, flattened."""
     if p is None:
         return None
     arr = np.asarray(p)
@@ -88,7 +100,7 @@ def param(p, name: str, shape: tuple[int, ...], fn: str, what: str) -> np.ndarra
         raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {arr.dtype}")
     if arr.shape != shape:
         raise ValueError(f"{fn}: {name} has shape {arr.shape}; expected {shape} ({what})")
-    return np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+    return np.array(arr, dtype=np.float64).reshape(-1)    # a copy: it must not alias out
 
 
 def check_mask(mask, shape: tuple[int, ...], fn: str) -> np.ndarray | None:
@@ -126,7 +138,7 @@ def check_stat(s, name: str, shape: tuple[int, ...], fn: str) -> np.ndarray:
         raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {arr.dtype}")
     if arr.shape != shape:
         raise ValueError(f"{fn}: {name} has shape {arr.shape}; expected {shape}")
-    return np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+    return np.array(arr, dtype=np.float64).reshape(-1)    # a copy: it must not alias out
 
 
 def same_shape(dy: np.ndarray, x: np.ndarray, fn: str) -> None:

@@ -63,8 +63,6 @@ def _cached_grouped_plan(shape, axis, num_groups, fn, min_ndim) -> GroupPlan:
     if num_groups is None:          # instance norm: every channel is a group
         G = C
     else:
-        if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
-            raise ValueError(f"{fn}: num_groups must be a positive int; got {num_groups!r}")
         if C % num_groups != 0:
             raise ValueError(f"{fn}: num_groups={num_groups} does not divide the {C} channels of x along axis {ax}")
         G = int(num_groups)
@@ -78,27 +76,41 @@ def _cached_grouped_plan(shape, axis, num_groups, fn, min_ndim) -> GroupPlan:
     return GroupPlan((0, ax) + spatial, (N, G, C // G, S), (C,), mask_shape, (N, G), (ax,))
 
 
-def _hashable(axis):
-    return tuple(axis) if isinstance(axis, list) else axis
+def _plain_int(v) -> bool:
+    return type(v) is int or isinstance(v, np.integer)
+
+
+def _axis_key(axis):
+    """axis as a cache key, or None when it is not made of plain ints: 1, 1.0 and True hash
+    alike, so only plain ints may share cache entries; anything else is planned uncached (and
+    refused there with a message naming axis)."""
+    if _plain_int(axis):
+        return int(axis)
+    if isinstance(axis, (tuple, list)) and all(_plain_int(a) for a in axis):
+        return tuple(int(a) for a in axis)
+    return None
 
 
 def _layer_plan(shape, axis, fn) -> GroupPlan:
     """The plan for x of `shape` (cached: the same shapes come back call after call)."""
-    try:
-        return _cached_layer_plan(tuple(shape), _hashable(axis), fn)
-    except TypeError as err:            # an unhashable axis: plan it uncached, for the error
-        if "unhashable" not in str(err):
-            raise
+    key = _axis_key(axis)
+    if key is None:
         return _cached_layer_plan.__wrapped__(tuple(shape), axis, fn)
+    return _cached_layer_plan(tuple(shape), key, fn)
+
+
+def _check_num_groups(num_groups, fn) -> int:
+    if not _plain_int(num_groups) or num_groups < 1:
+        raise ValueError(f"{fn}: num_groups must be a positive int; got {num_groups!r}")
+    return int(num_groups)
 
 
 def _grouped_plan(shape, axis, num_groups, fn, min_ndim) -> GroupPlan:
-    try:
-        return _cached_grouped_plan(tuple(shape), _hashable(axis), num_groups, fn, min_ndim)
-    except TypeError as err:
-        if "unhashable" not in str(err):
-            raise
+    """num_groups None means instance norm (every channel a group); group norm checks it first."""
+    key = _axis_key(axis)
+    if key is None:
         return _cached_grouped_plan.__wrapped__(tuple(shape), axis, num_groups, fn, min_ndim)
+    return _cached_grouped_plan(tuple(shape), key, num_groups, fn, min_ndim)
 
 
 def _channel_plan(shape, axis, fn):
@@ -122,8 +134,7 @@ def _rows_fast(x, weight, bias, axis, eps, mask, out, return_stats, rms):
     return NotImplemented
 
 
-def _group_forward(fn, plan: GroupPlan, x, weight, bias, eps, mask, out, rms):
-    arr = ck.as_input(x, "x", fn)
+def _group_forward(fn, plan: GroupPlan, arr, weight, bias, eps, mask, out, rms):
     dtype = arr.dtype
     what = f"x.shape along the feature axes {plan.feature}"
     w = ck.param(weight, "weight", plan.param_shape, fn, what)
@@ -187,8 +198,9 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=N
     if y is not NotImplemented:
         return y
     fn = "layer_norm"
-    plan = _layer_plan(np.shape(x), axis, fn)
-    y, mean, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=False)
+    arr = ck.as_input(x, "x", fn)
+    plan = _layer_plan(arr.shape, axis, fn)
+    y, mean, rstd = _group_forward(fn, plan, arr, weight, bias, eps, mask, out, rms=False)
     return (y, mean, rstd) if return_stats else y
 
 
@@ -215,8 +227,9 @@ def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=Non
     if y is not NotImplemented:
         return y
     fn = "rms_norm"
-    plan = _layer_plan(np.shape(x), axis, fn)
-    y, _, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=True)
+    arr = ck.as_input(x, "x", fn)
+    plan = _layer_plan(arr.shape, axis, fn)
+    y, _, rstd = _group_forward(fn, plan, arr, weight, bias, eps, mask, out, rms=True)
     return (y, rstd) if return_stats else y
 
 
@@ -243,8 +256,9 @@ def instance_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, ou
             [-1.,  1.]]])
     """
     fn = "instance_norm"
-    plan = _grouped_plan(np.shape(x), axis, None, fn, min_ndim=3)
-    y, mean, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=False)
+    arr = ck.as_input(x, "x", fn)
+    plan = _grouped_plan(arr.shape, axis, None, fn, min_ndim=3)
+    y, mean, rstd = _group_forward(fn, plan, arr, weight, bias, eps, mask, out, rms=False)
     return (y, mean, rstd) if return_stats else y
 
 
@@ -269,8 +283,9 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask
     array([[-1.,  1., -1.,  1.]])
     """
     fn = "group_norm"
-    plan = _grouped_plan(np.shape(x), axis, num_groups, fn, min_ndim=2)
-    y, mean, rstd = _group_forward(fn, plan, x, weight, bias, eps, mask, out, rms=False)
+    arr = ck.as_input(x, "x", fn)
+    plan = _grouped_plan(arr.shape, axis, _check_num_groups(num_groups, fn), fn, min_ndim=2)
+    y, mean, rstd = _group_forward(fn, plan, arr, weight, bias, eps, mask, out, rms=False)
     return (y, mean, rstd) if return_stats else y
 
 
@@ -311,6 +326,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     """
     fn = "batch_norm"
     arr = ck.as_input(x, "x", fn)
+    ck.check_bool(training, "training", fn)
     ax, view = _channel_plan(arr.shape, axis, fn)
     O, C, S = view
     dtype = arr.dtype
@@ -387,8 +403,7 @@ def mask_from_lengths(lengths, max_len=None):
 
 # ---- backward ----------------------------------------------------------------------------------
 
-def _group_backward(fn, plan: GroupPlan, dy, x, mean, rstd, weight, mask, rms, out):
-    arr = ck.as_input(x, "x", fn)
+def _group_backward(fn, plan: GroupPlan, dy, arr, mean, rstd, weight, mask, rms, out):
     g = ck.as_input(dy, "dy", fn)
     ck.same_shape(g, arr, fn)
     A, G, K, S = plan.view
@@ -430,8 +445,9 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, o
     (np.True_, array([1., 1., 1.]))
     """
     fn = "layer_norm_backward"
-    plan = _layer_plan(np.shape(x), axis, fn)
-    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False, out=out)
+    arr = ck.as_input(x, "x", fn)
+    plan = _layer_plan(arr.shape, axis, fn)
+    return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
 def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None):
@@ -448,8 +464,9 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None)
     array([1., 1.])
     """
     fn = "rms_norm_backward"
-    plan = _layer_plan(np.shape(x), axis, fn)
-    return _group_backward(fn, plan, dy, x, None, rstd, weight, mask, rms=True, out=out)
+    arr = ck.as_input(x, "x", fn)
+    plan = _layer_plan(arr.shape, axis, fn)
+    return _group_backward(fn, plan, dy, arr, None, rstd, weight, mask, rms=True, out=out)
 
 
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
@@ -465,8 +482,9 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None
     array([4., 4.])
     """
     fn = "instance_norm_backward"
-    plan = _grouped_plan(np.shape(x), axis, None, fn, min_ndim=3)
-    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False, out=out)
+    arr = ck.as_input(x, "x", fn)
+    plan = _grouped_plan(arr.shape, axis, None, fn, min_ndim=3)
+    return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, mask=None, out=None):
@@ -482,8 +500,9 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, 
     array([1., 1., 1., 1.])
     """
     fn = "group_norm_backward"
-    plan = _grouped_plan(np.shape(x), axis, num_groups, fn, min_ndim=2)
-    return _group_backward(fn, plan, dy, x, mean, rstd, weight, mask, rms=False, out=out)
+    arr = ck.as_input(x, "x", fn)
+    plan = _grouped_plan(arr.shape, axis, _check_num_groups(num_groups, fn), fn, min_ndim=2)
+    return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=True, mask=None, out=None):
@@ -506,6 +525,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     """
     fn = "batch_norm_backward"
     arr = ck.as_input(x, "x", fn)
+    ck.check_bool(training, "training", fn)
     g = ck.as_input(dy, "dy", fn)
     ck.same_shape(g, arr, fn)
     ax, view = _channel_plan(arr.shape, axis, fn)
