@@ -64,9 +64,9 @@ static int to_doubles(PyObject *obj, const char *name, npy_intp n, int optional,
     if (obj == Py_None && optional) return 0;
     PyArrayObject *a = (PyArrayObject *)obj;
     if (!PyArray_Check(obj) || PyArray_TYPE(a) != NPY_DOUBLE || !PyArray_IS_C_CONTIGUOUS(a) ||
-        !PyArray_ISNBO(PyArray_DESCR(a)->byteorder) || PyArray_SIZE(a) != n ||
+        !PyArray_ISALIGNED(a) || !PyArray_ISNBO(PyArray_DESCR(a)->byteorder) || PyArray_SIZE(a) != n ||
         (writeable && !PyArray_ISWRITEABLE(a))) {
-        PyErr_Format(PyExc_TypeError, "_core: %s must be a contiguous float64 array of %zd elements", name, n);
+        PyErr_Format(PyExc_TypeError, "_core: %s must be a contiguous, aligned float64 array of %zd elements", name, n);
         return -1;
     }
     *p = (double *)PyArray_DATA(a);

@@ -128,7 +128,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
     const int64_t n_zeros = use_double_params && !p->bias ? G * K : 0;
     const int64_t n_buf = (use_buffer ? 2 * n_group : 0) + n_ones + n_zeros;
     double *buf = malloc((size_t)(n_buf + 1) * sizeof(double));
-    float *wf = use_wf ? malloc((size_t)(2 * G * K + 1) * sizeof(float)) : NULL, *bf = wf + G * K;
+    float *wf = use_wf ? malloc((size_t)(2 * G * K + 1) * sizeof(float)) : NULL, *bf = wf ? wf + G * K : NULL;
     unsigned char *m = malloc((size_t)S + 1);
     (void)part;
     if (!buf || !m || (use_wf && !wf)) {
@@ -137,7 +137,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         free(m);
         return FN_ENOMEM;
     }
-    double *real = buf + n_group;         /* (n_group) the real elements, when masked */
+    double *real = use_buffer ? buf + n_group : NULL;   /* (n_group) the real elements, when masked */
     double *ones = buf + (use_buffer ? 2 * n_group : 0), *zeros = ones + n_ones;
     for (int64_t c = 0; c < n_ones; c++) ones[c] = 1.0;
     for (int64_t c = 0; c < n_zeros; c++) zeros[c] = 0.0;
