@@ -101,13 +101,42 @@ FN_VECTOR_CLONES void fn_store(char *dst, const double *src, int64_t n, ptrdiff_
     }
 }
 
-/* Contiguous runs of n float16 <-> float32 (the float16 path of the group kernels). */
+/* Contiguous runs of n float16 <-> float32 (the float16 path of the group kernels). On x86-64
+ * CPUs with F16C the conversion instructions do 8 at a time (exact one way, round to nearest
+ * even the other, as above: the results only differ in the payload bits of a NaN). */
+#if FN_X86_DISPATCH
+#include <immintrin.h>
+
+__attribute__((target("avx,f16c"))) static int64_t halves_to_floats_f16c(float *dst, const uint16_t *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    return i;
+}
+
+__attribute__((target("avx,f16c"))) static int64_t floats_to_halves_f16c(uint16_t *dst, const float *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    return i;
+}
+#define HAS_F16C() __builtin_cpu_supports("f16c")
+#else
+#define HAS_F16C() 0
+#define halves_to_floats_f16c(dst, src, n) ((int64_t)0)
+#define floats_to_halves_f16c(dst, src, n) ((int64_t)0)
+#endif
+
 FN_VECTOR_CLONES void fn_halves_to_floats(float *dst, const uint16_t *src, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(src[i]);
+    int64_t i = HAS_F16C() ? halves_to_floats_f16c(dst, src, n) : 0;
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
 }
 
 FN_VECTOR_CLONES void fn_floats_to_halves(uint16_t *dst, const float *src, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++) dst[i] = float_to_half(src[i]);
+    int64_t i = HAS_F16C() ? floats_to_halves_f16c(dst, src, n) : 0;
+    for (; i < n; i++) dst[i] = float_to_half(src[i]);
 }

@@ -26,8 +26,10 @@
  * picked at load time (GCC/clang function multi-versioning); elsewhere they are compiled once.
  * No -ffast-math, no FMA contraction across the clones: only the vector width differs. */
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(FASTNORM_NO_CLONES)
+#define FN_X86_DISPATCH 1
 #define FN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
+#define FN_X86_DISPATCH 0
 #define FN_VECTOR_CLONES
 #endif
 /* Helpers of the hot loops are inlined into each clone, so they get its vector width too. */

@@ -161,8 +161,8 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         } else if (f16_via_f32 && s_real == S) {
             float *fb = (float *)buf;
             fn_halves_to_floats(fb, (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]), n_group);
-            if (p->rms) var = mean_square_of_f32(fb, n_group);
-            else moments_of_f32(fb, n_group, &mu, &var);
+            if (p->rms) var = mean_square_of_halves(fb, n_group);
+            else moments_of_halves(fb, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
             affine_group_f32(fb, fb, K, S, mu, r, wf + g * K, bf + g * K);
             fn_floats_to_halves((uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]), fb, n_group);

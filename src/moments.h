@@ -12,6 +12,15 @@
  * The two loaders differ only in the element type. */
 enum { MOMENT_LANES = 32 };
 
+/* a[0] + ... + a[n-1] for n a power of two, added pairwise in halves: each step is one vector
+ * add, log2(n) steps deep instead of a chain of n dependent adds. Overwrites a. */
+FN_INLINE double sum_of_lanes(double *a, int n)
+{
+    for (int half = n / 2; half >= 1; half /= 2)
+        for (int j = 0; j < half; j++) a[j] += a[j + half];
+    return a[0];
+}
+
 #define DEFINE_SHIFTED_SUMS(NAME, T)                                                          \
     FN_INLINE void NAME(const T *x, int64_t n, double shift, double *sum_d, double *sum_dd)   \
     {                                                                                         \
@@ -28,9 +37,8 @@ enum { MOMENT_LANES = 32 };
             s1 += d;                                                                          \
             s2 += d * d;                                                                      \
         }                                                                                     \
-        for (int j = 0; j < MOMENT_LANES; j++) s1 += a[j], s2 += b[j];                        \
-        *sum_d = s1;                                                                          \
-        *sum_dd = s2;                                                                         \
+        *sum_d = s1 + sum_of_lanes(a, MOMENT_LANES);                                          \
+        *sum_dd = s2 + sum_of_lanes(b, MOMENT_LANES);                                         \
     }
 DEFINE_SHIFTED_SUMS(shifted_sums, double)
 DEFINE_SHIFTED_SUMS(shifted_sums_f32, float)
@@ -65,6 +73,58 @@ DEFINE_MOMENTS(moments_of, double, shifted_sums)
 DEFINE_MOMENTS(moments_of_f32, float, shifted_sums_f32)
 #undef DEFINE_MOMENTS
 
+/* The same sums for float buffers holding float16 values, summed in float over short runs: each of
+ * the HALF_LANES lanes adds at most HALF_RUN values in float before they go into the double sums.
+ * A float16 value, its difference to another and that difference's square are (nearly) exact in
+ * float, so this errs by ~HALF_RUN float ulps, far below a float16 ulp, at twice the speed. */
+enum { HALF_LANES = 64, HALF_RUN = 16 };
+
+FN_INLINE void shifted_sums_of_halves(const float *x, int64_t n, float shift, double *sum_d, double *sum_dd)
+{
+    double s1 = 0.0, s2 = 0.0, a2[HALF_LANES] = {0}, b2[HALF_LANES] = {0};
+    int64_t i = 0;
+    while (i + HALF_LANES <= n) {
+        float a[HALF_LANES] = {0}, b[HALF_LANES] = {0};
+        int64_t stop = n - i >= HALF_LANES * HALF_RUN ? i + HALF_LANES * HALF_RUN : n - (n - i) % HALF_LANES;
+        for (; i < stop; i += HALF_LANES)
+            for (int j = 0; j < HALF_LANES; j++) {
+                float d = x[i + j] - shift;
+                a[j] += d;
+                b[j] += d * d;
+            }
+        for (int j = 0; j < HALF_LANES; j++) a2[j] += a[j], b2[j] += b[j];
+    }
+    for (; i < n; i++) {
+        double d = (double)x[i] - (double)shift;
+        s1 += d;
+        s2 += d * d;
+    }
+    *sum_d = s1 + sum_of_lanes(a2, HALF_LANES);
+    *sum_dd = s2 + sum_of_lanes(b2, HALF_LANES);
+}
+
+/* moments_of for float16 values in a float buffer: the same two-step shift, summed as above. */
+FN_INLINE void moments_of_halves(const float *x, int64_t n, double *mean, double *var)
+{
+    float shift = x[0];
+    double sd, sdd;
+    shifted_sums_of_halves(x, n, shift, &sd, &sdd);
+    finish_moments(shift, sd, sdd, n, mean, var);
+    double offset = sd / (double)n;
+    if (offset * offset <= 64.0 * *var) return;
+    shift = (float)*mean;
+    shifted_sums_of_halves(x, n, shift, &sd, &sdd);
+    finish_moments(shift, sd, sdd, n, mean, var);
+}
+
+/* mean of x*x for float16 values in a float buffer. */
+FN_INLINE double mean_square_of_halves(const float *x, int64_t n)
+{
+    double sd, sdd;
+    shifted_sums_of_halves(x, n, 0.0f, &sd, &sdd);
+    return sdd / (double)n;
+}
+
 /* mean of x*x over x[0..n), n > 0 (the RMS-norm statistic), MOMENT_LANES accumulators. */
 #define DEFINE_MEAN_SQUARE(NAME, T)                                                           \
     FN_INLINE double NAME(const T *x, int64_t n)                                              \
@@ -74,8 +134,7 @@ DEFINE_MOMENTS(moments_of_f32, float, shifted_sums_f32)
         for (; i + MOMENT_LANES <= n; i += MOMENT_LANES)                                      \
             for (int j = 0; j < MOMENT_LANES; j++) a[j] += (double)x[i + j] * (double)x[i + j]; \
         for (; i < n; i++) s += (double)x[i] * (double)x[i];                                  \
-        for (int j = 0; j < MOMENT_LANES; j++) s += a[j];                                     \
-        return s / (double)n;                                                                 \
+        return (s + sum_of_lanes(a, MOMENT_LANES)) / (double)n;                               \
     }
 DEFINE_MEAN_SQUARE(mean_square_of, double)
 DEFINE_MEAN_SQUARE(mean_square_of_f32, float)
