@@ -12,6 +12,7 @@ kernels take byte strides, so transposed, sliced and negatively strided arrays n
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from dataclasses import dataclass
@@ -28,6 +29,16 @@ __all__ = [
     "layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
     "group_norm_backward",
 ]
+
+
+# The layers (layers.py) set this around their forward calls: the statistics come back as float64
+# whatever x's dtype, and go straight back into the backward functions, which take them. The
+# contract's float32 statistics for float32 x would cost xhat |mean| * rstd * 2**-24 of accuracy.
+float64_stats = contextvars.ContextVar("fastnorm_float64_stats", default=False)
+
+
+def _stats_dtype(dtype):
+    return np.dtype(np.float64) if float64_stats.get() else ck.stats_dtype(dtype)
 
 
 # ---- plans: how an array of a given shape maps onto a kernel view ----------------------------
@@ -149,7 +160,7 @@ def _group_forward(fn, plan: GroupPlan, arr, weight, bias, eps, mask, out, rms):
     _core.group_forward(target.view, ck.input_view(arr, plan.perm, plan.view), w, b, m, mean, rstd, eps, rms,
                         get_num_threads())
     y = target.finish()
-    sd = ck.stats_dtype(dtype)
+    sd = _stats_dtype(dtype)
     return y, mean.reshape(plan.stats_shape).astype(sd), rstd.reshape(plan.stats_shape).astype(sd)
 
 
@@ -371,7 +382,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     _core.channel_combine(target.view, xv, mean, scale, None, None, shift, m, get_num_threads())
     y = target.finish()
     if return_stats:
-        sd = ck.stats_dtype(dtype)
+        sd = _stats_dtype(dtype)
         return y, mean.astype(sd), rstd.astype(sd)
     return y
 

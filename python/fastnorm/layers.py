@@ -17,11 +17,24 @@ array([2., 2., 2., 2.])
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import _functional as F
 
 __all__ = ["LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm"]
+
+
+@contextlib.contextmanager
+def _float64_stats():
+    """Forward calls inside return float64 statistics for any x: the layers keep them for backward,
+    so float32 inputs with a large mean offset still get gradients accurate to float32."""
+    token = F.float64_stats.set(True)
+    try:
+        yield
+    finally:
+        F.float64_stats.reset(token)
 
 
 class _Norm:
@@ -78,12 +91,14 @@ class LayerNorm(_Norm):
 
     def __call__(self, x, mask=None):
         if self._rms:
-            y, rstd = F.rms_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
-                                 return_stats=True)
+            with _float64_stats():
+                y, rstd = F.rms_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
+                                     return_stats=True)
             self._saved = (x, None, rstd, mask)
         else:
-            y, mean, rstd = F.layer_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
-                                         return_stats=True)
+            with _float64_stats():
+                y, mean, rstd = F.layer_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
+                                             return_stats=True)
             self._saved = (x, mean, rstd, mask)
         return y
 
@@ -120,9 +135,10 @@ class BatchNorm(_Norm):
 
     def __call__(self, x, mask=None):
         batch_stats = self.training or not self.track_running_stats
-        y, mean, rstd = F.batch_norm(x, self.weight, self.bias, axis=self.axis, running_mean=self.running_mean,
-                                     running_var=self.running_var, training=batch_stats,
-                                     momentum=self.momentum, eps=self.eps, mask=mask, return_stats=True)
+        with _float64_stats():
+            y, mean, rstd = F.batch_norm(x, self.weight, self.bias, axis=self.axis, running_mean=self.running_mean,
+                                         running_var=self.running_var, training=batch_stats,
+                                         momentum=self.momentum, eps=self.eps, mask=mask, return_stats=True)
         self._saved = (x, mean, rstd, mask, batch_stats)
         return y
 
@@ -141,8 +157,9 @@ class GroupNorm(_Norm):
         self.num_groups, self.axis = num_groups, axis
 
     def __call__(self, x, mask=None):
-        y, mean, rstd = F.group_norm(x, self.num_groups, self.weight, self.bias, axis=self.axis, eps=self.eps,
-                                     mask=mask, return_stats=True)
+        with _float64_stats():
+            y, mean, rstd = F.group_norm(x, self.num_groups, self.weight, self.bias, axis=self.axis, eps=self.eps,
+                                         mask=mask, return_stats=True)
         self._saved = (x, mean, rstd, mask)
         return y
 
@@ -160,8 +177,9 @@ class InstanceNorm(_Norm):
         self.axis = axis
 
     def __call__(self, x, mask=None):
-        y, mean, rstd = F.instance_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
-                                        return_stats=True)
+        with _float64_stats():
+            y, mean, rstd = F.instance_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
+                                            return_stats=True)
         self._saved = (x, mean, rstd, mask)
         return y
 
