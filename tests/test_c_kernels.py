@@ -9,12 +9,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
-def test_c_kernels(tmp_path):
+@pytest.mark.parametrize("defines", [[], ["-DFASTNORM_NO_CLONES"]], ids=["dispatch", "portable"])
+def test_c_kernels(tmp_path, defines):
+    """With the CPU dispatch of the build (vector clones, F16C) and without it (the portable C)."""
     exe = tmp_path / "test_kernels"
     sources = [ROOT / "tests/c/test_kernels.c", *(ROOT / "src" / f for f in ("convert.c", "parallel.c", "group_norm.c", "batch_norm.c"))]
     build = subprocess.run(
-        ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fopenmp-simd", "-pthread", f"-I{ROOT / 'src'}",
-         *map(str, sources), "-lm", "-o", str(exe)],
+        ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fopenmp-simd", "-pthread", *defines,
+         f"-I{ROOT / 'src'}", *map(str, sources), "-lm", "-o", str(exe)],
         capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)

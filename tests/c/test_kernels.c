@@ -142,6 +142,43 @@ static void test_half_conversion(void)
     check_close("half(65520) = inf", fn_half_to_float(fn_float_to_half(65520.0f)), INFINITY, 0);
 }
 
+/* The run conversions (F16C instructions where the CPU has them, else the scalar code) equal the
+ * scalar ones: every half, and floats around every half-way point, odd lengths for the tails. */
+static void test_half_runs(void)
+{
+    static uint16_t h[65536], back[65536];
+    static float f[65536], probes[3 * 65536];
+    int bad = 0;
+    for (unsigned i = 0; i < 65536; i++) h[i] = (uint16_t)i;
+    fn_halves_to_floats(f, h, 65535);
+    f[65535] = fn_half_to_float(h[65535]);
+    for (unsigned i = 0; i < 65536; i++) {
+        float want = fn_half_to_float(h[i]);
+        if (isnan(want) ? !isnan(f[i]) : memcmp(&want, &f[i], sizeof want) != 0) bad++;
+    }
+    check_close("half runs -> float differing", bad, 0, 0);
+    /* each finite half, and the floats just below and above half-way to the next half */
+    int n = 0;
+    for (unsigned i = 0; i < 0x7c00u; i++) {
+        float a = fn_half_to_float((uint16_t)i), b = fn_half_to_float((uint16_t)(i + 1));
+        float mid = a + (b - a) / 2;
+        probes[n++] = a;
+        probes[n++] = nextafterf(mid, -INFINITY);
+        probes[n++] = -mid;                                 /* a tie: rounds to even */
+    }
+    static uint16_t got[3 * 65536];
+    bad = 0;
+    for (int len = n; len > n - 9; len -= 4) {               /* tails of 0..7 after the 8-wide body */
+        fn_floats_to_halves(got, probes, len);
+        for (int i = 0; i < len; i++) bad += got[i] != fn_float_to_half(probes[i]);
+    }
+    check_close("float runs -> half differing", bad, 0, 0);
+    fn_floats_to_halves(back, f, 0x7c00);
+    bad = 0;
+    for (unsigned i = 0; i < 0x7c00u; i++) bad += back[i] != h[i];
+    check_close("half runs round trip", bad, 0, 0);
+}
+
 int main(void)
 {
     test_layer_norm_row();
@@ -151,6 +188,7 @@ int main(void)
     test_channel_moments();
     test_group_backward();
     test_half_conversion();
+    test_half_runs();
     test_threads_agree();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
