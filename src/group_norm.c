@@ -120,14 +120,16 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
     /* float32/float16 groups use float copies of weight and bias (wf, bf); the double paths
      * (float64, masked or strided groups) use them as doubles, ones and zeros standing in for
      * a missing one. Only what this call uses is allocated: memory grows by 8 to 24 bytes per
-     * channel, and 16 bytes per group element for the double buffer of the strided path. */
+     * channel, 16 bytes per group element for the double buffer of the strided (or masked) path,
+     * 4 for the float buffer of the float16 path, 8 more when the output is streamed. */
     const int use_wf = f32_in_place || f16_via_f32;
-    const int use_buffer = !((f32_in_place || f64_in_place) && !p->mask.data);
+    const int use_buffer = !(f32_in_place || f64_in_place || f16_via_f32) || p->mask.data;
     const int use_double_params = !use_wf || p->mask.data;
     const int64_t n_ones = use_double_params && !p->weight ? G * K : 0;
     const int64_t n_zeros = use_double_params && !p->bias ? G * K : 0;
     const int64_t n_out = p->stream ? n_group : 0;      /* a group's output, before it is streamed */
-    const int64_t n_buf = (use_buffer ? 2 * n_group : 0) + n_ones + n_zeros + n_out;
+    const int64_t n_group_buf = use_buffer ? 2 * n_group : f16_via_f32 ? (n_group + 1) / 2 : 0;
+    const int64_t n_buf = n_group_buf + n_ones + n_zeros + n_out;
     double *buf = malloc((size_t)(n_buf + 1) * sizeof(double));
     float *wf = use_wf ? malloc((size_t)(2 * G * K + 1) * sizeof(float)) : NULL, *bf = wf ? wf + G * K : NULL;
     unsigned char *m = malloc((size_t)S + 1);
@@ -139,7 +141,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         return FN_ENOMEM;
     }
     double *real = use_buffer ? buf + n_group : NULL;   /* (n_group) the real elements, when masked */
-    double *ones = buf + (use_buffer ? 2 * n_group : 0), *zeros = ones + n_ones;
+    double *ones = buf + n_group_buf, *zeros = ones + n_ones;
     for (int64_t c = 0; c < n_ones; c++) ones[c] = 1.0;
     for (int64_t c = 0; c < n_zeros; c++) zeros[c] = 0.0;
     void *out_buf = zeros + n_zeros;
