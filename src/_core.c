@@ -281,15 +281,7 @@ fail:
     return result;
 }
 
-/* stream_min_bytes(): outputs from this many bytes on are written with non-temporal stores. */
-static PyObject *py_stream_min_bytes(PyObject *self, PyObject *unused)
-{
-    (void)self, (void)unused;
-    return PyLong_FromLongLong((long long)fn_stream_min_bytes());
-}
-
 static PyMethodDef core_methods[] = {
-    {"stream_min_bytes", py_stream_min_bytes, METH_NOARGS, "Outputs from this size (bytes) on are streamed past the cache."},
     {"rows_fast", py_rows_fast, METH_VARARGS, "Layer/RMS norm along the last axis of a plain array, or NotImplemented."},
     {"group_forward", py_group_forward, METH_VARARGS, "Layer/RMS/instance/group norm on an (A, G, K, S) view."},
     {"group_backward", py_group_backward, METH_VARARGS, "Gradients of group_forward."},

@@ -47,7 +47,7 @@ FN_INLINE void merge_block_columns(double *count, double *mean, double *m2, doub
         }
         if (f32_rows) {                 /* a contiguous float32 row, read in place */
             const float *xr = (const float *)(x.data + o * x.stride[0]);
-            for (int64_t b = 0; b < 4 * C; b += 64) __builtin_prefetch((const char *)xr + 16 * x.stride[0] + b);
+            if (o + PREFETCH_ROWS < o0 + nrows) prefetch_bytes((const char *)xr + PREFETCH_ROWS * x.stride[0], 4 * C);
 #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
                 double d = (double)xr[c] - shift[c];
@@ -88,7 +88,6 @@ typedef struct {
     const double *center, *coef_x, *coef_dy, *shift;
     double *partial;                 /* per slice: (count, mean, m2) or (sum_dy, sum_dy_xc), C each */
     int64_t O, C, S;
-    int stream;                      /* write out with non-temporal stores */
 } channel_args;
 
 /* Statistics of rows/planes o in [begin, end) into this slice's (count, mean, m2). */
@@ -207,8 +206,7 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
     const int f32 = p->x.dtype == FN_F32 && p->out.dtype == FN_F32 && p->x.stride[line_dim] == 4 &&
                     p->out.stride[line_dim] == 4 &&
                     (!has_dy || (p->dy.dtype == FN_F32 && p->dy.stride[line_dim] == 4));
-    /* f: 5 float parameters per channel, then a line of output when streaming */
-    float *f = f32 ? malloc((size_t)(5 * C + (p->stream ? line : 0) + 1) * sizeof(float)) : NULL;
+    float *f = f32 ? malloc((size_t)(5 * C + 1) * sizeof(float)) : NULL;
     (void)part;
     if (!bx || !m || (f32 && !f)) {
         free(bx);
@@ -228,18 +226,16 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
         if (f32 && real == S) {
             const char *xo = p->x.data + o * p->x.stride[0], *dyo = has_dy ? p->dy.data + o * p->dy.stride[0] : NULL;
             char *yo = p->out.data + o * p->out.stride[0];
-            float *ybuf = f + 5 * C;
             if (S == 1) {
-                float *y = p->stream ? ybuf : (float *)yo;
-                combine_line_f32(y, (const float *)xo, (const float *)dyo, C, f, C, 0, 1);
-                if (p->stream) fn_stream_copy(yo, ybuf, C * 4);
-            } else {
-                for (int64_t c = 0; c < C; c++) {
-                    float *y = p->stream ? ybuf : (float *)(yo + c * p->out.stride[1]);
-                    combine_line_f32(y, (const float *)(xo + c * p->x.stride[1]),
-                                     dyo ? (const float *)(dyo + c * p->dy.stride[1]) : NULL, S, f, C, c, 0);
-                    if (p->stream) fn_stream_copy(yo + c * p->out.stride[1], ybuf, S * 4);
+                if (o + PREFETCH_ROWS < end) {
+                    prefetch_bytes(xo + PREFETCH_ROWS * p->x.stride[0], 4 * C);
+                    if (dyo) prefetch_bytes(dyo + PREFETCH_ROWS * p->dy.stride[0], 4 * C);
                 }
+                combine_line_f32((float *)yo, (const float *)xo, (const float *)dyo, C, f, C, 0, 1);
+            } else {
+                for (int64_t c = 0; c < C; c++)
+                    combine_line_f32((float *)(yo + c * p->out.stride[1]), (const float *)(xo + c * p->x.stride[1]),
+                                     dyo ? (const float *)(dyo + c * p->dy.stride[1]) : NULL, S, f, C, c, 0);
             }
             continue;
         }
@@ -280,7 +276,6 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
                      p->out.dtype);
         }
     }
-    if (p->stream) fn_stream_fence();
     free(bx);
     free(m);
     free(f);
@@ -293,8 +288,7 @@ int channel_combine(fn_view out, fn_view x, const double *center, const double *
 {
     if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
     channel_args p = {.out = out, .x = x, .dy = dy, .mask = mask, .center = center, .coef_x = coef_x,
-                      .coef_dy = coef_dy, .shift = shift, .O = O, .C = C, .S = S,
-                      .stream = fn_stream_worthwhile(O * C * S * fn_itemsize(out.dtype))};
+                      .coef_dy = coef_dy, .shift = shift, .O = O, .C = C, .S = S};
     return fn_parallel_for(channel_parts(nthreads, O, O * C * S), O, combine_slice, &p);
 }
 
@@ -322,6 +316,10 @@ FN_VECTOR_CLONES static int grad_sums_slice(void *ctx, int64_t begin, int64_t en
             const char *xo = p->x.data + o * p->x.stride[0], *dyo = p->dy.data + o * p->dy.stride[0];
             if (S == 1) {
                 const float *xr = (const float *)xo, *dyr = (const float *)dyo;
+                if (o + PREFETCH_ROWS < end) {
+                    prefetch_bytes(xo + PREFETCH_ROWS * p->x.stride[0], 4 * C);
+                    prefetch_bytes(dyo + PREFETCH_ROWS * p->dy.stride[0], 4 * C);
+                }
 #pragma omp simd
                 for (int64_t c = 0; c < C; c++) {
                     double d = (double)dyr[c];

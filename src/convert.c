@@ -1,14 +1,9 @@
 /* Moving strided elements of any supported dtype to and from contiguous double buffers.
  * src/dst: n elements, `stride` bytes apart (may be negative), native-endian and aligned.
  * Contiguous rows take a loop the compiler vectorizes; other strides an element-wise loop. */
-#define _POSIX_C_SOURCE 200809L     /* sysconf */
 #include <string.h>
-#include <unistd.h>
 
 #include "fastnorm.h"
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 FN_INLINE uint32_t bits_of(float f)
 {
@@ -110,6 +105,7 @@ FN_VECTOR_CLONES void fn_store(char *dst, const double *src, int64_t n, ptrdiff_
  * CPUs with F16C the conversion instructions do 8 at a time (exact one way, round to nearest
  * even the other, as above: the results only differ in the payload bits of a NaN). */
 #if FN_X86_DISPATCH
+#include <immintrin.h>
 
 __attribute__((target("avx,f16c"))) static int64_t halves_to_floats_f16c(float *dst, const uint16_t *src, int64_t n)
 {
@@ -143,45 +139,4 @@ FN_VECTOR_CLONES void fn_floats_to_halves(uint16_t *dst, const float *src, int64
 {
     int64_t i = HAS_F16C() ? floats_to_halves_f16c(dst, src, n) : 0;
     for (; i < n; i++) dst[i] = float_to_half(src[i]);
-}
-
-/* Outputs larger than half the last-level cache go to memory anyway: store them with
- * non-temporal stores, which skip reading each destination line before writing it (the copy
- * we measure against, glibc's memcpy, does the same above a similar size). */
-int64_t fn_stream_min_bytes(void)
-{
-    long cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    int64_t half = cache > 0 ? (int64_t)cache / 2 : (int64_t)32 << 20;
-    return half > ((int64_t)8 << 20) ? half : (int64_t)8 << 20;
-}
-
-int fn_stream_worthwhile(int64_t bytes)
-{
-    return bytes >= ((int64_t)8 << 20) && bytes >= fn_stream_min_bytes();
-}
-
-/* dst[0..bytes) = src[0..bytes), the 16-byte-aligned middle of dst by non-temporal stores
- * (SSE2, baseline on x86-64; a plain copy elsewhere). Call fn_stream_fence before the data is
- * handed to another thread. */
-void fn_stream_copy(void *dst, const void *src, int64_t bytes)
-{
-#if defined(__x86_64__)
-    char *d = dst;
-    const char *s = src;
-    int64_t head = (int64_t)((16 - ((uintptr_t)d & 15)) & 15);
-    if (head > bytes) head = bytes;
-    memcpy(d, s, (size_t)head);
-    for (d += head, s += head, bytes -= head; bytes >= 16; d += 16, s += 16, bytes -= 16)
-        _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
-    memcpy(d, s, (size_t)bytes);
-#else
-    memcpy(dst, src, (size_t)bytes);
-#endif
-}
-
-void fn_stream_fence(void)
-{
-#if defined(__x86_64__)
-    _mm_sfence();
-#endif
 }

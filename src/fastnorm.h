@@ -42,8 +42,6 @@
 enum fn_dtype { FN_F16 = 0, FN_F32 = 1, FN_F64 = 2 };
 enum fn_status { FN_OK = 0, FN_ENOMEM = 1, FN_EINVAL = 2 };
 
-static inline int64_t fn_itemsize(int dtype) { return dtype == FN_F64 ? 8 : dtype == FN_F32 ? 4 : 2; }
-
 /* A strided view of up to 4 dimensions; `stride` is in bytes. */
 typedef struct {
     char *data;
@@ -70,12 +68,6 @@ void fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dty
 void fn_halves_to_floats(float *dst, const uint16_t *src, int64_t n);
 void fn_floats_to_halves(uint16_t *dst, const float *src, int64_t n);
 float fn_half_to_float(uint16_t h);
-/* Non-temporal stores for outputs too large for the cache (bytes: the whole output of a call):
- * from fn_stream_min_bytes() on, half the last-level cache (at least 8 MiB). */
-int64_t fn_stream_min_bytes(void);
-int fn_stream_worthwhile(int64_t bytes);
-void fn_stream_copy(void *dst, const void *src, int64_t bytes);
-void fn_stream_fence(void);
 uint16_t fn_float_to_half(float f);
 
 /* ---- group_norm.c: layer, RMS, instance and group norm on the (A, G, K, S) view ---- */

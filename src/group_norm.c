@@ -101,7 +101,7 @@ typedef struct {
     fn_mask mask;
     int64_t A, G, K, S;
     double eps;
-    int rms, stream;                 /* stream: write y/dx with non-temporal stores */
+    int rms;
 } group_args;
 
 /* Forward over groups [begin, end) of the flattened (A, G) index. */
@@ -121,15 +121,14 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
      * (float64, masked or strided groups) use them as doubles, ones and zeros standing in for
      * a missing one. Only what this call uses is allocated: memory grows by 8 to 24 bytes per
      * channel, 16 bytes per group element for the double buffer of the strided (or masked) path,
-     * 4 for the float buffer of the float16 path, 8 more when the output is streamed. */
+     * 4 for the float buffer of the float16 path. */
     const int use_wf = f32_in_place || f16_via_f32;
     const int use_buffer = !(f32_in_place || f64_in_place || f16_via_f32) || p->mask.data;
     const int use_double_params = !use_wf || p->mask.data;
     const int64_t n_ones = use_double_params && !p->weight ? G * K : 0;
     const int64_t n_zeros = use_double_params && !p->bias ? G * K : 0;
-    const int64_t n_out = p->stream ? n_group : 0;      /* a group's output, before it is streamed */
     const int64_t n_group_buf = use_buffer ? 2 * n_group : f16_via_f32 ? (n_group + 1) / 2 : 0;
-    const int64_t n_buf = n_group_buf + n_ones + n_zeros + n_out;
+    const int64_t n_buf = n_group_buf + n_ones + n_zeros;
     double *buf = malloc((size_t)(n_buf + 1) * sizeof(double));
     float *wf = use_wf ? malloc((size_t)(2 * G * K + 1) * sizeof(float)) : NULL, *bf = wf ? wf + G * K : NULL;
     unsigned char *m = malloc((size_t)S + 1);
@@ -144,7 +143,6 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
     double *ones = buf + n_group_buf, *zeros = ones + n_ones;
     for (int64_t c = 0; c < n_ones; c++) ones[c] = 1.0;
     for (int64_t c = 0; c < n_zeros; c++) zeros[c] = 0.0;
-    void *out_buf = zeros + n_zeros;
     const double *weight = p->weight ? p->weight : ones, *bias = p->bias ? p->bias : zeros;
     for (int64_t c = 0; use_wf && c < G * K; c++) {
         wf[c] = p->weight ? (float)p->weight[c] : 1.0f;
@@ -161,8 +159,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             if (p->rms) var = mean_square_of_f32(xg, n_group);
             else moments_of_f32(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
-            affine_group_f32(p->stream ? out_buf : yg, xg, K, S, mu, r, wf + g * K, bf + g * K);
-            if (p->stream) fn_stream_copy(yg, out_buf, n_group * 4);
+            affine_group_f32(yg, xg, K, S, mu, r, wf + g * K, bf + g * K);
         } else if (f16_via_f32 && s_real == S) {
             float *fb = (float *)buf;
             fn_halves_to_floats(fb, (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]), n_group);
@@ -170,17 +167,14 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             else moments_of_halves(fb, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
             affine_group_f32(fb, fb, K, S, mu, r, wf + g * K, bf + g * K);
-            uint16_t *yg = (uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            fn_floats_to_halves(p->stream ? out_buf : yg, fb, n_group);
-            if (p->stream) fn_stream_copy(yg, out_buf, n_group * 2);
+            fn_floats_to_halves((uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]), fb, n_group);
         } else if (f64_in_place && s_real == S) {
             const double *xg = (const double *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             double *yg = (double *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
             if (p->rms) var = mean_square_of(xg, n_group);
             else moments_of(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
-            affine_group(p->stream ? out_buf : yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
-            if (p->stream) fn_stream_copy(yg, out_buf, n_group * 8);
+            affine_group(yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
         } else {
             load_group(buf, p->x, a, g, K, S);
             if (s_real > 0) {
@@ -199,7 +193,6 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         p->mean[i] = mu;
         p->rstd[i] = r;
     }
-    if (p->stream) fn_stream_fence();
     free(buf);
     free(wf);
     free(m);
@@ -212,8 +205,7 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
 {
     if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
     group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .weight = weight, .bias = bias,
-                    .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms,
-                    .stream = fn_stream_worthwhile(A * G * K * S * fn_itemsize(y.dtype))};
+                    .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms};
     return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
 }
 
@@ -260,7 +252,7 @@ DEFINE_BACKWARD_SUMS(backward_sums_f32, float)
  * dweight/dbias sums into dw, db (K) and writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
  * g = dy * w, in float arithmetic with the mean split as in affine_group_f32. */
 FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r,
-                                  const double *w, const float *wf, double *dw, double *db, float *out_buf)
+                                  const double *w, const float *wf, double *dw, double *db)
 {
     int64_t K = p->K, S = p->S;
     const float *x = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
@@ -272,12 +264,9 @@ FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, dou
     /* dx = dy * (r * w) + c0 - (x - mu) * c1 */
     const float rf = (float)r, c0 = p->rms ? 0.0f : (float)(-r * sum_g / n), c1 = (float)(r * r * sum_g_xhat / n);
     const float mu_hi = (float)mu, mu_lo = (float)(mu - (double)mu_hi);
-    float *dx_out = dx;
-    if (out_buf) dx = out_buf;
     if (S == 1) {
 #pragma omp simd
         for (int64_t k = 0; k < K; k++) dx[k] = dy[k] * (rf * wf[k]) + c0 - ((x[k] - mu_hi) - mu_lo) * c1;
-        if (out_buf) fn_stream_copy(dx_out, out_buf, K * 4);
         return;
     }
     for (int64_t k = 0; k < K; k++) {
@@ -287,7 +276,6 @@ FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, dou
 #pragma omp simd
         for (int64_t s = 0; s < S; s++) dxk[s] = dyk[s] * scale + c0 - ((xk[s] - mu_hi) - mu_lo) * c1;
     }
-    if (out_buf) fn_stream_copy(dx_out, out_buf, K * S * 4);
 }
 
 /* Backward over groups [begin, end): dx, and this slice's dweight/dbias sums in p->partial. */
@@ -311,8 +299,7 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
     const int f32_in_place = p->x.dtype == FN_F32 && p->dy.dtype == FN_F32 && p->y.dtype == FN_F32 &&
                              group_contiguous(p->x, K, S, 4) && group_contiguous(p->dy, K, S, 4) &&
                              group_contiguous(p->y, K, S, 4);
-    /* wf: float weights, then a group's dx before it is streamed */
-    float *wf = f32_in_place ? malloc((size_t)(G * K + (p->stream ? n_group : 0) + 1) * sizeof(float)) : NULL;
+    float *wf = f32_in_place ? malloc((size_t)(G * K + 1) * sizeof(float)) : NULL;
     if (f32_in_place && !wf) {
         free(bx);
         free(m);
@@ -328,7 +315,7 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         double mu = p->rms ? 0.0 : p->mean[i], r = p->rstd[i];
         double sum_g = 0.0, sum_g_xhat = 0.0;
         if (f32_in_place && s_real == S) {
-            backward_group_f32(p, a, g, mu, r, w, wf + g * K, dw, db, p->stream ? wf + G * K : NULL);
+            backward_group_f32(p, a, g, mu, r, w, wf + g * K, dw, db);
             continue;
         }
         load_group(bx, p->x, a, g, K, S);
@@ -359,7 +346,6 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         if (s_real < S) zero_padding(bdy, m, K, S);
         store_group(p->y, bdy, a, g, K, S);
     }
-    if (p->stream) fn_stream_fence();
     free(bx);
     free(wf);
     free(m);
@@ -377,8 +363,7 @@ int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, 
     if (!partial) return FN_ENOMEM;
     group_args p = {.y = dx, .x = x, .dy = dy, .mean = (double *)mean, .rstd = (double *)rstd,
                     .partial = partial, .weight = weight, .mask = mask,
-                    .A = A, .G = G, .K = K, .S = S, .rms = rms,
-                    .stream = fn_stream_worthwhile(A * G * K * S * fn_itemsize(dx.dtype))};
+                    .A = A, .G = G, .K = K, .S = S, .rms = rms};
     int status = fn_parallel_for(parts, A * G, backward_slice, &p);
     /* dweight, dbias = the slices' sums, added in slice order */
     for (int64_t c = 0; c < G * K; c++) {
