@@ -45,9 +45,25 @@ FN_INLINE void merge_block_columns(double *count, double *mean, double *m2, doub
             for (int64_t c = 0; c < C; c++) sd[c] = sdd[c] = 0.0;
             continue;
         }
+        if (f32_rows && !mask.data && o + 4 <= o0 + nrows) {
+            /* four contiguous float32 rows, read in place: one update of the sums per four rows */
+            const char *r0 = x.data + o * x.stride[0];
+            const float *xa = (const float *)r0, *xb = (const float *)(r0 + x.stride[0]);
+            const float *xc = (const float *)(r0 + 2 * x.stride[0]), *xd = (const float *)(r0 + 3 * x.stride[0]);
+            if (o + 4 + PREFETCH_ROWS < o0 + nrows)
+                for (int j = 0; j < 4; j++) prefetch_bytes(r0 + (PREFETCH_ROWS + j) * x.stride[0], 4 * C);
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                double da = (double)xa[c] - shift[c], db = (double)xb[c] - shift[c];
+                double dc = (double)xc[c] - shift[c], dd = (double)xd[c] - shift[c];
+                sd[c] += (da + db) + (dc + dd);
+                sdd[c] += (da * da + db * db) + (dc * dc + dd * dd);
+            }
+            nb += 3, o += 3;
+            continue;
+        }
         if (f32_rows) {                 /* a contiguous float32 row, read in place */
             const float *xr = (const float *)(x.data + o * x.stride[0]);
-            if (o + PREFETCH_ROWS < o0 + nrows) prefetch_bytes((const char *)xr + PREFETCH_ROWS * x.stride[0], 4 * C);
 #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
                 double d = (double)xr[c] - shift[c];
