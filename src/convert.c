@@ -122,11 +122,26 @@ __attribute__((target("avx,f16c"))) static int64_t floats_to_halves_f16c(uint16_
         _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     return i;
 }
+
+__attribute__((target("avx,f16c"))) static int64_t affine_row_to_halves_f16c(uint16_t *dst, const float *x, int64_t n,
+                                                                          const float c[3], const float *w,
+                                                                          const float *b)
+{
+    const __m256 hi = _mm256_set1_ps(c[0]), lo = _mm256_set1_ps(c[1]), r = _mm256_set1_ps(c[2]);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 d = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), hi), lo);
+        __m256 y = _mm256_add_ps(_mm256_mul_ps(d, _mm256_mul_ps(r, _mm256_loadu_ps(w + i))), _mm256_loadu_ps(b + i));
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+    }
+    return i;
+}
 #define HAS_F16C() __builtin_cpu_supports("f16c")
 #else
 #define HAS_F16C() 0
 #define halves_to_floats_f16c(dst, src, n) ((int64_t)0)
 #define floats_to_halves_f16c(dst, src, n) ((int64_t)0)
+#define affine_row_to_halves_f16c(dst, x, n, c, w, b) ((int64_t)0)
 #endif
 
 FN_VECTOR_CLONES void fn_halves_to_floats(float *dst, const uint16_t *src, int64_t n)
@@ -139,4 +154,13 @@ FN_VECTOR_CLONES void fn_floats_to_halves(uint16_t *dst, const float *src, int64
 {
     int64_t i = HAS_F16C() ? floats_to_halves_f16c(dst, src, n) : 0;
     for (; i < n; i++) dst[i] = float_to_half(src[i]);
+}
+
+/* dst[k] = half(((x[k] - c[0]) - c[1]) * (c[2] * w[k]) + b[k]): the float arithmetic of a row of
+ * affine_group_f32 (c = mu_hi, mu_lo, rstd) and the rounding to float16 in one pass. */
+FN_VECTOR_CLONES void fn_affine_row_to_halves(uint16_t *dst, const float *x, int64_t n, const float c[3], const float *w,
+                                              const float *b)
+{
+    int64_t i = HAS_F16C() ? affine_row_to_halves_f16c(dst, x, n, c, w, b) : 0;
+    for (; i < n; i++) dst[i] = float_to_half(((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i]);
 }

@@ -166,8 +166,14 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             if (p->rms) var = mean_square_of_halves(fb, n_group);
             else moments_of_halves(fb, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
-            affine_group_f32(fb, fb, K, S, mu, r, wf + g * K, bf + g * K);
-            fn_floats_to_halves((uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]), fb, n_group);
+            uint16_t *yg = (uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
+            if (S == 1) {               /* a row: normalize and round to float16 in one pass */
+                const float c[3] = {(float)mu, (float)(mu - (double)(float)mu), (float)r};
+                fn_affine_row_to_halves(yg, fb, K, c, wf + g * K, bf + g * K);
+            } else {
+                affine_group_f32(fb, fb, K, S, mu, r, wf + g * K, bf + g * K);
+                fn_floats_to_halves(yg, fb, n_group);
+            }
         } else if (f64_in_place && s_real == S) {
             const double *xg = (const double *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             double *yg = (double *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);

@@ -177,6 +177,23 @@ static void test_half_runs(void)
     bad = 0;
     for (unsigned i = 0; i < 0x7c00u; i++) bad += back[i] != h[i];
     check_close("half runs round trip", bad, 0, 0);
+    /* the fused normalize-and-round of a float16 row equals the same float steps done one by one */
+    enum { N = 1003 };
+    static float x[N], w[N], b[N];
+    static uint16_t y[N];
+    const float c[3] = {1234.5f, 0.000123f, 0.37f};
+    for (int i = 0; i < N; i++) {
+        x[i] = 1234.5f + (float)((i * 7919) % 2001 - 1000) / 64.0f;
+        w[i] = (float)(i % 13) / 4.0f - 1.0f;
+        b[i] = (float)(i % 5) * 0.1f;
+    }
+    fn_affine_row_to_halves(y, x, N, c, w, b);
+    bad = 0;
+    for (int i = 0; i < N; i++) {
+        float d = (x[i] - c[0]) - c[1], s = c[2] * w[i];
+        bad += y[i] != fn_float_to_half(d * s + b[i]);
+    }
+    check_close("fused float16 rows differing", bad, 0, 0);
 }
 
 int main(void)
