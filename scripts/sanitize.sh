@@ -89,8 +89,9 @@ log "building with $SAN_FLAGS $EXTRA_DEFS ($($CC --version | head -1))"
     CFLAGS="$SAN_FLAGS $EXTRA_DEFS" LDFLAGS="-fsanitize=address,undefined" \
         "${PIP[@]}" install --no-build-isolation --no-deps --force-reinstall .
 )
-SO=$(find "$VENV" -path '*/fastnorm/_core*.so' | head -1)
-if [[ -z "$SO" ]] || ! ldd "$SO" | grep -q libasan; then
+# (no `cmd | grep -q` under pipefail: grep's early exit can kill cmd with SIGPIPE and fail the test)
+SO=$(find "$VENV" -path '*/fastnorm/_core*.so' -print -quit)
+if [[ -z "$SO" || "$(ldd "$SO")" != *libasan* ]]; then
     echo "error: $SO is not linked against the ASan runtime" >&2
     exit 2
 fi
@@ -121,11 +122,6 @@ if [[ "${SANITIZE_NOTEBOOK:-0}" != 1 ]]; then
     # the notebook test starts a Jupyter kernel; it is skipped anyway without nbclient
     deselect=(--deselect tests/test_demos.py::test_notebook_runs)
 fi
-# Forking while another thread is inside a call: passes natively (repeatedly), but under GCC 12's
-# ASan the child hung once: ASan's allocator and thread registry are not fork-safe while another
-# thread allocates, and fastnorm's C11 threads (thrd_create -> pthread_create inside libc) are not
-# seen by its interceptors. Left out here; see docs/robustness.md.
-deselect+=(--deselect tests/test_threads_stress.py::test_fork_while_another_thread_is_inside_a_fastnorm_call)
 py_start=$(date +%s)
 set +e
 (
@@ -151,7 +147,7 @@ echo "pytest exit status: $py_status ($((end - py_start)) s; total $((end - star
 grep -E '^=* ?[0-9]+ (passed|failed).* in [0-9.]+s' "$WORK/pytest.log" | tail -1 || true
 tests=$(grep -cE '^tests/.*::.* (PASSED|FAILED|SKIPPED|XFAIL|XPASS|ERROR)' "$WORK/pytest.log" || true)
 echo "tests that finished: $tests"
-last=$(grep -E '^tests/.*::' "$WORK/pytest.log" | tail -1)
+last=$(grep -E '^tests/.*::' "$WORK/pytest.log" | tail -1 || true)
 if [[ -n "$last" && ! "$last" =~ (PASSED|FAILED|SKIPPED|XFAIL|XPASS|ERROR) ]]; then
     echo "the run stopped inside: ${last%% *}"
 fi
@@ -171,7 +167,7 @@ for f in "$WORK/c-test.log" "$WORK/pytest.log"; do
         echo "SANITIZER REPORTS in $f:"
         # one line per distinct report: UBSan file:line:col and message, ASan/LSan error line
         grep -oE "[^ .][^ ]*:[0-9]+:[0-9]+: runtime error: .*|(ERROR|WARNING): [A-Za-z]+Sanitizer: .*" "$f" |
-            sed -E 's/0x[0-9a-f]+/0x.../g' | sort | uniq -c | head -50
+            sed -E 's/0x[0-9a-f]+/0x.../g' | sort | uniq -c | head -50 || true
         found=1
     fi
 done

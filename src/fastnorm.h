@@ -55,7 +55,7 @@ typedef struct {
     ptrdiff_t stride[2];
 } fn_mask;
 
-/* ---- parallel.c: slices of [0, n) on C11 threads made for one call ---- */
+/* ---- parallel.c: slices of [0, n) on POSIX threads made for one call ---- */
 enum { FN_PARALLEL_MIN_ELEMENTS = 1 << 17 };   /* below this, threads cost more than they give */
 typedef int (*fn_body)(void *ctx, int64_t begin, int64_t end, int part);
 int fn_parallel_for(int parts, int64_t n, fn_body body, void *ctx);

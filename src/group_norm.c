@@ -257,15 +257,52 @@ DEFINE_BACKWARD_SUMS(backward_sums_f32, float)
 /* Backward of one contiguous float32 group (no padding), read in place: adds the group's
  * dweight/dbias sums into dw, db (K) and writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
  * g = dy * w, in float arithmetic with the mean split as in affine_group_f32. */
+FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, const float *wf,
+                            double sum_g, double sum_g_xhat);
+
 FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r,
                                   const double *w, const float *wf, double *dw, double *db)
+{
+    const float *x = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
+    const float *dy = (const float *)(p->dy.data + a * p->dy.stride[0] + g * p->dy.stride[1]);
+    double sum_g = 0.0, sum_g_xhat = 0.0;
+    backward_sums_f32(x, dy, p->K, p->S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
+    dx_group_f32(p, a, g, mu, r, wf, sum_g, sum_g_xhat);
+}
+
+/* backward_group_f32 for the two float32 rows a and a + 1 of a layer norm (G = 1, S = 1): one
+ * update of dw, db per two rows. mu, r: (2) their statistics. */
+FN_INLINE void backward_two_rows_f32(const group_args *p, int64_t a, const double *mu, const double *r,
+                                     const double *w, const float *wf, double *dw, double *db)
+{
+    const int64_t K = p->K;
+    const float *xa = (const float *)(p->x.data + a * p->x.stride[0]), *xb = (const float *)((const char *)xa + p->x.stride[0]);
+    const float *ga = (const float *)(p->dy.data + a * p->dy.stride[0]), *gb = (const float *)((const char *)ga + p->dy.stride[0]);
+    const double mua = mu[0], ra = r[0], mub = mu[1], rb = r[1];
+    double sga = 0.0, sgxa = 0.0, sgb = 0.0, sgxb = 0.0;
+#pragma omp simd reduction(+ : sga, sgxa, sgb, sgxb)
+    for (int64_t k = 0; k < K; k++) {
+        double ha = ((double)xa[k] - mua) * ra, da = (double)ga[k];
+        double hb = ((double)xb[k] - mub) * rb, dbk = (double)gb[k];
+        dw[k] += da * ha + dbk * hb;
+        db[k] += da + dbk;
+        sga += da * w[k];
+        sgxa += da * w[k] * ha;
+        sgb += dbk * w[k];
+        sgxb += dbk * w[k] * hb;
+    }
+    dx_group_f32(p, a, 0, mua, ra, wf, sga, sgxa);
+    dx_group_f32(p, a + 1, 0, mub, rb, wf, sgb, sgxb);
+}
+
+/* dx of one contiguous float32 group from its sums (see backward_group_f32). */
+FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, const float *wf,
+                            double sum_g, double sum_g_xhat)
 {
     int64_t K = p->K, S = p->S;
     const float *x = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
     const float *dy = (const float *)(p->dy.data + a * p->dy.stride[0] + g * p->dy.stride[1]);
     float *dx = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-    double sum_g = 0.0, sum_g_xhat = 0.0;
-    backward_sums_f32(x, dy, K, S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
     double n = (double)(K * S);
     /* dx = dy * (r * w) + c0 - (x - mu) * c1 */
     const float rf = (float)r, c0 = p->rms ? 0.0f : (float)(-r * sum_g / n), c1 = (float)(r * r * sum_g_xhat / n);
@@ -320,6 +357,12 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         double *dw = dweight + g * K, *db = dbias + g * K;
         double mu = p->rms ? 0.0 : p->mean[i], r = p->rstd[i];
         double sum_g = 0.0, sum_g_xhat = 0.0;
+        if (f32_in_place && G == 1 && S == 1 && !p->mask.data && i + 1 < end) {
+            const double mu2[2] = {mu, p->rms ? 0.0 : p->mean[i + 1]}, r2[2] = {r, p->rstd[i + 1]};
+            backward_two_rows_f32(p, a, mu2, r2, w, wf, dw, db);
+            i++;
+            continue;
+        }
         if (f32_in_place && s_real == S) {
             backward_group_f32(p, a, g, mu, r, w, wf + g * K, dw, db);
             continue;

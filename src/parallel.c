@@ -1,8 +1,10 @@
-/* A parallel for over [0, n) with C11 threads created for the call.
+/* A parallel for over [0, n) with POSIX threads created for the call.
  * Slice p covers [n*p/parts, n*(p+1)/parts); slice 0 runs on the calling thread. No thread
- * outlives the call, so there is no pool to break across fork() and no global state. */
+ * outlives the call, so there is no pool to break across fork() and no global state.
+ * pthread_create, not C11's thrd_create: glibc's thrd_create calls pthread_create inside libc,
+ * past the interceptors of ASan/LSan/TSan, which would then not know the worker threads. */
+#include <pthread.h>
 #include <stdlib.h>
-#include <threads.h>
 
 #include "fastnorm.h"
 
@@ -13,11 +15,11 @@ typedef struct {
     int part, status;
 } slice;
 
-static int run_slice(void *arg)
+static void *run_slice(void *arg)
 {
     slice *s = arg;
     s->status = s->body(s->ctx, s->begin, s->end, s->part);
-    return 0;
+    return NULL;
 }
 
 int fn_parallel_for(int parts, int64_t n, fn_body body, void *ctx)
@@ -25,7 +27,7 @@ int fn_parallel_for(int parts, int64_t n, fn_body body, void *ctx)
     if (parts > n) parts = n > 0 ? (int)n : 1;
     if (parts <= 1) return body(ctx, 0, n, 0);
     slice *s = calloc((size_t)parts, sizeof *s);
-    thrd_t *t = calloc((size_t)parts, sizeof *t);
+    pthread_t *t = calloc((size_t)parts, sizeof *t);
     char *started = calloc((size_t)parts, 1);
     int status = FN_OK;
     if (!s || !t || !started) {
@@ -34,11 +36,11 @@ int fn_parallel_for(int parts, int64_t n, fn_body body, void *ctx)
     }
     for (int p = 0; p < parts; p++) {
         s[p] = (slice){body, ctx, n * p / parts, n * (p + 1) / parts, p, FN_OK};
-        if (p > 0) started[p] = thrd_create(&t[p], run_slice, &s[p]) == thrd_success;
+        if (p > 0) started[p] = pthread_create(&t[p], NULL, run_slice, &s[p]) == 0;
     }
     run_slice(&s[0]);
     for (int p = 1; p < parts; p++) {
-        if (started[p]) thrd_join(t[p], NULL);
+        if (started[p]) pthread_join(t[p], NULL);
         else run_slice(&s[p]);                  /* no thread to be had: do it here */
     }
     for (int p = 0; p < parts; p++)
