@@ -44,35 +44,6 @@ DEFINE_SHIFTED_SUMS(shifted_sums, double)
 DEFINE_SHIFTED_SUMS(shifted_sums_f32, float)
 #undef DEFINE_SHIFTED_SUMS
 
-/* mean and biased variance from the shifted sums of n values. */
-FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, double *mean, double *var)
-{
-    double v = (sdd - sd * sd / (double)n) / (double)n;
-    *mean = shift + sd / (double)n;
-    *var = v < 0.0 ? 0.0 : v;
-}
-
-/* mean and biased variance of x[0..n), n > 0, never by E[x^2] - E[x]^2:
- * one pass of sums shifted by the first element, which is exact for a constant row and accurate
- * to ~64 ulp of var whenever that element lies within 8 standard deviations of the mean; when it
- * does not (an outlier first, or NaN), a second pass shifts by the mean just found (the corrected
- * two-pass algorithm). NaN or Inf in x makes both NaN. */
-#define DEFINE_MOMENTS(NAME, T, SUMS)                                                         \
-    FN_INLINE void NAME(const T *x, int64_t n, double *mean, double *var)                      \
-    {                                                                                         \
-        double shift = (double)x[0], sd, sdd;                                                 \
-        SUMS(x, n, shift, &sd, &sdd);                                                         \
-        finish_moments(shift, sd, sdd, n, mean, var);                                         \
-        double offset = sd / (double)n;                                                       \
-        if (offset * offset <= 64.0 * *var) return;                                           \
-        shift = *mean;                                                                        \
-        SUMS(x, n, shift, &sd, &sdd);                                                         \
-        finish_moments(shift, sd, sdd, n, mean, var);                                         \
-    }
-DEFINE_MOMENTS(moments_of, double, shifted_sums)
-DEFINE_MOMENTS(moments_of_f32, float, shifted_sums_f32)
-#undef DEFINE_MOMENTS
-
 /* The same sums for float buffers holding float16 values, summed in float over short runs: each of
  * the HALF_LANES lanes adds at most HALF_RUN values in float before they go into the double sums.
  * A float16 value, its difference to another and that difference's square are (nearly) exact in
@@ -103,19 +74,37 @@ FN_INLINE void shifted_sums_of_halves(const float *x, int64_t n, float shift, do
     *sum_dd = s2 + sum_of_lanes(b2, HALF_LANES);
 }
 
-/* moments_of for float16 values in a float buffer: the same two-step shift, summed as above. */
-FN_INLINE void moments_of_halves(const float *x, int64_t n, double *mean, double *var)
+/* mean and biased variance from the shifted sums of n values. */
+FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, double *mean, double *var)
 {
-    float shift = x[0];
-    double sd, sdd;
-    shifted_sums_of_halves(x, n, shift, &sd, &sdd);
-    finish_moments(shift, sd, sdd, n, mean, var);
-    double offset = sd / (double)n;
-    if (offset * offset <= 64.0 * *var) return;
-    shift = (float)*mean;
-    shifted_sums_of_halves(x, n, shift, &sd, &sdd);
-    finish_moments(shift, sd, sdd, n, mean, var);
+    double v = (sdd - sd * sd / (double)n) / (double)n;
+    *mean = shift + sd / (double)n;
+    *var = v < 0.0 ? 0.0 : v;
 }
+
+/* mean and biased variance of x[0..n), n > 0, never by E[x^2] - E[x]^2:
+ * one pass of sums shifted by the first element, which is exact for a constant row and accurate
+ * to ~64 ulp of var whenever that element lies within 8 standard deviations of the mean; when it
+ * does not (an outlier first, or NaN), a second pass shifts by the mean just found (the corrected
+ * two-pass algorithm). NaN or Inf in x makes both NaN. */
+#define DEFINE_MOMENTS(NAME, T, SUMS, SHIFT_T)                                                \
+    FN_INLINE void NAME(const T *x, int64_t n, double *mean, double *var)                      \
+    {                                                                                         \
+        SHIFT_T shift = (SHIFT_T)x[0];                                                        \
+        double sd, sdd;                                                                       \
+        SUMS(x, n, shift, &sd, &sdd);                                                         \
+        finish_moments(shift, sd, sdd, n, mean, var);                                         \
+        double offset = sd / (double)n;                                                       \
+        if (offset * offset <= 64.0 * *var) return;                                           \
+        shift = (SHIFT_T)*mean;                                                               \
+        SUMS(x, n, shift, &sd, &sdd);                                                         \
+        finish_moments(shift, sd, sdd, n, mean, var);                                         \
+    }
+DEFINE_MOMENTS(moments_of, double, shifted_sums, double)
+DEFINE_MOMENTS(moments_of_f32, float, shifted_sums_f32, double)
+/* float16 values in a float buffer: the shift is a float too, as those sums take it */
+DEFINE_MOMENTS(moments_of_halves, float, shifted_sums_of_halves, float)
+#undef DEFINE_MOMENTS
 
 /* mean of x*x for float16 values in a float buffer. */
 FN_INLINE double mean_square_of_halves(const float *x, int64_t n)
