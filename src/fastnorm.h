@@ -33,10 +33,13 @@
 #define FN_VECTOR_CLONES
 #endif
 /* Helpers of the hot loops are inlined into each clone, so they get its vector width too. */
+/* Rare paths of header helpers stay out of line (and may go unused in a file). */
 #if defined(__GNUC__)
 #define FN_INLINE static inline __attribute__((always_inline))
+#define FN_OUT_OF_LINE static __attribute__((noinline, unused))
 #else
 #define FN_INLINE static inline
+#define FN_OUT_OF_LINE static
 #endif
 
 enum fn_dtype { FN_F16 = 0, FN_F32 = 1, FN_F64 = 2 };

@@ -41,3 +41,33 @@ def test_constant_rows_give_exactly_the_bias_in_every_dtype():
         np.testing.assert_array_equal(y, np.broadcast_to(bias, y.shape))
         yb = fastnorm.batch_norm(x.T.copy(), None, bias[:3], eps=0.0)
         np.testing.assert_array_equal(yb, np.broadcast_to(bias[:3], yb.shape))
+
+
+@pytest.mark.parametrize("n", [7, 100, 768, 4097, 70_000])
+@pytest.mark.parametrize("scale", [1e-30, 1e-18, 1.0, 1e18, 1e30])
+def test_float32_rms_statistic_in_float_runs_stays_within_a_few_ulps(n, scale):
+    """float32 rows of up to 2**16 elements sum their squares in float over runs of 8; rows whose
+    squares underflow (scale 1e-30) or overflow (1e30) take the double path. Either way rstd is
+    within 4 float ulps of float64 and y within 3 ulps of its scale; 70_000 is past the float path."""
+    rng = np.random.default_rng(n)
+    x = (scale * (rng.standard_normal((3, n)) + 0.5)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    rstd_ref = 1.0 / np.sqrt((x64 ** 2).mean(-1))
+    token = fastnorm._functional.float64_stats.set(True)        # the float64 stats the layers use
+    try:
+        y, rstd = fastnorm.rms_norm(x, eps=0.0, return_stats=True)
+    finally:
+        fastnorm._functional.float64_stats.reset(token)
+    assert rstd.dtype == np.float64
+    np.testing.assert_array_less(np.abs(rstd / rstd_ref - 1), 4 * 2.0 ** -24)
+    y_ref = x64 * rstd_ref[:, None]
+    assert np.abs(y - y_ref).max() <= 3 * 2.0 ** -24 * np.abs(y_ref).max()
+
+
+def test_float32_rms_norm_of_nan_and_inf_rows_is_nan():
+    x = np.ones((3, 500), np.float32)
+    x[0, 17], x[1, 400] = np.nan, np.inf
+    y, rstd = fastnorm.rms_norm(x, eps=0.0, return_stats=True)
+    assert np.isnan(y[0]).all() and np.isnan(rstd[0])
+    assert rstd[1] == 0.0                                      # mean square inf: rstd 1/inf
+    np.testing.assert_array_equal(y[2], 1.0)
