@@ -214,34 +214,43 @@ static int is_plain(PyObject *obj, int type)
            PyArray_ISNBO(PyArray_DESCR(a)->byteorder);
 }
 
-/* (D) doubles from a weight/bias that is None or a plain 1-d array of D elements of x's dtype. */
-static int param_doubles(PyObject *obj, int type, npy_intp D, double *dst, const double **p)
+/* A weight/bias for the fast path: None (NULL) or a plain 1-d array of D elements of x's dtype,
+ * used in place. Returns 0 when it needs the general path. */
+static int plain_param(PyObject *obj, int type, npy_intp D, const void **p)
 {
     *p = NULL;
     if (obj == Py_None) return 1;
     if (!is_plain(obj, type) || PyArray_NDIM((PyArrayObject *)obj) != 1 || PyArray_DIM((PyArrayObject *)obj, 0) != D)
         return 0;
-    fn_load(dst, PyArray_BYTES((PyArrayObject *)obj), D, PyArray_ITEMSIZE((PyArrayObject *)obj),
-            type == NPY_FLOAT ? FN_F32 : FN_F64);
-    *p = dst;
+    *p = PyArray_DATA((PyArrayObject *)obj);
     return 1;
 }
 
+/* Below this many elements the fast path keeps the GIL: releasing it costs more than it frees. */
+enum { FAST_KEEP_GIL_ELEMENTS = 1 << 15 };
+
 /* rows_fast(x, weight, bias, eps, out, rms, nthreads): layer/RMS norm along the last axis of a
  * plain C-contiguous float32/64 array, the common case, with no Python in between. Returns y,
- * or NotImplemented when any argument needs the general path (which also owns the errors). */
-static PyObject *py_rows_fast(PyObject *self, PyObject *args)
+ * or NotImplemented when any argument needs the general path (which also owns the errors).
+ * Positional arguments by the vectorcall protocol: no argument tuple to build or parse. */
+static PyObject *py_rows_fast(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *ox, *ow, *ob, *oout, *result = NULL;
-    double eps;
-    int rms, nthreads, status;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOdOpi", &ox, &ow, &ob, &eps, &oout, &rms, &nthreads)) return NULL;
-    if (!PyArray_CheckExact(ox)) Py_RETURN_NOTIMPLEMENTED;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "_core.rows_fast takes 7 arguments");
+        return NULL;
+    }
+    PyObject *ox = args[0], *ow = args[1], *ob = args[2], *oout = args[4], *result = NULL;
+    if (!PyArray_CheckExact(ox) || !PyFloat_CheckExact(args[3]) || !PyLong_CheckExact(args[6]))
+        Py_RETURN_NOTIMPLEMENTED;
+    const double eps = PyFloat_AS_DOUBLE(args[3]);
+    const int rms = PyObject_IsTrue(args[5]);
+    const long nthreads = PyLong_AsLong(args[6]);
+    if (rms < 0 || (nthreads == -1 && PyErr_Occurred())) return NULL;
     PyArrayObject *x = (PyArrayObject *)ox;
-    int type = PyArray_TYPE(x), nd = PyArray_NDIM(x);
+    int type = PyArray_TYPE(x), nd = PyArray_NDIM(x), status;
     if ((type != NPY_FLOAT && type != NPY_DOUBLE) || !is_plain(ox, type) || nd < 1 || !(eps >= 0.0) ||
-        eps == HUGE_VAL || PyArray_DIM(x, nd - 1) == 0)
+        eps == HUGE_VAL || PyArray_DIM(x, nd - 1) == 0 || nthreads < 1 || nthreads > 4096)
         Py_RETURN_NOTIMPLEMENTED;
     npy_intp D = PyArray_DIM(x, nd - 1), A = PyArray_SIZE(x) / D;
     if (oout != Py_None) {
@@ -251,38 +260,40 @@ static PyObject *py_rows_fast(PyObject *self, PyObject *args)
         npy_intp nbytes = PyArray_NBYTES(x);
         if (ob_ != xb && ob_ < xb + nbytes && xb < ob_ + nbytes) Py_RETURN_NOTIMPLEMENTED;   /* partial overlap */
     }
-    double *scratch = PyMem_RawMalloc((size_t)(2 * D + 2 * A + 1) * sizeof(double));
-    if (!scratch) return PyErr_NoMemory();
-    const double *w, *b;
-    if (!param_doubles(ow, type, D, scratch, &w) || !param_doubles(ob, type, D, scratch + D, &b)) {
-        PyMem_RawFree(scratch);
-        Py_RETURN_NOTIMPLEMENTED;
-    }
+    const void *w, *b;
+    if (!plain_param(ow, type, D, &w) || !plain_param(ob, type, D, &b)) Py_RETURN_NOTIMPLEMENTED;
+    /* mean, rstd (A each): computed by the kernel, not returned here */
+    double stack_stats[128], *stats = A <= 64 ? stack_stats : PyMem_RawMalloc((size_t)(2 * A) * sizeof(double));
+    if (!stats) return PyErr_NoMemory();
     if (oout == Py_None) {
         result = PyArray_NewLikeArray(x, NPY_CORDER, NULL, 0);
-        if (!result) goto fail;
+        if (!result) goto done;
     } else {
         result = Py_NewRef(oout);
     }
-    ptrdiff_t item = PyArray_ITEMSIZE(x);
-    fn_view vx = {PyArray_BYTES(x), type == NPY_FLOAT ? FN_F32 : FN_F64, {D * item, 0, item, 0}};
-    fn_view vy = {PyArray_BYTES((PyArrayObject *)result), vx.dtype, {D * item, 0, item, 0}};
-    fn_mask none = {NULL, {0, 0}};
-    double *mean = scratch + 2 * D, *rstd = mean + A;
-    Py_BEGIN_ALLOW_THREADS
-    status = group_norm_forward(vy, mean, rstd, vx, w, b, none, A, 1, D, 1, eps, rms, nthreads);
-    Py_END_ALLOW_THREADS
+    void *y = PyArray_DATA((PyArrayObject *)result);
+    const int keep_gil = A * D < FAST_KEEP_GIL_ELEMENTS;
+    PyThreadState *save = keep_gil ? NULL : PyEval_SaveThread();
+    if (type == NPY_FLOAT) {
+        status = layer_norm_rows_f32(y, stats, stats + A, PyArray_DATA(x), w, b, A, D, eps, rms, (int)nthreads);
+    } else {
+        ptrdiff_t item = sizeof(double);
+        fn_view vx = {PyArray_BYTES(x), FN_F64, {D * item, 0, item, 0}}, vy = {y, FN_F64, {D * item, 0, item, 0}};
+        fn_mask none = {NULL, {0, 0}};
+        status = group_norm_forward(vy, stats, stats + A, vx, w, b, none, A, 1, D, 1, eps, rms, (int)nthreads);
+    }
+    if (save) PyEval_RestoreThread(save);
     if (status != FN_OK) {
         Py_CLEAR(result);
         status_to_result(status);
     }
-fail:
-    PyMem_RawFree(scratch);
+done:
+    if (stats != stack_stats) PyMem_RawFree(stats);
     return result;
 }
 
 static PyMethodDef core_methods[] = {
-    {"rows_fast", py_rows_fast, METH_VARARGS, "Layer/RMS norm along the last axis of a plain array, or NotImplemented."},
+    {"rows_fast", (PyCFunction)(void (*)(void))py_rows_fast, METH_FASTCALL, "Layer/RMS norm along the last axis of a plain array, or NotImplemented."},
     {"group_forward", py_group_forward, METH_VARARGS, "Layer/RMS/instance/group norm on an (A, G, K, S) view."},
     {"group_backward", py_group_backward, METH_VARARGS, "Gradients of group_forward."},
     {"channel_moments", py_channel_moments, METH_VARARGS, "Per-channel count, mean, biased var of an (O, C, S) view."},

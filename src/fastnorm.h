@@ -85,6 +85,12 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
                        const double *weight, const double *bias, fn_mask mask,
                        int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms, int nthreads);
 
+/* group_norm_forward of the rows of a C-contiguous float32 (A, D) array (G = 1, S = 1, no mask),
+ * with float32 weight/bias of D elements (or NULL): the common call, with no parameter conversion.
+ * y may be x; mean, rstd: (A) doubles, written. */
+int layer_norm_rows_f32(float *y, double *mean, double *rstd, const float *x, const float *weight,
+                        const float *bias, int64_t A, int64_t D, double eps, int rms, int nthreads);
+
 /* Gradients of group_norm_forward, from the mean/rstd it returned.
  * dx: (A, G, K, S), written (may alias dy); dweight, dbias: (G*K) doubles, overwritten with
  * the sums over a and s. weight NULL means ones. Padded positions get dx = 0 and add nothing. */

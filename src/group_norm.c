@@ -69,6 +69,19 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
     }
 }
 
+/* Statistics of a contiguous float32 group (K, S), then y = affine_group_f32(x); y may be x.
+ * mu, r: written (mu = 0 for RMS norm). */
+FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t S, int rms, double eps,
+                                   const float *wf, const float *bf, double *mu, double *r)
+{
+    double var;
+    *mu = 0.0;
+    if (rms) var = mean_square_of_f32(x, K * S);
+    else moments_of_f32(x, K * S, mu, &var);
+    *r = rstd_of(var, eps);
+    affine_group_f32(y, x, K, S, *mu, *r, wf, bf);
+}
+
 /* The same in double, for a contiguous float64 group or the double buffer of any group; y may be x. */
 FN_INLINE void affine_group(double *y, const double *x, int64_t K, int64_t S, double mu, double r, const double *w,
                             const double *b)
@@ -156,10 +169,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         if (f32_in_place && s_real == S) {
             const float *xg = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            if (p->rms) var = mean_square_of_f32(xg, n_group);
-            else moments_of_f32(xg, n_group, &mu, &var);
-            r = rstd_of(var, p->eps);
-            affine_group_f32(yg, xg, K, S, mu, r, wf + g * K, bf + g * K);
+            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r);
         } else if (f16_via_f32 && s_real == S) {
             float *fb = (float *)buf;
             fn_halves_to_floats(fb, (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]), n_group);
@@ -213,6 +223,43 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
     group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .weight = weight, .bias = bias,
                     .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms};
     return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
+}
+
+/* The rows of a C-contiguous float32 (A, D) array, float32 weight and bias: the common layer/RMS
+ * norm call, as group_norm_forward's float32 path but with no parameter passing through double. */
+typedef struct {
+    float *y;
+    const float *x, *weight, *bias;
+    double *mean, *rstd;
+    int64_t D;
+    double eps;
+    int rms;
+} rows_args;
+
+FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end, int part)
+{
+    const rows_args *p = ctx;
+    const int64_t D = p->D;
+    float *ones_zeros = NULL;                 /* (2, D): stand-ins for a missing weight or bias */
+    (void)part;
+    if (!p->weight || !p->bias) {
+        if (!(ones_zeros = malloc((size_t)(2 * D) * sizeof(float)))) return FN_ENOMEM;
+        for (int64_t k = 0; k < D; k++) ones_zeros[k] = 1.0f, ones_zeros[D + k] = 0.0f;
+    }
+    const float *w = p->weight ? p->weight : ones_zeros, *b = p->bias ? p->bias : ones_zeros + D;
+    for (int64_t a = begin; a < end; a++)
+        normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a], &p->rstd[a]);
+    free(ones_zeros);
+    return FN_OK;
+}
+
+int layer_norm_rows_f32(float *y, double *mean, double *rstd, const float *x, const float *weight,
+                        const float *bias, int64_t A, int64_t D, double eps, int rms, int nthreads)
+{
+    if (A < 0 || D < 1) return FN_EINVAL;
+    rows_args p = {.y = y, .x = x, .weight = weight, .bias = bias, .mean = mean, .rstd = rstd, .D = D,
+                   .eps = eps, .rms = rms};
+    return fn_parallel_for(fn_parts(nthreads, A * D), A, rows_f32_slice, &p);
 }
 
 /* The sums of a group's backward (K, S), read from x and dy of element type T: adds

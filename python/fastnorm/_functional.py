@@ -137,14 +137,6 @@ def _mask_2d(mask, plan_mask_shape, rows, cols, fn):
 
 # ---- forward -----------------------------------------------------------------------------------
 
-def _rows_fast(x, weight, bias, axis, eps, mask, out, return_stats, rms):
-    """The common case in C with no Python in between (plain ndarray, last axis, no mask, no stats);
-    NotImplemented when the general path must run (it also owns every error message)."""
-    if axis == -1 and mask is None and not return_stats and type(x) is np.ndarray and type(eps) is float:
-        return _core.rows_fast(x, weight, bias, eps, out, rms, _threads.num_threads)
-    return NotImplemented
-
-
 def _group_forward(fn, plan: GroupPlan, arr, weight, bias, eps, mask, out, rms):
     dtype = arr.dtype
     what = f"x.shape along the feature axes {plan.feature}"
@@ -205,9 +197,12 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=N
     >>> fastnorm.layer_norm([[1.0, 2.0, 3.0]]).round(4)
     array([[-1.2247,  0.    ,  1.2247]])
     """
-    y = _rows_fast(x, weight, bias, axis, eps, mask, out, return_stats, rms=False)
-    if y is not NotImplemented:
-        return y
+    # the common case straight to C (plain ndarray, last axis, no mask, no stats); NotImplemented
+    # when the general path below must run (it also owns every error message)
+    if axis == -1 and mask is None and not return_stats and type(x) is np.ndarray and type(eps) is float:
+        y = _core.rows_fast(x, weight, bias, eps, out, False, _threads.num_threads)
+        if y is not NotImplemented:
+            return y
     fn = "layer_norm"
     arr = ck.as_input(x, "x", fn)
     plan = _layer_plan(arr.shape, axis, fn)
@@ -234,9 +229,12 @@ def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=Non
     >>> fastnorm.rms_norm([[3.0, 4.0]], eps=0.0).round(4)
     array([[0.8485, 1.1314]])
     """
-    y = _rows_fast(x, weight, bias, axis, eps, mask, out, return_stats, rms=True)
-    if y is not NotImplemented:
-        return y
+    # the common case straight to C (plain ndarray, last axis, no mask, no stats); NotImplemented
+    # when the general path below must run (it also owns every error message)
+    if axis == -1 and mask is None and not return_stats and type(x) is np.ndarray and type(eps) is float:
+        y = _core.rows_fast(x, weight, bias, eps, out, True, _threads.num_threads)
+        if y is not NotImplemented:
+            return y
     fn = "rms_norm"
     arr = ck.as_input(x, "x", fn)
     plan = _layer_plan(arr.shape, axis, fn)

@@ -54,6 +54,29 @@ static void test_mean_offset_f32(void)
     check_close("offset y1", y[1], -1.0, 1e-7);
 }
 
+/* layer_norm_rows_f32 on two float32 rows [1, 2, 3, 6] and [10001, 9999, 10001, 9999], in place,
+ * with a weight and no bias: mean 3, var 3.5 and mean 1e4, var 1 (as above); then RMS norm of
+ * [3, 4, 0, 0]: mean square 25/4, rstd 2/5 */
+static void test_rows_f32(void)
+{
+    float x[8] = {1, 2, 3, 6, 10001.0f, 9999.0f, 10001.0f, 9999.0f}, w[4] = {1, 2, 1, 1};
+    double mean[2], rstd[2];
+    int st = layer_norm_rows_f32(x, mean, rstd, x, w, NULL, 2, 4, 0.0, 0, 1);
+    check_close("rows status", st, FN_OK, 0);
+    check_close("rows mean0", mean[0], 3.0, 1e-12);
+    check_close("rows rstd0", rstd[0], 1.0 / sqrt(3.5), 1e-7);
+    check_close("rows y1", x[1], 2.0 * -1.0 / sqrt(3.5), 1e-6);
+    check_close("rows y3", x[3], 3.0 / sqrt(3.5), 1e-6);
+    check_close("rows mean1", mean[1], 1e4, 0);
+    check_close("rows y5", x[5], -2.0, 1e-7);
+    float r[4] = {3, 4, 0, 0}, b[4] = {0, 0, 0, 7}, y[4];
+    layer_norm_rows_f32(y, mean, rstd, r, NULL, b, 1, 4, 0.0, 1, 1);
+    check_close("rows rms rstd", rstd[0], 0.4, 1e-7);
+    check_close("rows rms y1", y[1], 1.6, 1e-6);
+    check_close("rows rms y3", y[3], 7.0, 0);
+    check_close("rows bad D", layer_norm_rows_f32(y, mean, rstd, r, NULL, NULL, 1, 0, 0.0, 0, 1), FN_EINVAL, 0);
+}
+
 /* a constant row with eps = 0 gives bias, not NaN; a NaN row stays NaN */
 static void test_constant_and_nan_rows(void)
 {
@@ -200,6 +223,7 @@ int main(void)
 {
     test_layer_norm_row();
     test_mean_offset_f32();
+    test_rows_f32();
     test_constant_and_nan_rows();
     test_masked_instance();
     test_channel_moments();
