@@ -292,8 +292,94 @@ done:
     return result;
 }
 
+/* A plain float32/64 ndarray of x's shape without its last axis (the fast path's mean, rstd),
+ * copied into (A) doubles. Returns 0 when it needs the general path. */
+static int plain_stats(PyObject *obj, PyArrayObject *x, npy_intp A, double *dst)
+{
+    if (!is_plain(obj, NPY_FLOAT) && !is_plain(obj, NPY_DOUBLE)) return 0;
+    PyArrayObject *s = (PyArrayObject *)obj;
+    int nd = PyArray_NDIM(x);
+    if (PyArray_NDIM(s) != nd - 1 || !PyArray_CompareLists(PyArray_DIMS(s), PyArray_DIMS(x), nd - 1)) return 0;
+    fn_load(dst, PyArray_BYTES(s), A, PyArray_ITEMSIZE(s), PyArray_TYPE(s) == NPY_FLOAT ? FN_F32 : FN_F64);
+    return 1;
+}
+
+/* rows_backward_fast(dy, x, mean, rstd, weight, out, rms, nthreads): layer/RMS norm gradients
+ * (dx, dweight, dbias) along the last axis of plain C-contiguous float32/64 arrays of one dtype,
+ * with plain float32/64 mean/rstd (mean None for RMS) and no mask; NotImplemented otherwise (the
+ * general path owns the errors). out may be dy itself, never overlap x. */
+static PyObject *py_rows_backward_fast(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "_core.rows_backward_fast takes 8 arguments");
+        return NULL;
+    }
+    PyObject *ody = args[0], *ox = args[1], *omean = args[2], *orstd = args[3], *ow = args[4], *oout = args[5];
+    if (!PyArray_CheckExact(ox) || !PyLong_CheckExact(args[7])) Py_RETURN_NOTIMPLEMENTED;
+    const int rms = PyObject_IsTrue(args[6]);
+    const long nthreads = PyLong_AsLong(args[7]);
+    if (rms < 0 || (nthreads == -1 && PyErr_Occurred())) return NULL;
+    PyArrayObject *x = (PyArrayObject *)ox;
+    const int type = PyArray_TYPE(x), nd = PyArray_NDIM(x);
+    if ((type != NPY_FLOAT && type != NPY_DOUBLE) || !is_plain(ox, type) || nd < 1 || PyArray_DIM(x, nd - 1) == 0 ||
+        !is_plain(ody, type) || !PyArray_SAMESHAPE((PyArrayObject *)ody, x) || (rms ? omean != Py_None : omean == Py_None) ||
+        nthreads < 1 || nthreads > 4096)
+        Py_RETURN_NOTIMPLEMENTED;
+    const npy_intp D = PyArray_DIM(x, nd - 1), A = PyArray_SIZE(x) / D, nbytes = PyArray_NBYTES(x);
+    const char *xb = PyArray_BYTES(x), *dyb = PyArray_BYTES((PyArrayObject *)ody);
+    if (oout != Py_None) {
+        PyArrayObject *out = (PyArrayObject *)oout;
+        if (!is_plain(oout, type) || !PyArray_ISWRITEABLE(out) || !PyArray_SAMESHAPE(out, x)) Py_RETURN_NOTIMPLEMENTED;
+        const char *o = PyArray_BYTES(out);
+        if ((o < xb + nbytes && xb < o + nbytes) || (o != dyb && o < dyb + nbytes && dyb < o + nbytes))
+            Py_RETURN_NOTIMPLEMENTED;          /* out may be dy itself, nothing else it reads */
+    }
+    const void *w;
+    if (!plain_param(ow, type, D, &w)) Py_RETURN_NOTIMPLEMENTED;
+    /* scratch: mean, rstd (A each), weight, dweight, dbias (D each) as doubles */
+    double *scratch = PyMem_RawMalloc((size_t)(2 * A + 3 * D) * sizeof(double));
+    if (!scratch) return PyErr_NoMemory();
+    double *mean = scratch, *rstd = mean + A, *wd = rstd + A, *dw = wd + D, *db = dw + D;
+    PyObject *dx = NULL, *dwo = NULL, *dbo = NULL, *result = NULL;
+    if ((!rms && !plain_stats(omean, x, A, mean)) || !plain_stats(orstd, x, A, rstd)) {
+        result = Py_NewRef(Py_NotImplemented);
+        goto done;
+    }
+    if (w) fn_load(wd, w, D, PyArray_ITEMSIZE(x), type == NPY_FLOAT ? FN_F32 : FN_F64);
+    npy_intp dshape[1] = {D};
+    dx = oout == Py_None ? PyArray_NewLikeArray(x, NPY_CORDER, NULL, 0) : Py_NewRef(oout);
+    dwo = PyArray_SimpleNew(1, dshape, type);
+    dbo = PyArray_SimpleNew(1, dshape, type);
+    if (!dx || !dwo || !dbo) goto done;
+    const ptrdiff_t item = PyArray_ITEMSIZE(x);
+    const int dt = type == NPY_FLOAT ? FN_F32 : FN_F64;
+    fn_view vx = {PyArray_BYTES(x), dt, {D * item, 0, item, 0}}, vdy = {PyArray_BYTES((PyArrayObject *)ody), dt, {D * item, 0, item, 0}};
+    fn_view vdx = {PyArray_BYTES((PyArrayObject *)dx), dt, {D * item, 0, item, 0}};
+    fn_mask none = {NULL, {0, 0}};
+    PyThreadState *save = A * D < FAST_KEEP_GIL_ELEMENTS ? NULL : PyEval_SaveThread();
+    int status = group_norm_backward(vdx, dw, db, vdy, vx, rms ? NULL : mean, rstd, w ? wd : NULL, none, A, 1, D, 1,
+                                     rms, (int)nthreads);
+    if (save) PyEval_RestoreThread(save);
+    if (status != FN_OK) {
+        status_to_result(status);
+        goto done;
+    }
+    fn_store(PyArray_BYTES((PyArrayObject *)dwo), dw, D, item, dt);
+    fn_store(PyArray_BYTES((PyArrayObject *)dbo), db, D, item, dt);
+    result = PyTuple_Pack(3, dx, dwo, dbo);
+done:
+    Py_XDECREF(dx);
+    Py_XDECREF(dwo);
+    Py_XDECREF(dbo);
+    PyMem_RawFree(scratch);
+    return result;
+}
+
 static PyMethodDef core_methods[] = {
     {"rows_fast", (PyCFunction)(void (*)(void))py_rows_fast, METH_FASTCALL, "Layer/RMS norm along the last axis of a plain array, or NotImplemented."},
+    {"rows_backward_fast", (PyCFunction)(void (*)(void))py_rows_backward_fast, METH_FASTCALL,
+     "Layer/RMS norm gradients along the last axis of plain arrays, or NotImplemented."},
     {"group_forward", py_group_forward, METH_VARARGS, "Layer/RMS/instance/group norm on an (A, G, K, S) view."},
     {"group_backward", py_group_backward, METH_VARARGS, "Gradients of group_forward."},
     {"channel_moments", py_channel_moments, METH_VARARGS, "Per-channel count, mean, biased var of an (O, C, S) view."},

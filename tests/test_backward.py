@@ -568,3 +568,38 @@ def test_empty_input_gives_empty_dx_and_zero_parameter_gradients(case):
     assert dx.shape == p.x.shape and dx.dtype == p.x.dtype
     np.testing.assert_array_equal(dweight, np.zeros(p.weight.shape))
     np.testing.assert_array_equal(dbias, np.zeros(p.weight.shape))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(8, 768), (3, 4, 5), (0, 7), (5, 1), (300, 70)])
+@pytest.mark.parametrize("rms", [False, True])
+def test_rows_backward_fast_path_matches_the_general_path(dtype, shape, rms):
+    """layer/RMS norm backward of plain arrays along the last axis goes straight to C; spelling the
+    same axis as a positive index takes the general path. Both must give the same bits, with and
+    without weight, with float64 stats (what the layers keep), and with out=dy."""
+    rng = np.random.default_rng(len(shape))
+    x = (rng.standard_normal(shape) + 3.0).astype(dtype)
+    w = rng.standard_normal(shape[-1]).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    x0, dy0 = x.copy(), dy.copy()
+    pos = len(shape) - 1
+    if rms:
+        _, rstd = fastnorm.rms_norm(x, w, return_stats=True)
+        run = lambda **kw: fastnorm.rms_norm_backward(kw.pop("dy", dy), x, kw.pop("rstd", rstd), **kw)
+        stats = {"rstd": rstd.astype(np.float64)}
+    else:
+        _, mean, rstd = fastnorm.layer_norm(x, w, return_stats=True)
+        run = lambda **kw: fastnorm.layer_norm_backward(kw.pop("dy", dy), x, kw.pop("mean", mean),
+                                                       kw.pop("rstd", rstd), **kw)
+        stats = {"mean": mean.astype(np.float64), "rstd": rstd.astype(np.float64)}
+    for kwargs in ({"weight": w}, {}, {"weight": w, **stats}):
+        fast, general = run(**kwargs), run(axis=pos, **kwargs)
+        for f, g in zip(fast, general):
+            assert f.dtype == g.dtype == dtype and f.shape == g.shape
+            np.testing.assert_array_equal(f, g)
+    d2 = dy.copy()
+    dx, _, _ = run(weight=w, dy=d2, out=d2)
+    assert dx is d2
+    np.testing.assert_array_equal(d2, run(weight=w)[0])
+    np.testing.assert_array_equal(dy, dy0)                    # the inputs untouched without out=
+    np.testing.assert_array_equal(x, x0)

@@ -453,6 +453,12 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, o
     >>> np.abs(dx).max() < 1e-12, db
     (np.True_, array([1., 1., 1.]))
     """
+    # the common case straight to C (plain ndarrays of one dtype, last axis, no mask); NotImplemented
+    # when the general path below must run (it also owns every error message)
+    if axis == -1 and mask is None and type(x) is np.ndarray:
+        grads = _core.rows_backward_fast(dy, x, mean, rstd, weight, out, False, _threads.num_threads)
+        if grads is not NotImplemented:
+            return grads
     fn = "layer_norm_backward"
     arr = ck.as_input(x, "x", fn)
     plan = _layer_plan(arr.shape, axis, fn)
@@ -472,6 +478,12 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None)
     >>> fastnorm.rms_norm_backward(np.ones_like(x), x, rstd)[2]
     array([1., 1.])
     """
+    # the common case straight to C (plain ndarrays of one dtype, last axis, no mask); NotImplemented
+    # when the general path below must run (it also owns every error message)
+    if axis == -1 and mask is None and type(x) is np.ndarray:
+        grads = _core.rows_backward_fast(dy, x, None, rstd, weight, out, True, _threads.num_threads)
+        if grads is not NotImplemented:
+            return grads
     fn = "rms_norm_backward"
     arr = ck.as_input(x, "x", fn)
     plan = _layer_plan(arr.shape, axis, fn)
