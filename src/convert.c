@@ -102,7 +102,7 @@ FN_VECTOR_CLONES void fn_store(char *dst, const double *src, int64_t n, ptrdiff_
 }
 
 /* Contiguous runs of n float16 <-> float32 (the float16 path of the group kernels). On x86-64
- * CPUs with F16C the conversion instructions do 8 at a time (exact one way, round to nearest
+ * CPUs with AVX-512F the conversion instructions do 16 at a time, with F16C 8 (exact one way, round to nearest
  * even the other, as above: the results only differ in the payload bits of a NaN). */
 #if FN_X86_DISPATCH
 #include <immintrin.h>
@@ -136,9 +136,46 @@ __attribute__((target("avx,f16c"))) static int64_t affine_row_to_halves_f16c(uin
     }
     return i;
 }
+
+/* The same 16 at a time with AVX-512F, which has 512-bit forms of both conversions. */
+__attribute__((target("avx512f"))) static int64_t halves_to_floats_avx512(float *dst, const uint16_t *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    return i;
+}
+
+__attribute__((target("avx512f"))) static int64_t floats_to_halves_avx512(uint16_t *dst, const float *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    return i;
+}
+
+__attribute__((target("avx512f"))) static int64_t affine_row_to_halves_avx512(uint16_t *dst, const float *x, int64_t n,
+                                                                            const float c[3], const float *w,
+                                                                            const float *b)
+{
+    const __m512 hi = _mm512_set1_ps(c[0]), lo = _mm512_set1_ps(c[1]), r = _mm512_set1_ps(c[2]);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi), lo);
+        __m512 y = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(r, _mm512_loadu_ps(w + i))), _mm512_loadu_ps(b + i));
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+    }
+    return i;
+}
+
+#define HAS_AVX512F() __builtin_cpu_supports("avx512f")
 #define HAS_F16C() __builtin_cpu_supports("f16c")
 #else
 #define HAS_F16C() 0
+#define HAS_AVX512F() 0
+#define halves_to_floats_avx512(dst, src, n) ((int64_t)0)
+#define floats_to_halves_avx512(dst, src, n) ((int64_t)0)
+#define affine_row_to_halves_avx512(dst, x, n, c, w, b) ((int64_t)0)
 #define halves_to_floats_f16c(dst, src, n) ((int64_t)0)
 #define floats_to_halves_f16c(dst, src, n) ((int64_t)0)
 #define affine_row_to_halves_f16c(dst, x, n, c, w, b) ((int64_t)0)
@@ -146,13 +183,15 @@ __attribute__((target("avx,f16c"))) static int64_t affine_row_to_halves_f16c(uin
 
 FN_VECTOR_CLONES void fn_halves_to_floats(float *dst, const uint16_t *src, int64_t n)
 {
-    int64_t i = HAS_F16C() ? halves_to_floats_f16c(dst, src, n) : 0;
+    int64_t i = HAS_AVX512F() ? halves_to_floats_avx512(dst, src, n) : 0;
+    if (HAS_F16C()) i += halves_to_floats_f16c(dst + i, src + i, n - i);
     for (; i < n; i++) dst[i] = half_to_float(src[i]);
 }
 
 FN_VECTOR_CLONES void fn_floats_to_halves(uint16_t *dst, const float *src, int64_t n)
 {
-    int64_t i = HAS_F16C() ? floats_to_halves_f16c(dst, src, n) : 0;
+    int64_t i = HAS_AVX512F() ? floats_to_halves_avx512(dst, src, n) : 0;
+    if (HAS_F16C()) i += floats_to_halves_f16c(dst + i, src + i, n - i);
     for (; i < n; i++) dst[i] = float_to_half(src[i]);
 }
 
@@ -161,6 +200,7 @@ FN_VECTOR_CLONES void fn_floats_to_halves(uint16_t *dst, const float *src, int64
 FN_VECTOR_CLONES void fn_affine_row_to_halves(uint16_t *dst, const float *x, int64_t n, const float c[3], const float *w,
                                               const float *b)
 {
-    int64_t i = HAS_F16C() ? affine_row_to_halves_f16c(dst, x, n, c, w, b) : 0;
+    int64_t i = HAS_AVX512F() ? affine_row_to_halves_avx512(dst, x, n, c, w, b) : 0;
+    if (HAS_F16C()) i += affine_row_to_halves_f16c(dst + i, x + i, n - i, c, w + i, b + i);
     for (; i < n; i++) dst[i] = float_to_half(((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i]);
 }

@@ -142,8 +142,9 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
     const int64_t n_zeros = use_double_params && !p->bias ? G * K : 0;
     const int64_t n_group_buf = use_buffer ? 2 * n_group : f16_via_f32 ? (n_group + 1) / 2 : 0;
     const int64_t n_buf = n_group_buf + n_ones + n_zeros;
-    double *buf = malloc((size_t)(n_buf + 1) * sizeof(double));
-    float *wf = use_wf ? malloc((size_t)(2 * G * K + 1) * sizeof(float)) : NULL, *bf = wf ? wf + G * K : NULL;
+    const int64_t n_wf = (G * K + 15) / 16 * 16;         /* bf starts on a 64-byte line too */
+    double *buf = alloc_lines((size_t)(n_buf + 1) * sizeof(double));
+    float *wf = use_wf ? alloc_lines((size_t)(2 * n_wf + 1) * sizeof(float)) : NULL, *bf = wf ? wf + n_wf : NULL;
     unsigned char *m = malloc((size_t)S + 1);
     (void)part;
     if (!buf || !m || (use_wf && !wf)) {

@@ -200,6 +200,23 @@ static void test_half_runs(void)
     bad = 0;
     for (unsigned i = 0; i < 0x7c00u; i++) bad += back[i] != h[i];
     check_close("half runs round trip", bad, 0, 0);
+    /* runs of 8, too short for the 16-wide AVX-512 code: the 8-wide F16C code (where the CPU has
+     * it) converts every half and every probe, as the portable code does */
+    bad = 0;
+    for (unsigned i = 0; i < 65536; i += 8) {
+        float f8[8];
+        fn_halves_to_floats(f8, h + i, 8);
+        for (unsigned j = 0; j < 8; j++) {
+            float want = fn_half_to_float(h[i + j]);
+            bad += isnan(want) ? !isnan(f8[j]) : memcmp(&want, &f8[j], sizeof want) != 0;
+        }
+    }
+    for (int i = 0; i + 8 <= n; i += 8) {
+        uint16_t h8[8];
+        fn_floats_to_halves(h8, probes + i, 8);
+        for (int j = 0; j < 8; j++) bad += h8[j] != fn_float_to_half(probes[i + j]);
+    }
+    check_close("8-wide runs differing", bad, 0, 0);
     /* the fused normalize-and-round of a float16 row equals the same float steps done one by one */
     enum { N = 1003 };
     static float x[N], w[N], b[N];
@@ -217,6 +234,13 @@ static void test_half_runs(void)
         bad += y[i] != fn_float_to_half(d * s + b[i]);
     }
     check_close("fused float16 rows differing", bad, 0, 0);
+    bad = 0;
+    for (int i = 0; i + 8 <= N; i += 8) {                    /* 8 at a time: the F16C code (see above) */
+        uint16_t y8[8];
+        fn_affine_row_to_halves(y8, x + i, 8, c, w + i, b + i);
+        for (int j = 0; j < 8; j++) bad += y8[j] != y[i + j];
+    }
+    check_close("fused float16 rows, 8 at a time, differing", bad, 0, 0);
 }
 
 int main(void)
