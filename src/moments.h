@@ -108,7 +108,7 @@ FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, do
         finish_moments(shift, sd, sdd, n, mean, var);                                         \
     }
 DEFINE_MOMENTS(moments_of, double, shifted_sums, double)
-DEFINE_MOMENTS(moments_of_f32, float, shifted_sums_f32, double)
+DEFINE_MOMENTS(moments_of_f32_exact, float, shifted_sums_f32, double)
 /* float16 values in a float buffer: the shift is a float too, as those sums take it */
 DEFINE_MOMENTS(moments_of_halves, float, shifted_sums_of_halves, float)
 #undef DEFINE_MOMENTS
@@ -136,27 +136,65 @@ DEFINE_MEAN_SQUARE(mean_square_of, double)
 DEFINE_MEAN_SQUARE(mean_square_of_f32_exact, float)
 #undef DEFINE_MEAN_SQUARE
 
-/* mean of x*x for float32 rows that stay in cache (up to F32_IN_RUNS_MAX elements), added in float
- * runs of F32_RUN: the squares are all positive, so this errs by at most ~(F32_RUN + 1) float
- * ulps, ~30% faster than converting every element to double. When the result could be worse
- * (not finite: NaN, Inf or overflow; under 2^-80, where squares underflow) it is done again in
- * double, out of line. */
-enum { F32_IN_RUNS_MAX = 1 << 16 };
+/* Float32 groups sum in float too, over runs of F32_RUN per lane (then in double), which takes about
+ * a third less time than converting every element to double; whenever the error bound below could
+ * fail, the group is done again in double (out of line: it is rare).
+ *
+ * mean square (RMS norm): the squares are all positive, so the float sums err by at most
+ * (F32_RUN + 1) float ulps. Done again when not finite (NaN, Inf, overflow) or under 2^-80
+ * (squares underflow).
+ *
+ * mean and variance: one pass of d = x - shift and d*d, the shift an estimate of the mean from
+ * MEAN_SAMPLES elements spread over the group (all of it when short). With k = |shift - mean|/std,
+ * the float sums put an error of at most (F32_RUN + 2)(1 + k^2) + 2 (F32_RUN + 1) k sqrt(1 + k^2)
+ * float ulps into the variance: ~23 ulps (1.4e-6 relative) for k <= 1/2, the accepted range;
+ * typically under one ulp of rstd. Done again in double when k > 1/2 (an unlucky or adversarial
+ * sample: < 1% of Gaussian rows), when not finite, or for a variance under 2^-80 (this keeps
+ * constant groups exact). */
+enum { MEAN_SAMPLES = 32 };
 
 FN_OUT_OF_LINE FN_VECTOR_CLONES double mean_square_of_f32_in_double(const float *x, int64_t n)
 {
     return mean_square_of_f32_exact(x, n);
 }
 
+FN_OUT_OF_LINE FN_VECTOR_CLONES void moments_of_f32_in_double(const float *x, int64_t n, double *mean, double *var)
+{
+    moments_of_f32_exact(x, n, mean, var);
+}
+
 FN_INLINE double mean_square_of_f32(const float *x, int64_t n)
 {
-    if (n <= F32_IN_RUNS_MAX) {
-        double sd, sdd;
-        shifted_sums_in_runs(x, n, 0.0f, F32_RUN, &sd, &sdd);
-        const double ms = sdd / (double)n;
-        if (ms >= 0x1p-80 && ms < HUGE_VAL) return ms;
+    double sd, sdd;
+    shifted_sums_in_runs(x, n, 0.0f, F32_RUN, &sd, &sdd);
+    const double ms = sdd / (double)n;
+    return ms >= 0x1p-80 && ms < HUGE_VAL ? ms : mean_square_of_f32_in_double(x, n);
+}
+
+/* The mean of MEAN_SAMPLES elements of x[0..n) spaced evenly (8 partial sums: no long chain of
+ * dependent adds), or of all of them for n <= 2 * MEAN_SAMPLES. */
+FN_INLINE double sampled_mean_f32(const float *x, int64_t n)
+{
+    double a[8] = {0};
+    if (n <= 2 * MEAN_SAMPLES) {
+        for (int64_t i = 0; i < n; i++) a[i % 8] += x[i];
+        return sum_of_lanes(a, 8) / (double)n;
     }
-    return mean_square_of_f32_in_double(x, n);
+    const int64_t step = n / MEAN_SAMPLES;
+    for (int j = 0; j < MEAN_SAMPLES; j += 8)
+        for (int q = 0; q < 8; q++) a[q] += x[(j + q) * step];
+    return sum_of_lanes(a, 8) / MEAN_SAMPLES;
+}
+
+FN_INLINE void moments_of_f32(const float *x, int64_t n, double *mean, double *var)
+{
+    const float shift = (float)sampled_mean_f32(x, n);
+    double sd, sdd;
+    shifted_sums_in_runs(x, n, shift, F32_RUN, &sd, &sdd);
+    finish_moments(shift, sd, sdd, n, mean, var);
+    const double offset = sd / (double)n;
+    if (!(*var >= 0x1p-80 && *var < HUGE_VAL && 4.0 * offset * offset <= *var))
+        moments_of_f32_in_double(x, n, mean, var);
 }
 
 /* malloc for the kernels' vector buffers, 64-byte aligned so that no 512-bit load or store splits

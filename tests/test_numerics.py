@@ -46,9 +46,9 @@ def test_constant_rows_give_exactly_the_bias_in_every_dtype():
 @pytest.mark.parametrize("n", [7, 100, 768, 4097, 70_000])
 @pytest.mark.parametrize("scale", [1e-30, 1e-18, 1.0, 1e18, 1e30])
 def test_float32_rms_statistic_in_float_runs_stays_within_a_few_ulps(n, scale):
-    """float32 rows of up to 2**16 elements sum their squares in float over runs of 8; rows whose
-    squares underflow (scale 1e-30) or overflow (1e30) take the double path. Either way rstd is
-    within 4 float ulps of float64 and y within 3 ulps of its scale; 70_000 is past the float path."""
+    """float32 rows sum their squares in float over runs of 8; rows whose squares underflow (scale
+    1e-30) or overflow (1e30) take the double path. Either way rstd is within 4 float ulps of
+    float64 and y within 3 ulps of its scale."""
     rng = np.random.default_rng(n)
     x = (scale * (rng.standard_normal((3, n)) + 0.5)).astype(np.float32)
     x64 = x.astype(np.float64)
@@ -71,3 +71,31 @@ def test_float32_rms_norm_of_nan_and_inf_rows_is_nan():
     assert np.isnan(y[0]).all() and np.isnan(rstd[0])
     assert rstd[1] == 0.0                                      # mean square inf: rstd 1/inf
     np.testing.assert_array_equal(y[2], 1.0)
+
+
+def _float64_stats_layer_norm(x):
+    token = fastnorm._functional.float64_stats.set(True)        # the float64 stats the layers use
+    try:
+        return fastnorm.layer_norm(x, eps=0.0, return_stats=True)
+    finally:
+        fastnorm._functional.float64_stats.reset(token)
+
+
+@pytest.mark.parametrize("n", [5, 64, 100, 768, 4097, 70_000])
+@pytest.mark.parametrize("offset, scale", [(0.0, 1.0), (3.0, 1.0), (1e4, 1.0), (1e4, 1e-2), (-5e3, 3e2),
+                                           (1e-30, 1e-32), (1e30, 1e28)])
+def test_float32_moments_in_float_runs_stay_within_a_few_ulps(n, offset, scale):
+    """float32 groups take their moments in float runs around a sampled mean (docs/decisions.md);
+    the double path takes over for a far sample, a tiny variance or an overflow. mean within 2
+    float ulps of the std, rstd within 4 ulps, y within 4 ulps of its scale, as in double."""
+    rng = np.random.default_rng(n)
+    x = (offset + scale * rng.standard_normal((4, n))).astype(np.float32)
+    if n >= 768:
+        x[3, :: n // 32] += 100 * scale          # spikes exactly where the mean is sampled: k > 1/2
+    y, mean, rstd = _float64_stats_layer_norm(x)
+    x64 = x.astype(np.float64)
+    mu, sd = x64.mean(-1), x64.std(-1)
+    assert np.all(np.abs(mean - mu) <= 2 * 2.0 ** -24 * sd)
+    assert np.all(np.abs(rstd * sd - 1) <= 4 * 2.0 ** -24)
+    y_ref = (x64 - mu[:, None]) / sd[:, None]
+    assert np.abs(y - y_ref).max() <= 4 * 2.0 ** -24 * np.abs(y_ref).max()
