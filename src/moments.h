@@ -144,14 +144,18 @@ DEFINE_MEAN_SQUARE(mean_square_of_f32_exact, float)
  * (F32_RUN + 1) float ulps. Done again when not finite (NaN, Inf, overflow) or under 2^-80
  * (squares underflow).
  *
- * mean and variance: one pass of d = x - shift and d*d, the shift an estimate of the mean from
- * MEAN_SAMPLES elements spread over the group (all of it when short). With k = |shift - mean|/std,
- * the float sums put an error of at most (F32_RUN + 2)(1 + k^2) + 2 (F32_RUN + 1) k sqrt(1 + k^2)
- * float ulps into the variance: ~23 ulps (1.4e-6 relative) for k <= 1/2, the accepted range;
+ * mean and variance (groups of F32_RUNS_FROM elements or more): one pass of d = x - shift and
+ * d*d, the shift the mean of MEAN_SAMPLES elements spread over the group. With k = |shift -
+ * mean| / std, the float sums put an error of at most (F32_RUN + 2)(1 + k^2) + 2 (F32_RUN + 1) k
+ * sqrt(1 + k^2) float ulps into the variance: ~23 ulps (1.4e-6 relative) for k <= 1/2, the accepted range;
  * typically under one ulp of rstd. Done again in double when k > 1/2 (an unlucky or adversarial
  * sample: < 1% of Gaussian rows), when not finite, or for a variance under 2^-80 (this keeps
  * constant groups exact). */
 enum { MEAN_SAMPLES = 32 };
+/* Shorter groups take their moments in double: below this the sampled shift and the run merges
+ * cost more than the float sums save (measured per row: break-even at 512, 13-20% faster at
+ * 768 and 1024, 1.7x slower at 64). */
+enum { F32_RUNS_FROM = 512 };
 
 FN_OUT_OF_LINE FN_VECTOR_CLONES double mean_square_of_f32_in_double(const float *x, int64_t n)
 {
@@ -171,15 +175,11 @@ FN_INLINE double mean_square_of_f32(const float *x, int64_t n)
     return ms >= 0x1p-80 && ms < HUGE_VAL ? ms : mean_square_of_f32_in_double(x, n);
 }
 
-/* The mean of MEAN_SAMPLES elements of x[0..n) spaced evenly (8 partial sums: no long chain of
- * dependent adds), or of all of them for n <= 2 * MEAN_SAMPLES. */
+/* The mean of MEAN_SAMPLES elements of x[0..n), n >= MEAN_SAMPLES, spaced evenly (8 partial sums:
+ * no long chain of dependent adds). */
 FN_INLINE double sampled_mean_f32(const float *x, int64_t n)
 {
     double a[8] = {0};
-    if (n <= 2 * MEAN_SAMPLES) {
-        for (int64_t i = 0; i < n; i++) a[i % 8] += x[i];
-        return sum_of_lanes(a, 8) / (double)n;
-    }
     const int64_t step = n / MEAN_SAMPLES;
     for (int j = 0; j < MEAN_SAMPLES; j += 8)
         for (int q = 0; q < 8; q++) a[q] += x[(j + q) * step];
@@ -188,6 +188,10 @@ FN_INLINE double sampled_mean_f32(const float *x, int64_t n)
 
 FN_INLINE void moments_of_f32(const float *x, int64_t n, double *mean, double *var)
 {
+    if (n < F32_RUNS_FROM) {
+        moments_of_f32_exact(x, n, mean, var);
+        return;
+    }
     const float shift = (float)sampled_mean_f32(x, n);
     double sd, sdd;
     shifted_sums_in_runs(x, n, shift, F32_RUN, &sd, &sdd);
