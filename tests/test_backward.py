@@ -603,3 +603,32 @@ def test_rows_backward_fast_path_matches_the_general_path(dtype, shape, rms):
     np.testing.assert_array_equal(d2, run(weight=w)[0])
     np.testing.assert_array_equal(dy, dy0)                    # the inputs untouched without out=
     np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("rows", [63, 64])
+@pytest.mark.parametrize("n", [768, 1001, 1024])
+@pytest.mark.parametrize("offset, scale", [(0.0, 1.0), (3.0, 1.0), (1e4, 1e-2), (-50.0, 10.0)])
+def test_float32_layer_norm_backward_sums_in_float_runs_stay_within_a_few_ulps(rows, n, offset, scale):
+    """float32 layer-norm rows take their gradient sums in float runs (docs/decisions.md), two rows
+    at a time (an odd last row alone), column sums flushed to double every 8 rows. With the float64
+    stats the layers keep: dx within 4 float ulps of max|rstd * dy * w|, dweight and dbias within
+    4 ulps of the sum of their terms' magnitudes (measured: 1.9, 1.2, 0.7)."""
+    rng = np.random.default_rng(n + rows)
+    x = (offset + scale * rng.standard_normal((rows, n))).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    dy = rng.standard_normal((rows, n)).astype(np.float32)
+    token = fastnorm._functional.float64_stats.set(True)
+    try:
+        _, mean, rstd = fastnorm.layer_norm(x, w, return_stats=True)
+    finally:
+        fastnorm._functional.float64_stats.reset(token)
+    dx, dw, db = fastnorm.layer_norm_backward(dy, x, mean, rstd, w)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mu = x64.mean(1, keepdims=True)
+    r = 1.0 / np.sqrt(x64.var(1, keepdims=True) + 1e-5)
+    xhat, g = (x64 - mu) * r, dy64 * w
+    dx_ref = r * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
+    ulp = 2.0 ** -24
+    assert np.abs(dx - dx_ref).max() <= 4 * ulp * np.abs(r * g).max()
+    assert np.all(np.abs(dw - (dy64 * xhat).sum(0)) <= 4 * ulp * np.abs(dy64 * xhat).sum(0))
+    assert np.all(np.abs(db - dy64.sum(0)) <= 4 * ulp * np.abs(dy64).sum(0))
