@@ -60,6 +60,21 @@ def test_axis_out_of_range_is_axis_error(name, axis):
         call(name, X3, axis=axis, **extra_for(name, 1))
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("axis", [-1.0, 1.0, "-1"])
+def test_non_integer_axis_is_type_error_on_the_fast_path_too(dtype, axis):
+    """float32/64 rows along the last axis go straight to C; a float axis equal to -1 must still
+    be refused as it is for float16 (found: the fast path took axis=-1.0 for axis=-1)."""
+    x = np.ones((2, 3), dtype)
+    y, mean, rstd = fastnorm.layer_norm(x, return_stats=True)
+    _, rms = fastnorm.rms_norm(x, return_stats=True)
+    for call_ in (lambda: fastnorm.layer_norm(x, axis=axis), lambda: fastnorm.rms_norm(x, axis=axis),
+                  lambda: fastnorm.layer_norm_backward(x, x, mean, rstd, axis=axis),
+                  lambda: fastnorm.rms_norm_backward(x, x, rms, axis=axis)):
+        with raises(TypeError, names=["axis"]):
+            call_()
+
+
 @pytest.mark.parametrize("axis", [(0, 3), (-4, -1), (5,)])
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
 def test_tuple_axis_out_of_range_is_axis_error(name, axis):

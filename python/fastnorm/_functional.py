@@ -199,7 +199,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=N
     """
     # the common case straight to C (plain ndarray, last axis, no mask, no stats); NotImplemented
     # when the general path below must run (it also owns every error message)
-    if axis == -1 and mask is None and not return_stats and type(x) is np.ndarray and type(eps) is float:
+    if type(axis) is int and axis == -1 and mask is None and not return_stats:
         y = _core.rows_fast(x, weight, bias, eps, out, False, _threads.num_threads)
         if y is not NotImplemented:
             return y
@@ -231,7 +231,7 @@ def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=Non
     """
     # the common case straight to C (plain ndarray, last axis, no mask, no stats); NotImplemented
     # when the general path below must run (it also owns every error message)
-    if axis == -1 and mask is None and not return_stats and type(x) is np.ndarray and type(eps) is float:
+    if type(axis) is int and axis == -1 and mask is None and not return_stats:
         y = _core.rows_fast(x, weight, bias, eps, out, True, _threads.num_threads)
         if y is not NotImplemented:
             return y
@@ -455,7 +455,7 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, o
     """
     # the common case straight to C (plain ndarrays of one dtype, last axis, no mask); NotImplemented
     # when the general path below must run (it also owns every error message)
-    if axis == -1 and mask is None and type(x) is np.ndarray:
+    if type(axis) is int and axis == -1 and mask is None:
         grads = _core.rows_backward_fast(dy, x, mean, rstd, weight, out, False, _threads.num_threads)
         if grads is not NotImplemented:
             return grads
@@ -480,7 +480,7 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None)
     """
     # the common case straight to C (plain ndarrays of one dtype, last axis, no mask); NotImplemented
     # when the general path below must run (it also owns every error message)
-    if axis == -1 and mask is None and type(x) is np.ndarray:
+    if type(axis) is int and axis == -1 and mask is None:
         grads = _core.rows_backward_fast(dy, x, None, rstd, weight, out, True, _threads.num_threads)
         if grads is not NotImplemented:
             return grads
