@@ -308,13 +308,53 @@ DEFINE_BACKWARD_SUMS(backward_sums_f32, float)
 FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, const float *wf,
                             double sum_g, double sum_g_xhat);
 
+/* sum of dy and of dy * xhat over contiguous float32 x, dy (n), xhat = ((x - mh) - ml) * r as in
+ * affine_group_f32: in float over runs of F32_RUN per lane, then in double (see moments.h). */
+FN_INLINE void grad_sums_in_runs(const float *restrict x, const float *restrict dy, int64_t n, float mh, float ml,
+                                 float r, double *sum_dy, double *sum_dy_xhat)
+{
+    double s1 = 0.0, s2 = 0.0, a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
+    int64_t i = 0;
+    while (i + RUN_LANES <= n) {
+        float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
+        const int64_t stop = n - i >= RUN_LANES * F32_RUN ? i + RUN_LANES * F32_RUN : n - (n - i) % RUN_LANES;
+        for (; i < stop; i += RUN_LANES)
+            for (int j = 0; j < RUN_LANES; j++) {
+                const float d = dy[i + j], h = ((x[i + j] - mh) - ml) * r;
+                a[j] += d;
+                b[j] += d * h;
+            }
+        for (int j = 0; j < RUN_LANES; j++) a2[j] += a[j], b2[j] += b[j];
+    }
+    for (; i < n; i++) {
+        const float h = ((x[i] - mh) - ml) * r;
+        s1 += dy[i];
+        s2 += (double)dy[i] * h;
+    }
+    *sum_dy = s1 + sum_of_lanes(a2, RUN_LANES);
+    *sum_dy_xhat = s2 + sum_of_lanes(b2, RUN_LANES);
+}
+
 FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r,
                                   const double *w, const float *wf, double *dw, double *db)
 {
+    const int64_t K = p->K, S = p->S;
     const float *x = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
     const float *dy = (const float *)(p->dy.data + a * p->dy.stride[0] + g * p->dy.stride[1]);
     double sum_g = 0.0, sum_g_xhat = 0.0;
-    backward_sums_f32(x, dy, p->K, p->S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
+    if (S >= F32_RUNS_FROM) {           /* instance/group-norm planes: their sums in float runs */
+        const float mh = (float)mu, ml = (float)(mu - (double)mh), rf = (float)r;
+        for (int64_t k = 0; k < K; k++) {
+            double dbk, dwk;
+            grad_sums_in_runs(x + k * S, dy + k * S, S, mh, ml, rf, &dbk, &dwk);
+            dw[k] += dwk;
+            db[k] += dbk;
+            sum_g += dbk * w[k];
+            sum_g_xhat += dwk * w[k];
+        }
+    } else {
+        backward_sums_f32(x, dy, K, S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
+    }
     dx_group_f32(p, a, g, mu, r, wf, sum_g, sum_g_xhat);
 }
 

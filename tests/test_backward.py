@@ -632,3 +632,30 @@ def test_float32_layer_norm_backward_sums_in_float_runs_stay_within_a_few_ulps(r
     assert np.abs(dx - dx_ref).max() <= 4 * ulp * np.abs(r * g).max()
     assert np.all(np.abs(dw - (dy64 * xhat).sum(0)) <= 4 * ulp * np.abs(dy64 * xhat).sum(0))
     assert np.all(np.abs(db - dy64.sum(0)) <= 4 * ulp * np.abs(dy64).sum(0))
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 32, 32), (2, 3, 25, 41)])
+@pytest.mark.parametrize("offset, scale", [(0.0, 1.0), (1e4, 1e-2), (-50.0, 10.0)])
+def test_float32_instance_norm_backward_plane_sums_in_float_runs(shape, offset, scale):
+    """float32 instance/group-norm planes of >= 512 elements take their gradient sums in float runs
+    (docs/decisions.md): dx within 4 float ulps of max|rstd * dy * w|, dweight/dbias within 4 ulps
+    of the sum of their terms' magnitudes (measured: 1.8, 0.1, 0.05)."""
+    rng = np.random.default_rng(shape[-1])
+    x = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
+    w = rng.standard_normal(shape[1]).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    token = fastnorm._functional.float64_stats.set(True)
+    try:
+        _, mean, rstd = fastnorm.instance_norm(x, w, axis=1, return_stats=True)
+    finally:
+        fastnorm._functional.float64_stats.reset(token)
+    dx, dw, db = fastnorm.instance_norm_backward(dy, x, mean, rstd, w, axis=1)
+    x64, dy64, ax = x.astype(np.float64), dy.astype(np.float64), (2, 3)
+    mu = x64.mean(ax, keepdims=True)
+    r = 1.0 / np.sqrt(x64.var(ax, keepdims=True) + 1e-5)
+    xhat, g = (x64 - mu) * r, dy64 * w[None, :, None, None]
+    dx_ref = r * (g - g.mean(ax, keepdims=True) - xhat * (g * xhat).mean(ax, keepdims=True))
+    ulp = 2.0 ** -24
+    assert np.abs(dx - dx_ref).max() <= 4 * ulp * np.abs(r * g).max()
+    assert np.all(np.abs(dw - (dy64 * xhat).sum((0, 2, 3))) <= 4 * ulp * np.abs(dy64 * xhat).sum((0, 2, 3)))
+    assert np.all(np.abs(db - dy64.sum((0, 2, 3))) <= 4 * ulp * np.abs(dy64).sum((0, 2, 3)))
