@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "fastnorm.h"
+#include "moments.h"
 
 FN_INLINE uint32_t bits_of(float f)
 {
@@ -123,16 +124,46 @@ __attribute__((target("avx,f16c"))) static int64_t floats_to_halves_f16c(uint16_
     return i;
 }
 
-__attribute__((target("avx,f16c"))) static int64_t affine_row_to_halves_f16c(uint16_t *dst, const float *x, int64_t n,
+__attribute__((target("avx,f16c"))) static int64_t affine_row_to_halves_f16c(uint16_t *dst, const uint16_t *x, int64_t n,
                                                                           const float c[3], const float *w,
                                                                           const float *b)
 {
     const __m256 hi = _mm256_set1_ps(c[0]), lo = _mm256_set1_ps(c[1]), r = _mm256_set1_ps(c[2]);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 d = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), hi), lo);
+        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
+        __m256 d = _mm256_sub_ps(_mm256_sub_ps(v, hi), lo);
         __m256 y = _mm256_add_ps(_mm256_mul_ps(d, _mm256_mul_ps(r, _mm256_loadu_ps(w + i))), _mm256_loadu_ps(b + i));
         _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+    }
+    return i;
+}
+
+/* The lanes of shifted_sums_in_runs (moments.h) over float16 values, 8 lanes per vector: the
+ * same float adds in the same order, so the same sums. Adds into a2, b2 (RUN_LANES); returns the
+ * elements done (all whole groups of RUN_LANES). */
+__attribute__((target("avx,f16c"))) static int64_t half_sums_f16c(const uint16_t *x, int64_t n, float shift,
+                                                               double *a2, double *b2)
+{
+    const __m256 s = _mm256_set1_ps(shift);
+    int64_t i = 0;
+    while (i + RUN_LANES <= n) {
+        __m256 a[RUN_LANES / 8], b[RUN_LANES / 8];
+        for (int v = 0; v < RUN_LANES / 8; v++) a[v] = b[v] = _mm256_setzero_ps();
+        const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
+        for (; i < stop; i += RUN_LANES)
+            for (int v = 0; v < RUN_LANES / 8; v++) {
+                __m256 d = _mm256_sub_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8 * v))), s);
+                a[v] = _mm256_add_ps(a[v], d);
+                b[v] = _mm256_add_ps(b[v], _mm256_mul_ps(d, d));
+            }
+        for (int v = 0; v < RUN_LANES / 8; v++) {
+            double *pa = a2 + 8 * v, *pb = b2 + 8 * v;
+            _mm256_storeu_pd(pa, _mm256_add_pd(_mm256_loadu_pd(pa), _mm256_cvtps_pd(_mm256_castps256_ps128(a[v]))));
+            _mm256_storeu_pd(pa + 4, _mm256_add_pd(_mm256_loadu_pd(pa + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(a[v], 1))));
+            _mm256_storeu_pd(pb, _mm256_add_pd(_mm256_loadu_pd(pb), _mm256_cvtps_pd(_mm256_castps256_ps128(b[v]))));
+            _mm256_storeu_pd(pb + 4, _mm256_add_pd(_mm256_loadu_pd(pb + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(b[v], 1))));
+        }
     }
     return i;
 }
@@ -154,16 +185,47 @@ __attribute__((target("avx512f"))) static int64_t floats_to_halves_avx512(uint16
     return i;
 }
 
-__attribute__((target("avx512f"))) static int64_t affine_row_to_halves_avx512(uint16_t *dst, const float *x, int64_t n,
+__attribute__((target("avx512f"))) static int64_t affine_row_to_halves_avx512(uint16_t *dst, const uint16_t *x, int64_t n,
                                                                             const float c[3], const float *w,
                                                                             const float *b)
 {
     const __m512 hi = _mm512_set1_ps(c[0]), lo = _mm512_set1_ps(c[1]), r = _mm512_set1_ps(c[2]);
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi), lo);
+        __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i)));
+        __m512 d = _mm512_sub_ps(_mm512_sub_ps(v, hi), lo);
         __m512 y = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(r, _mm512_loadu_ps(w + i))), _mm512_loadu_ps(b + i));
         _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+    }
+    return i;
+}
+
+/* half_sums_f16c 16 lanes per vector (the same lanes, adds and order: the same sums). */
+__attribute__((target("avx512f"))) static int64_t half_sums_avx512(const uint16_t *x, int64_t n, float shift,
+                                                                 double *a2, double *b2)
+{
+    const __m512 s = _mm512_set1_ps(shift);
+    int64_t i = 0;
+    while (i + RUN_LANES <= n) {
+        __m512 a[RUN_LANES / 16], b[RUN_LANES / 16];
+        for (int v = 0; v < RUN_LANES / 16; v++) a[v] = b[v] = _mm512_setzero_ps();
+        const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
+        for (; i < stop; i += RUN_LANES)
+            for (int v = 0; v < RUN_LANES / 16; v++) {
+                __m512 d = _mm512_sub_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i + 16 * v))), s);
+                a[v] = _mm512_add_ps(a[v], d);
+                b[v] = _mm512_add_ps(b[v], _mm512_mul_ps(d, d));
+            }
+        for (int v = 0; v < RUN_LANES / 16; v++) {
+            double *pa = a2 + 16 * v, *pb = b2 + 16 * v;
+            const __m256 al = _mm512_castps512_ps256(a[v]), bl = _mm512_castps512_ps256(b[v]);
+            const __m256 ah = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[v]), 1));
+            const __m256 bh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b[v]), 1));
+            _mm512_storeu_pd(pa, _mm512_add_pd(_mm512_loadu_pd(pa), _mm512_cvtps_pd(al)));
+            _mm512_storeu_pd(pa + 8, _mm512_add_pd(_mm512_loadu_pd(pa + 8), _mm512_cvtps_pd(ah)));
+            _mm512_storeu_pd(pb, _mm512_add_pd(_mm512_loadu_pd(pb), _mm512_cvtps_pd(bl)));
+            _mm512_storeu_pd(pb + 8, _mm512_add_pd(_mm512_loadu_pd(pb + 8), _mm512_cvtps_pd(bh)));
+        }
     }
     return i;
 }
@@ -176,6 +238,8 @@ __attribute__((target("avx512f"))) static int64_t affine_row_to_halves_avx512(ui
 #define halves_to_floats_avx512(dst, src, n) ((int64_t)0)
 #define floats_to_halves_avx512(dst, src, n) ((int64_t)0)
 #define affine_row_to_halves_avx512(dst, x, n, c, w, b) ((int64_t)0)
+#define half_sums_f16c(x, n, shift, a2, b2) ((int64_t)0)
+#define half_sums_avx512(x, n, shift, a2, b2) ((int64_t)0)
 #define halves_to_floats_f16c(dst, src, n) ((int64_t)0)
 #define floats_to_halves_f16c(dst, src, n) ((int64_t)0)
 #define affine_row_to_halves_f16c(dst, x, n, c, w, b) ((int64_t)0)
@@ -195,12 +259,39 @@ FN_VECTOR_CLONES void fn_floats_to_halves(uint16_t *dst, const float *src, int64
     for (; i < n; i++) dst[i] = float_to_half(src[i]);
 }
 
-/* dst[k] = half(((x[k] - c[0]) - c[1]) * (c[2] * w[k]) + b[k]): the float arithmetic of a row of
- * affine_group_f32 (c = mu_hi, mu_lo, rstd) and the rounding to float16 in one pass. */
-FN_VECTOR_CLONES void fn_affine_row_to_halves(uint16_t *dst, const float *x, int64_t n, const float c[3], const float *w,
-                                              const float *b)
+/* dst[k] = half(((half x[k] - c[0]) - c[1]) * (c[2] * w[k]) + b[k]): the float arithmetic of a
+ * row of affine_group_f32 (c = mu_hi, mu_lo, rstd) on a float16 row, in one pass; dst may be x. */
+FN_VECTOR_CLONES void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, int64_t n, const float c[3],
+                                              const float *w, const float *b)
 {
     int64_t i = HAS_AVX512F() ? affine_row_to_halves_avx512(dst, x, n, c, w, b) : 0;
     if (HAS_F16C()) i += affine_row_to_halves_f16c(dst + i, x + i, n - i, c, w + i, b + i);
-    for (; i < n; i++) dst[i] = float_to_half(((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i]);
+    for (; i < n; i++) dst[i] = float_to_half(((half_to_float(x[i]) - c[0]) - c[1]) * (c[2] * w[i]) + b[i]);
+}
+
+/* shifted_sums_in_runs (moments.h) with run HALF_RUN over float16 values, read in place: sums of
+ * d = x - shift and d*d, the lanes with AVX-512F or F16C where the CPU has them; the same sums
+ * either way. */
+FN_VECTOR_CLONES void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd)
+{
+    double s1 = 0.0, s2 = 0.0, a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
+    int64_t i = HAS_AVX512F() ? half_sums_avx512(x, n, shift, a2, b2) : HAS_F16C() ? half_sums_f16c(x, n, shift, a2, b2) : 0;
+    while (i + RUN_LANES <= n) {
+        float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
+        const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
+        for (; i < stop; i += RUN_LANES)
+            for (int j = 0; j < RUN_LANES; j++) {
+                float d = half_to_float(x[i + j]) - shift;
+                a[j] += d;
+                b[j] += d * d;
+            }
+        for (int j = 0; j < RUN_LANES; j++) a2[j] += a[j], b2[j] += b[j];
+    }
+    for (; i < n; i++) {
+        double d = (double)half_to_float(x[i]) - (double)shift;
+        s1 += d;
+        s2 += d * d;
+    }
+    *sum_d = s1 + sum_of_lanes(a2, RUN_LANES);
+    *sum_dd = s2 + sum_of_lanes(b2, RUN_LANES);
 }

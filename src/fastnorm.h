@@ -70,8 +70,9 @@ void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtyp
 void fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype);
 void fn_halves_to_floats(float *dst, const uint16_t *src, int64_t n);
 void fn_floats_to_halves(uint16_t *dst, const float *src, int64_t n);
-void fn_affine_row_to_halves(uint16_t *dst, const float *x, int64_t n, const float c[3], const float *w,
+void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, int64_t n, const float c[3], const float *w,
                              const float *b);
+void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd);
 float fn_half_to_float(uint16_t h);
 uint16_t fn_float_to_half(float f);
 

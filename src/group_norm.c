@@ -127,20 +127,21 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
                              group_contiguous(p->x, K, S, 4) && group_contiguous(p->y, K, S, 4);
     const int f64_in_place = p->x.dtype == FN_F64 && p->y.dtype == FN_F64 &&
                              group_contiguous(p->x, K, S, 8) && group_contiguous(p->y, K, S, 8);
-    /* contiguous float16 groups go through a float32 buffer and the float32 arithmetic */
+    /* contiguous float16 groups: statistics read in place, the float32 arithmetic (planes through
+     * a float32 buffer) */
     const int f16_via_f32 = p->x.dtype == FN_F16 && p->y.dtype == FN_F16 &&
                             group_contiguous(p->x, K, S, 2) && group_contiguous(p->y, K, S, 2);
     /* float32/float16 groups use float copies of weight and bias (wf, bf); the double paths
      * (float64, masked or strided groups) use them as doubles, ones and zeros standing in for
      * a missing one. Only what this call uses is allocated: memory grows by 8 to 24 bytes per
      * channel, 16 bytes per group element for the double buffer of the strided (or masked) path,
-     * 4 for the float buffer of the float16 path. */
+     * 4 for the float buffer of float16 planes. */
     const int use_wf = f32_in_place || f16_via_f32;
     const int use_buffer = !(f32_in_place || f64_in_place || f16_via_f32) || p->mask.data;
     const int use_double_params = !use_wf || p->mask.data;
     const int64_t n_ones = use_double_params && !p->weight ? G * K : 0;
     const int64_t n_zeros = use_double_params && !p->bias ? G * K : 0;
-    const int64_t n_group_buf = use_buffer ? 2 * n_group : f16_via_f32 ? (n_group + 1) / 2 : 0;
+    const int64_t n_group_buf = use_buffer ? 2 * n_group : f16_via_f32 && S > 1 ? (n_group + 1) / 2 : 0;
     const int64_t n_buf = n_group_buf + n_ones + n_zeros;
     const int64_t n_wf = (G * K + 15) / 16 * 16;         /* bf starts on a 64-byte line too */
     double *buf = alloc_lines((size_t)(n_buf + 1) * sizeof(double));
@@ -172,16 +173,17 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
             normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r);
         } else if (f16_via_f32 && s_real == S) {
-            float *fb = (float *)buf;
-            fn_halves_to_floats(fb, (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]), n_group);
-            if (p->rms) var = mean_square_of_halves(fb, n_group);
-            else moments_of_halves(fb, n_group, &mu, &var);
+            const uint16_t *xg = (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
+            if (p->rms) var = mean_square_of_halves(xg, n_group);
+            else moments_of_halves(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
             uint16_t *yg = (uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
             if (S == 1) {               /* a row: normalize and round to float16 in one pass */
                 const float c[3] = {(float)mu, (float)(mu - (double)(float)mu), (float)r};
-                fn_affine_row_to_halves(yg, fb, K, c, wf + g * K, bf + g * K);
-            } else {
+                fn_affine_row_to_halves(yg, xg, K, c, wf + g * K, bf + g * K);
+            } else {                    /* planes: through a float buffer */
+                float *fb = (float *)buf;
+                fn_halves_to_floats(fb, xg, n_group);
                 affine_group_f32(fb, fb, K, S, mu, r, wf + g * K, bf + g * K);
                 fn_floats_to_halves(yg, fb, n_group);
             }

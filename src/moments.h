@@ -76,11 +76,6 @@ FN_INLINE void shifted_sums_in_runs(const float *x, int64_t n, float shift, int 
     *sum_dd = s2 + sum_of_lanes(b2, RUN_LANES);
 }
 
-FN_INLINE void shifted_sums_of_halves(const float *x, int64_t n, float shift, double *sum_d, double *sum_dd)
-{
-    shifted_sums_in_runs(x, n, shift, HALF_RUN, sum_d, sum_dd);
-}
-
 /* mean and biased variance from the shifted sums of n values. */
 FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, double *mean, double *var)
 {
@@ -94,10 +89,10 @@ FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, do
  * to ~64 ulp of var whenever that element lies within 8 standard deviations of the mean; when it
  * does not (an outlier first, or NaN), a second pass shifts by the mean just found (the corrected
  * two-pass algorithm). NaN or Inf in x makes both NaN. */
-#define DEFINE_MOMENTS(NAME, T, SUMS, SHIFT_T)                                                \
+#define DEFINE_MOMENTS(NAME, T, SUMS, SHIFT_T, VALUE)                                         \
     FN_INLINE void NAME(const T *x, int64_t n, double *mean, double *var)                      \
     {                                                                                         \
-        SHIFT_T shift = (SHIFT_T)x[0];                                                        \
+        SHIFT_T shift = (SHIFT_T)VALUE(x[0]);                                                 \
         double sd, sdd;                                                                       \
         SUMS(x, n, shift, &sd, &sdd);                                                         \
         finish_moments(shift, sd, sdd, n, mean, var);                                         \
@@ -107,17 +102,19 @@ FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, do
         SUMS(x, n, shift, &sd, &sdd);                                                         \
         finish_moments(shift, sd, sdd, n, mean, var);                                         \
     }
-DEFINE_MOMENTS(moments_of, double, shifted_sums, double)
-DEFINE_MOMENTS(moments_of_f32_exact, float, shifted_sums_f32, double)
-/* float16 values in a float buffer: the shift is a float too, as those sums take it */
-DEFINE_MOMENTS(moments_of_halves, float, shifted_sums_of_halves, float)
+#define AS_IS(v) (v)
+DEFINE_MOMENTS(moments_of, double, shifted_sums, double, AS_IS)
+DEFINE_MOMENTS(moments_of_f32_exact, float, shifted_sums_f32, double, AS_IS)
+/* float16 values, read in place (fn_half_sums): the shift is a float too, as those sums take it */
+DEFINE_MOMENTS(moments_of_halves, uint16_t, fn_half_sums, float, fn_half_to_float)
+#undef AS_IS
 #undef DEFINE_MOMENTS
 
-/* mean of x*x for float16 values in a float buffer. */
-FN_INLINE double mean_square_of_halves(const float *x, int64_t n)
+/* mean of x*x for float16 values. */
+FN_INLINE double mean_square_of_halves(const uint16_t *x, int64_t n)
 {
     double sd, sdd;
-    shifted_sums_of_halves(x, n, 0.0f, &sd, &sdd);
+    fn_half_sums(x, n, 0.0f, &sd, &sdd);
     return sdd / (double)n;
 }
 

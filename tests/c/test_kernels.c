@@ -219,18 +219,18 @@ static void test_half_runs(void)
     check_close("8-wide runs differing", bad, 0, 0);
     /* the fused normalize-and-round of a float16 row equals the same float steps done one by one */
     enum { N = 1003 };
-    static float x[N], w[N], b[N];
-    static uint16_t y[N];
+    static float w[N], b[N];
+    static uint16_t x[N], y[N];
     const float c[3] = {1234.5f, 0.000123f, 0.37f};
     for (int i = 0; i < N; i++) {
-        x[i] = 1234.5f + (float)((i * 7919) % 2001 - 1000) / 64.0f;
+        x[i] = fn_float_to_half(1234.5f + (float)((i * 7919) % 2001 - 1000) / 64.0f);
         w[i] = (float)(i % 13) / 4.0f - 1.0f;
         b[i] = (float)(i % 5) * 0.1f;
     }
     fn_affine_row_to_halves(y, x, N, c, w, b);
     bad = 0;
     for (int i = 0; i < N; i++) {
-        float d = (x[i] - c[0]) - c[1], s = c[2] * w[i];
+        float d = (fn_half_to_float(x[i]) - c[0]) - c[1], s = c[2] * w[i];
         bad += y[i] != fn_float_to_half(d * s + b[i]);
     }
     check_close("fused float16 rows differing", bad, 0, 0);
@@ -241,6 +241,44 @@ static void test_half_runs(void)
         for (int j = 0; j < 8; j++) bad += y8[j] != y[i + j];
     }
     check_close("fused float16 rows, 8 at a time, differing", bad, 0, 0);
+}
+
+/* fn_half_sums against the algorithm it implements, written out here: RUN_LANES = 32 float lanes
+ * summing runs of 16 values each, merged into double lanes, the lanes added pairwise, the tail in
+ * double. Must agree to the bit for every length (the F16C lanes add in the same order). */
+static void test_half_sums(void)
+{
+    static uint16_t h[5000];
+    for (int i = 0; i < 5000; i++) h[i] = fn_float_to_half(100.0f + (float)((i * 7919) % 1999 - 999) / 37.0f);
+    const int lengths[] = {0, 1, 31, 32, 33, 100, 511, 512, 513, 1000, 1024, 4999, 5000};
+    int bad = 0;
+    for (unsigned t = 0; t < sizeof lengths / sizeof lengths[0]; t++) {
+        const int n = lengths[t];
+        const float shift = n ? fn_half_to_float(h[n / 2]) : 0.0f;
+        double a2[32] = {0}, b2[32] = {0}, s1 = 0.0, s2 = 0.0, got_d, got_dd;
+        int i = 0;
+        while (i + 32 <= n) {
+            float a[32] = {0}, b[32] = {0};
+            int stop = n - i >= 32 * 16 ? i + 32 * 16 : n - (n - i) % 32;
+            for (; i < stop; i += 32)
+                for (int j = 0; j < 32; j++) {
+                    float d = fn_half_to_float(h[i + j]) - shift;
+                    a[j] += d;
+                    b[j] += d * d;
+                }
+            for (int j = 0; j < 32; j++) a2[j] += a[j], b2[j] += b[j];
+        }
+        for (; i < n; i++) {
+            double d = (double)fn_half_to_float(h[i]) - (double)shift;
+            s1 += d;
+            s2 += d * d;
+        }
+        for (int half = 16; half >= 1; half /= 2)
+            for (int j = 0; j < half; j++) a2[j] += a2[j + half], b2[j] += b2[j + half];
+        fn_half_sums(h, n, shift, &got_d, &got_dd);
+        bad += got_d != s1 + a2[0] || got_dd != s2 + b2[0];
+    }
+    check_close("float16 sums differing from the written-out algorithm", bad, 0, 0);
 }
 
 int main(void)
@@ -254,6 +292,7 @@ int main(void)
     test_group_backward();
     test_half_conversion();
     test_half_runs();
+    test_half_sums();
     test_threads_agree();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
