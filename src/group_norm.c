@@ -304,9 +304,7 @@ DEFINE_BACKWARD_SUMS(backward_sums, double)
 DEFINE_BACKWARD_SUMS(backward_sums_f32, float)
 #undef DEFINE_BACKWARD_SUMS
 
-/* Backward of one contiguous float32 group (no padding), read in place: adds the group's
- * dweight/dbias sums into dw, db (K) and writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
- * g = dy * w, in float arithmetic with the mean split as in affine_group_f32. */
+/* dx of a float32 group from its sums, below. */
 FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, const float *wf,
                             double sum_g, double sum_g_xhat);
 
@@ -337,6 +335,11 @@ FN_INLINE void grad_sums_in_runs(const float *restrict x, const float *restrict 
     *sum_dy_xhat = s2 + sum_of_lanes(b2, RUN_LANES);
 }
 
+/* Backward of one contiguous float32 group (no padding), read in place: adds the group's
+ * dweight/dbias sums into dw, db (K) and writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+ * g = dy * w, in float arithmetic with the mean split as in affine_group_f32. Planes of
+ * F32_RUNS_FROM elements or more take their sums in float runs (grad_sums_in_runs), others in
+ * double. */
 FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r,
                                   const double *w, const float *wf, double *dw, double *db)
 {

@@ -48,8 +48,8 @@ DEFINE_SHIFTED_SUMS(shifted_sums_f32, float)
 /* The same sums for float data, added in float over short runs: each of the RUN_LANES lanes adds
  * at most `run` values in float before they go into the double sums, so the float rounding of a
  * sum errs by at most (run - 1) float ulps of the sum of magnitudes, and the loop is shorter than
- * one converting every element to double. For float16 values (shift a float16 value too) d and d*d
- * are exact or nearly so; for float32 values d and d*d add ~2 ulps each. */
+ * one converting every element to double; d and d*d add ~2 ulps each. fn_half_sums (convert.c)
+ * is this loop over float16 values, with runs of HALF_RUN: there d and d*d are (nearly) exact. */
 enum { RUN_LANES = 32, HALF_RUN = 16, F32_RUN = 8 };
 
 FN_INLINE void shifted_sums_in_runs(const float *x, int64_t n, float shift, int run, double *sum_d, double *sum_dd)
@@ -133,9 +133,9 @@ DEFINE_MEAN_SQUARE(mean_square_of, double)
 DEFINE_MEAN_SQUARE(mean_square_of_f32_exact, float)
 #undef DEFINE_MEAN_SQUARE
 
-/* Float32 groups sum in float too, over runs of F32_RUN per lane (then in double), which takes about
- * a third less time than converting every element to double; whenever the error bound below could
- * fail, the group is done again in double (out of line: it is rare).
+/* Float32 groups sum in float too, over runs of F32_RUN per lane (then in double), which takes
+ * about a third less time than converting every element to double; whenever the error bound below
+ * could fail, the group is done again in double (out of line: it is rare).
  *
  * mean square (RMS norm): the squares are all positive, so the float sums err by at most
  * (F32_RUN + 1) float ulps. Done again when not finite (NaN, Inf, overflow) or under 2^-80
@@ -144,10 +144,10 @@ DEFINE_MEAN_SQUARE(mean_square_of_f32_exact, float)
  * mean and variance (groups of F32_RUNS_FROM elements or more): one pass of d = x - shift and
  * d*d, the shift the mean of the group's first MEAN_SAMPLES elements. With k = |shift -
  * mean| / std, the float sums put an error of at most (F32_RUN + 2)(1 + k^2) + 2 (F32_RUN + 1) k
- * sqrt(1 + k^2) float ulps into the variance: ~23 ulps (1.4e-6 relative) for k <= 1/2, the accepted range;
- * typically under one ulp of rstd. Done again in double when k > 1/2 (an unlucky or adversarial
- * sample: ~1e-4 of Gaussian rows; rows with an outlier among the first elements), when not finite, or for a variance under 2^-80 (this keeps
- * constant groups exact). */
+ * sqrt(1 + k^2) float ulps into the variance: ~23 ulps (1.4e-6 relative) for k <= 1/2, the
+ * accepted range; typically under one ulp of rstd. Done again in double when k > 1/2 (an unlucky
+ * or adversarial sample: ~1e-4 of Gaussian rows; rows with an outlier among the first elements),
+ * when not finite, or for a variance under 2^-80 (this keeps constant groups exact). */
 enum { MEAN_SAMPLES = 64 };
 /* Shorter groups take their moments in double: below this the sampled shift and the run merges
  * cost more than the float sums save (measured per row: break-even at 512, 13-20% faster at
