@@ -14,9 +14,12 @@
 enum { MOMENT_LANES = 32 };
 
 /* a[0] + ... + a[n-1] for n a power of two, added pairwise in halves: each step is one vector
- * add, log2(n) steps deep instead of a chain of n dependent adds. Overwrites a. */
+ * add, log2(n) steps deep instead of a chain of n dependent adds. Overwrites a. The outer loop
+ * is unrolled so that each step has a constant length and is vectorized (otherwise GCC adds the
+ * halves one double at a time through memory: measured 20% of a 768-float row's statistics). */
 FN_INLINE double sum_of_lanes(double *a, int n)
 {
+#pragma GCC unroll 8
     for (int half = n / 2; half >= 1; half /= 2)
         for (int j = 0; j < half; j++) a[j] += a[j + half];
     return a[0];
@@ -181,9 +184,9 @@ FN_INLINE float first_mean_f32(const float *x)
     float a[16] = {0};
     for (int j = 0; j < MEAN_SAMPLES; j += 16)
         for (int q = 0; q < 16; q++) a[q] += x[j + q];
-    double s = 0.0;
-    for (int q = 0; q < 16; q++) s += a[q];
-    return (float)(s / MEAN_SAMPLES);
+    for (int half = 8; half >= 1; half /= 2)         /* pairwise, as sum_of_lanes */
+        for (int q = 0; q < half; q++) a[q] += a[q + half];
+    return a[0] * (1.0f / MEAN_SAMPLES);
 }
 
 FN_INLINE void moments_of_f32(const float *x, int64_t n, double *mean, double *var)
