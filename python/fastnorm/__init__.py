@@ -17,6 +17,7 @@ from ._functional import (
     rms_norm_backward,
 )
 from ._threads import get_num_threads, set_num_threads
+from ._memory import get_output_cache, set_output_cache
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from ._data import min_max_scale, standardize, weight_norm, weight_norm_backward
 

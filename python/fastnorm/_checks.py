@@ -11,6 +11,8 @@ import numbers
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
 
+from . import _core
+
 KERNEL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -196,7 +198,7 @@ class Output:
             if view is not None:
                 self.result, self.view = out, view
                 return
-        buf = np.empty_like(x, dtype=dtype) if out is None else None
+        buf = _core.empty_like(x, dtype) if out is None else None
         view = view_of(buf, perm, shape) if buf is not None else None
         if view is None:
             canon = np.empty([x.shape[p] for p in perm], dtype=dtype)

@@ -1,0 +1,54 @@
+"""Reuse of large output memory: ``set_output_cache`` / ``FASTNORM_OUTPUT_CACHE``.
+
+Memory new from the operating system is zero-filled on first touch, which costs a large call
+about as much as the normalization itself. So fastnorm keeps the most recently freed of its own
+outputs (one block, 1 MiB up to the limit, 256 MiB by default) and gives it to the next output
+that fits: a loop that drops each step's result then pays for the zeroing once. The block is
+held until a call reuses it or replaces it, or ``set_output_cache(0)``; arrays passed as ``out=``
+are never touched by this. The state lives in ``fastnorm._core`` (an atomically swapped pointer).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+from . import _core
+
+DEFAULT_LIMIT = 256 * 2**20
+
+
+def _from_environment() -> int:
+    value = os.environ.get("FASTNORM_OUTPUT_CACHE", "").strip()
+    if not value:
+        return DEFAULT_LIMIT
+    try:
+        n = int(value)
+        if n < 0:
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"FASTNORM_OUTPUT_CACHE={value!r} is not an int >= 0 (bytes); using {DEFAULT_LIMIT}",
+                      RuntimeWarning, stacklevel=2)
+        return DEFAULT_LIMIT
+    return n
+
+
+_limit = _from_environment()
+_core.keep_output_memory(_limit)
+
+
+def set_output_cache(max_bytes: int) -> None:
+    """Keep one freed output of up to ``max_bytes`` bytes for reuse; ``0`` keeps none.
+
+    The default is ``FASTNORM_OUTPUT_CACHE`` if set, else 256 MiB. Lowering the limit releases a
+    kept block above it at once.
+    """
+    global _limit
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+        raise ValueError(f"set_output_cache: max_bytes must be an int >= 0; got {max_bytes!r}")
+    _core.keep_output_memory(max_bytes)
+    _limit = max_bytes
+
+
+def get_output_cache() -> int:
+    """The largest freed output, in bytes, that fastnorm keeps for reuse (0: none)."""
+    return _limit

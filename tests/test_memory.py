@@ -1,0 +1,205 @@
+"""The output memory: fastnorm keeps the last freed large output (``set_output_cache``) and reuses it.
+
+A reused block holds whatever the previous output left there, so every test here first poisons
+the block (fills the dropped output with NaN) and then checks the new output against the float64
+reference: a kernel that left any element unwritten would show a NaN. Sizes are >= 1 MiB, where
+the cache starts.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastnorm
+import grad_reference as gref
+import reference as ref
+from fastnorm import _core
+from numpy._core.multiarray import get_handler_name
+
+MIB = 2**20
+RNG = np.random.default_rng(11)
+
+
+@pytest.fixture(autouse=True)
+def default_cache():
+    """Every test starts with the default limit and nothing kept, and leaves it so."""
+    previous = fastnorm.get_output_cache()
+    fastnorm.set_output_cache(0)
+    fastnorm.set_output_cache(256 * MIB)
+    yield
+    fastnorm.set_output_cache(0)
+    fastnorm.set_output_cache(previous)
+
+
+def _layer(x):
+    w, b = RNG.standard_normal(x.shape[-1]).astype(x.dtype), RNG.standard_normal(x.shape[-1]).astype(x.dtype)
+    return (lambda: fastnorm.layer_norm(x, w, b)), ref.layer_norm(x, w, b)[0]
+
+
+def _rms(x):
+    w = RNG.standard_normal(x.shape[-1]).astype(x.dtype)
+    return (lambda: fastnorm.rms_norm(x, w)), ref.rms_norm(x, w)[0]
+
+
+def _batch(x):
+    return (lambda: fastnorm.batch_norm(x, axis=1)), ref.batch_norm(x, axis=1)[0]
+
+
+def _instance(x):
+    return (lambda: fastnorm.instance_norm(x, axis=1)), ref.instance_norm(x, axis=1)[0]
+
+
+def _group(x):
+    return (lambda: fastnorm.group_norm(x, 4, axis=1)), ref.group_norm(x, 4, axis=1)[0]
+
+
+def _layer_backward(x):
+    dy = RNG.standard_normal(x.shape).astype(x.dtype)
+    _, mean, rstd = fastnorm.layer_norm(x, return_stats=True)
+    expected = gref.analytic_grads("layer_norm", dy, x)[0]
+    return (lambda: fastnorm.layer_norm_backward(dy, x, mean, rstd)[0]), expected
+
+
+# (function, shape, dtype, tolerance relative to max|expected|); every output is >= 1 MiB
+CASES = [
+    (_layer, (512, 1024), np.float32, 1e-5),
+    (_layer, (256, 1024), np.float64, 1e-12),
+    (_layer, (1024, 1024), np.float16, 2e-3),
+    (_rms, (512, 1024), np.float32, 1e-5),
+    (_batch, (16, 8, 64, 64), np.float32, 1e-5),
+    (_instance, (16, 8, 64, 64), np.float32, 1e-5),
+    (_group, (16, 8, 64, 64), np.float32, 1e-5),
+    (_layer_backward, (512, 1024), np.float32, 1e-4),
+]
+
+
+@pytest.mark.parametrize("make, shape, dtype, tol", CASES,
+                         ids=[f"{c[0].__name__[1:]}-{np.dtype(c[2]).name}" for c in CASES])
+def test_a_kept_block_is_reused_and_fully_overwritten(make, shape, dtype, tol):
+    x = (RNG.standard_normal(shape) * 3 + 1).astype(dtype)
+    call, expected = make(x)
+    first = call()
+    assert get_handler_name(first) == "fastnorm_output" and first.flags.owndata
+    address = first.ctypes.data
+    first[...] = np.nan                         # poison the block before it is kept
+    del first
+    assert _core.kept_output_bytes() >= x.size * x.dtype.itemsize
+    second = call()
+    assert second.ctypes.data == address        # the same memory came back ...
+    assert _core.kept_output_bytes() == 0
+    scale = np.max(np.abs(expected))
+    np.testing.assert_allclose(second, expected, rtol=0, atol=tol * scale)   # ... every element rewritten
+
+
+def test_live_outputs_never_share_memory():
+    x = RNG.standard_normal((512, 1024)).astype(np.float32)
+    a = fastnorm.layer_norm(x)
+    b = fastnorm.layer_norm(x * 2 + 1)
+    assert not np.shares_memory(a, b)
+    np.testing.assert_allclose(a, ref.layer_norm(x)[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(b, ref.layer_norm(x * 2 + 1)[0], rtol=0, atol=1e-5)
+
+
+def test_out_and_inputs_are_never_kept():
+    x = RNG.standard_normal((512, 1024)).astype(np.float32)
+    out = np.empty_like(x)
+    fastnorm.layer_norm(x, out=out)
+    del out, x
+    assert _core.kept_output_bytes() == 0
+
+
+def test_small_outputs_and_a_different_size_take_fresh_memory():
+    x = RNG.standard_normal((8, 768)).astype(np.float32)
+    assert get_handler_name(fastnorm.layer_norm(x)) != "fastnorm_output"   # 24 KiB: malloc's own reuse
+    big = RNG.standard_normal((512, 1024)).astype(np.float32)
+    y = fastnorm.layer_norm(big)
+    del y
+    assert _core.kept_output_bytes() == 2 * MIB
+    z = fastnorm.layer_norm(big[:256])           # half the size: the kept 2 MiB block is released,
+    np.testing.assert_allclose(z, ref.layer_norm(big[:256])[0], rtol=0, atol=1e-5)
+    assert _core.kept_output_bytes() == 0
+    del z
+    assert _core.kept_output_bytes() == MIB      # not handed out (it would be kept again as 2 MiB)
+
+
+def test_lowering_the_limit_releases_the_kept_block():
+    y = fastnorm.layer_norm(RNG.standard_normal((512, 1024)).astype(np.float32))   # 2 MiB
+    del y
+    assert _core.kept_output_bytes() == 2 * MIB
+    fastnorm.set_output_cache(4 * MIB)           # still fits: kept
+    assert _core.kept_output_bytes() == 2 * MIB
+    fastnorm.set_output_cache(MIB)               # below it: released
+    assert _core.kept_output_bytes() == 0
+    y = fastnorm.layer_norm(RNG.standard_normal((512, 1024)).astype(np.float32))
+    assert get_handler_name(y) != "fastnorm_output"   # above the limit: not from the cache at all
+    fastnorm.set_output_cache(0)
+    assert fastnorm.get_output_cache() == 0
+
+
+def test_a_cached_output_can_be_resized_and_keeps_its_values():
+    x = RNG.standard_normal((512, 1024)).astype(np.float32)
+    y = fastnorm.layer_norm(x)
+    expected = y.copy()
+    y.resize((600, 1024), refcheck=False)        # the handler's realloc; NumPy zero-fills the new rows
+    np.testing.assert_array_equal(y[:512], expected)
+    assert np.all(y[512:] == 0)
+    y.resize((10, 1024), refcheck=False)
+    np.testing.assert_array_equal(y, expected[:10])
+
+
+def test_threads_allocating_and_dropping_outputs_get_correct_values():
+    x = RNG.standard_normal((512, 1024)).astype(np.float32)
+    expected = ref.layer_norm(x)[0]
+    errors = []
+
+    def work():
+        for _ in range(20):
+            y = fastnorm.layer_norm(x)
+            if not np.allclose(y, expected, rtol=0, atol=1e-5):
+                errors.append(float(np.nanmax(np.abs(y - expected))))
+            y[...] = np.nan
+            del y
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_reuses_what_the_parent_kept():
+    x = RNG.standard_normal((512, 1024)).astype(np.float32)
+    y = fastnorm.layer_norm(x)
+    del y
+    pid = os.fork()
+    if pid == 0:
+        ok = _core.kept_output_bytes() == 2 * MIB and np.allclose(fastnorm.layer_norm(x), ref.layer_norm(x)[0],
+                                                                    rtol=0, atol=1e-5)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True, None])
+def test_set_output_cache_rejects_bad_limits(bad):
+    with pytest.raises(ValueError, match="set_output_cache: max_bytes must be an int >= 0"):
+        fastnorm.set_output_cache(bad)
+    assert fastnorm.get_output_cache() == 256 * MIB
+
+
+@pytest.mark.parametrize("value, limit, warns", [("0", 0, False), ("1048576", MIB, False),
+                                                  ("lots", 256 * MIB, True), ("-5", 256 * MIB, True)])
+def test_the_environment_variable_sets_the_limit(value, limit, warns):
+    code = ("import warnings; warnings.simplefilter('always'); import fastnorm; "
+            "print(fastnorm.get_output_cache())")
+    env = dict(os.environ, FASTNORM_OUTPUT_CACHE=value)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(run.stdout) == limit
+    assert ("FASTNORM_OUTPUT_CACHE" in run.stderr) == warns
