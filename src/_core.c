@@ -105,8 +105,11 @@ static PyObject *new_output(PyArrayObject *x, PyArray_Descr *dtype)
 {
     npy_intp itemsize = dtype ? PyDataType_ELSIZE(dtype) : PyArray_ITEMSIZE(x);
     size_t bytes = (size_t)PyArray_SIZE(x) * (size_t)itemsize;
-    if (bytes < KEEP_FROM || atomic_load(&keep_limit) < bytes)
+    if (bytes < KEEP_FROM || atomic_load(&keep_limit) < bytes) {
+        if (!dtype && PyArray_IS_C_CONTIGUOUS(x))   /* the fast paths' case: skips the layout analysis */
+            return PyArray_SimpleNew(PyArray_NDIM(x), PyArray_DIMS(x), PyArray_TYPE(x));
         return PyArray_NewLikeArray(x, NPY_KEEPORDER, dtype, 0);
+    }
     PyObject *previous = PyDataMem_SetHandler(output_handler_capsule);
     if (!previous) {
         Py_XDECREF(dtype);
