@@ -71,14 +71,19 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
 
 /* Statistics of a contiguous float32 group (K, S), then y = affine_group_f32(x); y may be x.
  * mu, r: written (mu = 0 for RMS norm). */
-FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t S, int rms, double eps,
-                                   const float *wf, const float *bf, double *mu, double *r)
+FN_INLINE void stats_of_group_f32(const float *x, int64_t n, int rms, double eps, double *mu, double *r)
 {
     double var;
     *mu = 0.0;
-    if (rms) var = mean_square_of_f32(x, K * S);
-    else moments_of_f32(x, K * S, mu, &var);
+    if (rms) var = mean_square_of_f32(x, n);
+    else moments_of_f32(x, n, mu, &var);
     *r = rstd_of(var, eps);
+}
+
+FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t S, int rms, double eps,
+                                   const float *wf, const float *bf, double *mu, double *r)
+{
+    stats_of_group_f32(x, K * S, rms, eps, mu, r);
     affine_group_f32(y, x, K, S, *mu, *r, wf, bf);
 }
 
@@ -114,7 +119,7 @@ typedef struct {
     fn_mask mask;
     int64_t A, G, K, S;
     double eps;
-    int rms;
+    int rms, stream;                 /* stream: write float32 rows (S = 1) with non-temporal stores */
 } group_args;
 
 /* Forward over groups [begin, end) of the flattened (A, G) index. */
@@ -236,7 +241,7 @@ typedef struct {
     double *mean, *rstd;
     int64_t D;
     double eps;
-    int rms;
+    int rms, stream;                 /* stream: write y with non-temporal stores */
 } rows_args;
 
 FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end, int part)
@@ -250,8 +255,16 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
         for (int64_t k = 0; k < D; k++) ones_zeros[k] = 1.0f, ones_zeros[D + k] = 0.0f;
     }
     const float *w = p->weight ? p->weight : ones_zeros, *b = p->bias ? p->bias : ones_zeros + D;
-    for (int64_t a = begin; a < end; a++)
-        normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a], &p->rstd[a]);
+    for (int64_t a = begin; a < end; a++) {
+        if (!p->stream) {
+            normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a], &p->rstd[a]);
+            continue;
+        }
+        stats_of_group_f32(p->x + a * D, D, p->rms, p->eps, &p->mean[a], &p->rstd[a]);
+        const float mu_hi = (float)p->mean[a], c[3] = {mu_hi, (float)(p->mean[a] - (double)mu_hi), (float)p->rstd[a]};
+        fn_affine_row_streamed(p->y + a * D, p->x + a * D, D, c, w, b);
+    }
+    if (p->stream) fn_stream_fence();
     free(ones_zeros);
     return FN_OK;
 }
@@ -261,7 +274,7 @@ int layer_norm_rows_f32(float *y, double *mean, double *rstd, const float *x, co
 {
     if (A < 0 || D < 1) return FN_EINVAL;
     rows_args p = {.y = y, .x = x, .weight = weight, .bias = bias, .mean = mean, .rstd = rstd, .D = D,
-                   .eps = eps, .rms = rms};
+                   .eps = eps, .rms = rms, .stream = fn_streaming_pays(A * D * (int64_t)sizeof(float))};
     return fn_parallel_for(fn_parts(nthreads, A * D), A, rows_f32_slice, &p);
 }
 
@@ -437,6 +450,11 @@ FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu
     /* dx = dy * (r * w) + c0 - (x - mu) * c1 */
     const float rf = (float)r, c0 = p->rms ? 0.0f : (float)(-r * sum_g / n), c1 = (float)(r * r * sum_g_xhat / n);
     const float mu_hi = (float)mu, mu_lo = (float)(mu - (double)mu_hi);
+    if (S == 1 && p->stream) {
+        const float c[5] = {rf, c0, mu_hi, mu_lo, c1};
+        fn_dx_row_streamed(dx, dy, x, K, c, wf);
+        return;
+    }
     if (S == 1) {
 #pragma omp simd
         for (int64_t k = 0; k < K; k++) dx[k] = dy[k] * (rf * wf[k]) + c0 - ((x[k] - mu_hi) - mu_lo) * c1;
@@ -533,6 +551,7 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         store_group(p->y, bdy, a, g, K, S);
     }
     if (rows_f32) flush_float_sums(dweight, dbias, dwf, dbf, K);
+    if (p->stream) fn_stream_fence();
     free(bx);
     free(wf);
     free(m);
@@ -550,7 +569,8 @@ int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, 
     if (!partial) return FN_ENOMEM;
     group_args p = {.y = dx, .x = x, .dy = dy, .mean = (double *)mean, .rstd = (double *)rstd,
                     .partial = partial, .weight = weight, .mask = mask,
-                    .A = A, .G = G, .K = K, .S = S, .rms = rms};
+                    .A = A, .G = G, .K = K, .S = S, .rms = rms,
+                    .stream = S == 1 && dx.dtype == FN_F32 && fn_streaming_pays(A * G * K * (int64_t)sizeof(float))};
     int status = fn_parallel_for(parts, A * G, backward_slice, &p);
     /* dweight, dbias = the slices' sums, added in slice order */
     for (int64_t c = 0; c < G * K; c++) {

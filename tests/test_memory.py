@@ -203,3 +203,55 @@ def test_the_environment_variable_sets_the_limit(value, limit, warns):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(run.stdout) == limit
     assert ("FASTNORM_OUTPUT_CACHE" in run.stderr) == warns
+
+
+# ---- streamed outputs ------------------------------------------------------------------------------
+# Float32 layer/RMS-norm rows and layer-norm dx of half the last-level cache or more (and >= 8 MiB)
+# are written with non-temporal stores on AVX-512F CPUs: the same arithmetic, so the same bits as
+# the same rows computed in small calls (plain stores). 64 MiB here, above the threshold on the
+# dev machine (105 MiB L3); where it is not, these still check the values.
+STREAM_ROWS = 16384
+
+
+def _in_chunks(f, *arrays, rows=256):
+    return np.concatenate([f(*(a[i:i + rows] for a in arrays)) for i in range(0, arrays[0].shape[0], rows)])
+
+
+@pytest.mark.parametrize("D, misalign", [(1024, 0), (1000, 1)], ids=["aligned", "misaligned-odd-rows"])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_streamed_rows_have_the_bits_of_small_calls(op, D, misalign):
+    rows = (64 << 20) // (4 * D) + 1
+    x = (RNG.standard_normal((rows, D), dtype=np.float32) * 2 + 3).astype(np.float32)
+    w, b = RNG.standard_normal(D).astype(np.float32), RNG.standard_normal(D).astype(np.float32)
+    f = getattr(fastnorm, op)
+    call = (lambda v, out=None: f(v, w, b, out=out))
+    raw = np.empty(x.size + 16, np.float32)
+    out = raw[misalign:misalign + x.size].reshape(x.shape)   # 4 bytes off 64-byte alignment when misaligned
+    out[...] = np.nan
+    y = call(x, out)
+    np.testing.assert_array_equal(y, _in_chunks(call, x))
+    sample = slice(0, None, 997)
+    expected = getattr(ref, op)(x[sample], w, b)[0]
+    np.testing.assert_allclose(y[sample], expected, rtol=0, atol=2e-5 * np.max(np.abs(expected)))
+    fastnorm.set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(call(x), y)
+    finally:
+        fastnorm.set_num_threads(fastnorm._threads._from_environment())
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "out=dy"])
+def test_streamed_layer_norm_dx_has_the_bits_of_small_calls(in_place):
+    x = (RNG.standard_normal((STREAM_ROWS, 1024), dtype=np.float32) * 2 + 3).astype(np.float32)
+    dy = RNG.standard_normal(x.shape, dtype=np.float32)
+    w = RNG.standard_normal(1024).astype(np.float32)
+    _, mean, rstd = fastnorm.layer_norm(x, w, return_stats=True)
+    small = _in_chunks(lambda d, v, m, r: fastnorm.layer_norm_backward(d, v, m, r, w)[0], dy, x, mean, rstd)
+    dy_copy = dy.copy()
+    dx, dweight, dbias = fastnorm.layer_norm_backward(dy, x, mean, rstd, w, out=dy if in_place else None)
+    assert (dx is dy) == in_place
+    np.testing.assert_array_equal(dx, small)
+    sample = slice(0, None, 997)
+    expected = gref.analytic_grads("layer_norm", dy_copy[sample], x[sample], w)[0]
+    np.testing.assert_allclose(dx[sample], expected, rtol=0, atol=1e-4 * np.max(np.abs(expected)))
+    np.testing.assert_allclose(dbias, dy_copy.sum(axis=0, dtype=np.float64), rtol=1e-5, atol=1e-3)
