@@ -176,7 +176,13 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         if (f32_in_place && s_real == S) {
             const float *xg = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r);
+            if (S == 1 && p->stream) {
+                stats_of_group_f32(xg, K, p->rms, p->eps, &mu, &r);
+                const float mu_hi = (float)mu, c[3] = {mu_hi, (float)(mu - (double)mu_hi), (float)r};
+                fn_affine_row_streamed(yg, xg, K, c, wf + g * K, bf + g * K);
+            } else {
+                normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r);
+            }
         } else if (f16_via_f32 && s_real == S) {
             const uint16_t *xg = (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             if (p->rms) var = mean_square_of_halves(xg, n_group);
@@ -198,7 +204,8 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             if (p->rms) var = mean_square_of(xg, n_group);
             else moments_of(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
-            affine_group(yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
+            if (S == 1 && p->stream) fn_affine_row_streamed_f64(yg, xg, K, mu, r, weight + g * K, bias + g * K);
+            else affine_group(yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
         } else {
             load_group(buf, p->x, a, g, K, S);
             if (s_real > 0) {
@@ -217,6 +224,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         p->mean[i] = mu;
         p->rstd[i] = r;
     }
+    if (p->stream) fn_stream_fence();
     free(buf);
     free(wf);
     free(m);
@@ -229,7 +237,9 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
 {
     if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
     group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .weight = weight, .bias = bias,
-                    .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms};
+                    .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms,
+                    .stream = S == 1 && y.dtype != FN_F16 &&
+                              fn_streaming_pays(A * G * K * (int64_t)(y.dtype == FN_F64 ? 8 : 4))};
     return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
 }
 

@@ -206,8 +206,8 @@ def test_the_environment_variable_sets_the_limit(value, limit, warns):
 
 
 # ---- streamed outputs ------------------------------------------------------------------------------
-# Float32 layer/RMS-norm rows and layer-norm dx of half the last-level cache or more (and >= 8 MiB)
-# are written with non-temporal stores on AVX-512F CPUs: the same arithmetic, so the same bits as
+# Float32/64 layer/RMS-norm rows and float32 layer-norm dx of half the last-level cache or more
+# (and >= 8 MiB) are written with non-temporal stores on AVX-512F CPUs: the same arithmetic, so the same bits as
 # the same rows computed in small calls (plain stores). 64 MiB here, above the threshold on the
 # dev machine (105 MiB L3); where it is not, these still check the values.
 STREAM_ROWS = 16384
@@ -218,21 +218,27 @@ def _in_chunks(f, *arrays, rows=256):
 
 
 @pytest.mark.parametrize("D, misalign", [(1024, 0), (1000, 1)], ids=["aligned", "misaligned-odd-rows"])
-@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
-def test_streamed_rows_have_the_bits_of_small_calls(op, D, misalign):
-    rows = (64 << 20) // (4 * D) + 1
-    x = (RNG.standard_normal((rows, D), dtype=np.float32) * 2 + 3).astype(np.float32)
-    w, b = RNG.standard_normal(D).astype(np.float32), RNG.standard_normal(D).astype(np.float32)
+@pytest.mark.parametrize("op, dtype, param_dtype", [("layer_norm", np.float32, np.float32),
+                                                    ("rms_norm", np.float32, np.float32),
+                                                    ("layer_norm", np.float32, np.float64),   # the general path
+                                                    ("layer_norm", np.float64, np.float64)],
+                         ids=["layer-f32", "rms-f32", "layer-f32-general", "layer-f64"])
+def test_streamed_rows_have_the_bits_of_small_calls(op, dtype, param_dtype, D, misalign):
+    itemsize = np.dtype(dtype).itemsize
+    rows = (64 << 20) // (itemsize * D) + 1
+    x = (RNG.standard_normal((rows, D)) * 2 + 3).astype(dtype)
+    w, b = RNG.standard_normal(D).astype(param_dtype), RNG.standard_normal(D).astype(param_dtype)
     f = getattr(fastnorm, op)
     call = (lambda v, out=None: f(v, w, b, out=out))
-    raw = np.empty(x.size + 16, np.float32)
-    out = raw[misalign:misalign + x.size].reshape(x.shape)   # 4 bytes off 64-byte alignment when misaligned
+    raw = np.empty(x.size + 16, dtype)
+    out = raw[misalign:misalign + x.size].reshape(x.shape)   # one element off 64-byte alignment when misaligned
     out[...] = np.nan
     y = call(x, out)
     np.testing.assert_array_equal(y, _in_chunks(call, x))
     sample = slice(0, None, 997)
     expected = getattr(ref, op)(x[sample], w, b)[0]
-    np.testing.assert_allclose(y[sample], expected, rtol=0, atol=2e-5 * np.max(np.abs(expected)))
+    tol = 2e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(y[sample], expected, rtol=0, atol=tol * np.max(np.abs(expected)))
     fastnorm.set_num_threads(1)
     try:
         np.testing.assert_array_equal(call(x), y)

@@ -281,13 +281,15 @@ static void test_half_sums(void)
     check_close("float16 sums differing from the written-out algorithm", bad, 0, 0);
 }
 
-/* The streamed float32 row writers against their formulas written out (plain float arithmetic):
+/* The streamed row writers against their formulas written out (plain float/double arithmetic):
  * every length 0..80 and every start 0..16 floats into a 64-byte aligned buffer, so that the
  * plain-store head, the 16-wide non-temporal middle (on AVX-512F CPUs) and the tail all run. Bit
  * for bit; dx also in place (dx = dy). */
 static void test_streamed_rows(void)
 {
     static float buf[3][128] __attribute__((aligned(64)));
+    static double dbuf[128] __attribute__((aligned(64)));
+    double xd[96], wd[96], bd[96];
     float x[96], dy[96], w[96], b[96];
     const float c3[3] = {3.25f, 1e-7f, 0.75f}, c5[5] = {0.75f, -0.125f, 3.25f, 1e-7f, 0.0625f};
     for (int i = 0; i < 96; i++) {
@@ -295,6 +297,7 @@ static void test_streamed_rows(void)
         dy[i] = (float)((i * 11) % 7) / 3.0f - 1.0f;
         w[i] = (float)(i % 13) / 4.0f - 1.0f;
         b[i] = (float)(i % 5) * 0.1f;
+        xd[i] = x[i] * 1.1, wd[i] = w[i] * 0.9, bd[i] = b[i] - 0.3;
     }
     int bad = 0;
     for (int start = 0; start <= 16; start++)
@@ -304,7 +307,9 @@ static void test_streamed_rows(void)
             fn_affine_row_streamed(y, x, n, c3, w, b);
             fn_dx_row_streamed(dx, dy, x, n, c5, w);
             fn_dx_row_streamed(g, g, x, n, c5, w);
+            fn_affine_row_streamed_f64(dbuf + start, xd, n, 3.25, 0.75, wd, bd);
             fn_stream_fence();
+            for (int i = 0; i < n; i++) bad += dbuf[start + i] != (xd[i] - 3.25) * (0.75 * wd[i]) + bd[i];
             for (int i = 0; i < n; i++) {
                 float want_y = ((x[i] - c3[0]) - c3[1]) * (c3[2] * w[i]) + b[i];
                 float want_dx = dy[i] * (c5[0] * w[i]) + c5[1] - ((x[i] - c5[2]) - c5[3]) * c5[4];
