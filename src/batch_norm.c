@@ -104,6 +104,7 @@ typedef struct {
     const double *center, *coef_x, *coef_dy, *shift;
     double *partial;                 /* per slice: (count, mean, m2) or (sum_dy, sum_dy_xc), C each */
     int64_t O, C, S;
+    int stream;                      /* channel_combine: write float32 rows with non-temporal stores */
 } channel_args;
 
 /* Statistics of rows/planes o in [begin, end) into this slice's (count, mean, m2). */
@@ -237,6 +238,22 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
         f[3 * C + c] = (float)p->shift[c];
         f[4 * C + c] = has_dy ? (float)p->coef_dy[c] : 0.0f;
     }
+    /* a large output of contiguous rows (and no mask): the whole slice in one streamed pass */
+    if (f32 && S == 1 && C >= 16 && !p->mask.data && p->stream && p->x.stride[0] == 4 * C &&
+        p->out.stride[0] == 4 * C && (!has_dy || p->dy.stride[0] == 4 * C)) {
+        float *f2 = malloc((size_t)(10 * C) * sizeof(float));
+        if (f2) {
+            for (int k = 0; k < 5; k++)
+                for (int64_t c = 0; c < 2 * C; c++) f2[2 * k * C + c] = f[k * C + c % C];
+            fn_combine_rows_streamed((float *)(p->out.data + begin * p->out.stride[0]),
+                                     (const float *)(p->x.data + begin * p->x.stride[0]),
+                                     has_dy ? (const float *)(p->dy.data + begin * p->dy.stride[0]) : NULL,
+                                     (end - begin) * C, C, f2);
+            fn_stream_fence();
+            free(f2);
+            begin = end;                /* done; the loop below has nothing left */
+        }
+    }
     for (int64_t o = begin; o < end; o++) {
         int64_t real = load_mask_row(m, p->mask, o, S);
         if (f32 && real == S) {
@@ -304,7 +321,8 @@ int channel_combine(fn_view out, fn_view x, const double *center, const double *
 {
     if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
     channel_args p = {.out = out, .x = x, .dy = dy, .mask = mask, .center = center, .coef_x = coef_x,
-                      .coef_dy = coef_dy, .shift = shift, .O = O, .C = C, .S = S};
+                      .coef_dy = coef_dy, .shift = shift, .O = O, .C = C, .S = S,
+                      .stream = out.dtype == FN_F32 && fn_streaming_pays(O * C * S * (int64_t)sizeof(float))};
     return fn_parallel_for(channel_parts(nthreads, O, O * C * S), O, combine_slice, &p);
 }
 

@@ -280,6 +280,23 @@ __attribute__((target("avx512f"))) static int64_t affine_row_streamed_f64_avx512
     return i;
 }
 
+__attribute__((target("avx512f"))) static int64_t combine_rows_streamed_avx512(float *y, const float *x,
+                                                                           const float *dy, int64_t n, int64_t C,
+                                                                           const float *f2)
+{
+    const float *hi = f2, *lo = f2 + 2 * C, *cx = f2 + 4 * C, *sh = f2 + 6 * C, *cdy = f2 + 8 * C;
+    int64_t i = 0, q = 0;                                   /* q = i % C */
+    for (; i < n && ((uintptr_t)(y + i) & 63); i++, q = q + 1 == C ? 0 : q + 1)
+        y[i] = dy ? ((x[i] - hi[q]) - lo[q]) * cx[q] + dy[i] * cdy[q] + sh[q] : ((x[i] - hi[q]) - lo[q]) * cx[q] + sh[q];
+    for (; i + 16 <= n; i += 16, q = q + 16 >= C ? q + 16 - C : q + 16) {
+        __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(hi + q)), _mm512_loadu_ps(lo + q));
+        __m512 v = _mm512_mul_ps(d, _mm512_loadu_ps(cx + q));
+        if (dy) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_loadu_ps(dy + i), _mm512_loadu_ps(cdy + q)));
+        _mm512_stream_ps(y + i, _mm512_add_ps(v, _mm512_loadu_ps(sh + q)));
+    }
+    return i;
+}
+
 #define HAS_AVX512F() __builtin_cpu_supports("avx512f")
 #define HAS_F16C() __builtin_cpu_supports("f16c")
 #else
@@ -296,6 +313,7 @@ __attribute__((target("avx512f"))) static int64_t affine_row_streamed_f64_avx512
 #define affine_row_streamed_avx512(y, x, n, c, w, b) ((int64_t)0)
 #define dx_row_streamed_avx512(dx, dy, x, n, c, w) ((int64_t)0)
 #define affine_row_streamed_f64_avx512(y, x, n, mu, r, w, b) ((int64_t)0)
+#define combine_rows_streamed_avx512(y, x, dy, n, C, f2) ((int64_t)0)
 #endif
 
 FN_VECTOR_CLONES void fn_halves_to_floats(float *dst, const uint16_t *src, int64_t n)
@@ -379,6 +397,20 @@ void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu
 {
     int64_t i = HAS_AVX512F() ? affine_row_streamed_f64_avx512(y, x, n, mu, r, w, b) : 0;
     for (; i < n; i++) y[i] = (x[i] - mu) * (r * w[i]) + b[i];
+}
+
+/* Contiguous float32 rows of C >= 16 channels, n elements from a row start: element i is
+ * ((x[i] - hi) - lo) * coef_x (+ dy[i] * coef_dy) + shift of channel i % C, as batch norm's
+ * combine_line_f32, the same bits, streamed. f2: (5, 2C): hi, lo, coef_x, shift, coef_dy, each
+ * written twice over, so that 16 channels from any q < C are contiguous. dy may be NULL. */
+void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C, const float *f2)
+{
+    int64_t i = HAS_AVX512F() ? combine_rows_streamed_avx512(y, x, dy, n, C, f2) : 0;
+    for (; i < n; i++) {
+        const int64_t q = i % C;
+        const float d = (x[i] - f2[q]) - f2[2 * C + q];
+        y[i] = dy ? d * f2[4 * C + q] + dy[i] * f2[8 * C + q] + f2[6 * C + q] : d * f2[4 * C + q] + f2[6 * C + q];
+    }
 }
 
 /* dx[k] = dy[k] * (c[0] * w[k]) + c[1] - ((x[k] - c[2]) - c[3]) * c[4]: a row of dx_group_f32

@@ -80,6 +80,7 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3
 void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu, double r, const double *w,
                                 const double *b);
 void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, const float c[5], const float *w);
+void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C, const float *f2);
 void fn_stream_fence(void);
 uint16_t fn_float_to_half(float f);
 

@@ -261,3 +261,32 @@ def test_streamed_layer_norm_dx_has_the_bits_of_small_calls(in_place):
     expected = gref.analytic_grads("layer_norm", dy_copy[sample], x[sample], w)[0]
     np.testing.assert_allclose(dx[sample], expected, rtol=0, atol=1e-4 * np.max(np.abs(expected)))
     np.testing.assert_allclose(dbias, dy_copy.sum(axis=0, dtype=np.float64), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("C, misalign", [(64, 0), (100, 1)], ids=["aligned", "misaligned-100-channels"])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_streamed_batch_norm_rows_have_the_bits_of_plain_stores(backward, C, misalign):
+    """Batch norm over rows of C channels, 64 MiB: streamed into a contiguous out, and with plain
+    stores into a strided out (rows C + 16 apart, which the streamed pass does not take)."""
+    O = (64 << 20) // (4 * C) + 3
+    x = (RNG.standard_normal((O, C), dtype=np.float32) * 2 + 3).astype(np.float32)
+    w, b = RNG.standard_normal(C).astype(np.float32), RNG.standard_normal(C).astype(np.float32)
+    if backward:
+        dy = RNG.standard_normal(x.shape, dtype=np.float32)
+        _, mean, rstd = fastnorm.batch_norm(x, w, b, return_stats=True)
+        call = (lambda out: fastnorm.batch_norm_backward(dy, x, mean, rstd, w, out=out)[0])
+    else:
+        call = (lambda out: fastnorm.batch_norm(x, w, b, out=out))
+    flat = np.empty(x.size + 16, np.float32)
+    streamed_out = flat[misalign:misalign + x.size].reshape(x.shape)
+    strided_out = np.empty((O, C + 16), np.float32)[:, :C]
+    streamed_out[...] = np.nan
+    y = call(streamed_out)
+    assert y is streamed_out
+    np.testing.assert_array_equal(y, call(strided_out))
+    rows = slice(0, None, 1009)
+    if backward:
+        expected = gref.analytic_grads("batch_norm", dy, x, w)[0][rows]
+    else:
+        expected = ref.batch_norm(x, w, b)[0][rows]
+    np.testing.assert_allclose(y[rows], expected, rtol=0, atol=1e-4 * np.max(np.abs(expected)))

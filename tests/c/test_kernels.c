@@ -317,6 +317,30 @@ static void test_streamed_rows(void)
             }
         }
     check_close("streamed rows differing", bad, 0, 0);
+    /* batch norm's rows of C channels, from channel 0 of a row, with and without dy */
+    static float f2[10 * 40], yb[400] __attribute__((aligned(64)));
+    float xs[384], dys[384];
+    for (int i = 0; i < 384; i++) xs[i] = 2.0f + (float)((i * 29) % 31) / 8.0f, dys[i] = (float)((i * 13) % 9) / 4.0f - 1.0f;
+    bad = 0;
+    const int channels[] = {16, 17, 40};
+    for (int t = 0; t < 3; t++) {
+        const int C = channels[t];
+        for (int k = 0; k < 5; k++)
+            for (int c = 0; c < 2 * C; c++) f2[2 * k * C + c] = (float)(k + 1) * 0.5f + (float)(c % C) / 16.0f;
+        for (int start = 0; start <= 16; start += 3)
+            for (int n = 0; n <= 384 - 16; n += 7)
+                for (int with_dy = 0; with_dy < 2; with_dy++) {
+                    fn_combine_rows_streamed(yb + start, xs, with_dy ? dys : NULL, n, C, f2);
+                    fn_stream_fence();
+                    for (int i = 0; i < n; i++) {
+                        const int q = i % C;
+                        const float d = ((xs[i] - f2[q]) - f2[2 * C + q]) * f2[4 * C + q];
+                        const float want = with_dy ? d + dys[i] * f2[8 * C + q] + f2[6 * C + q] : d + f2[6 * C + q];
+                        bad += yb[start + i] != want;
+                    }
+                }
+    }
+    check_close("streamed channel rows differing", bad, 0, 0);
 }
 
 int main(void)
