@@ -82,3 +82,17 @@ def test_fork_in_the_middle_of_use_leaves_a_working_child():
 def test_set_num_threads_rejects_bad_counts(bad):
     with pytest.raises(ValueError, match="set_num_threads"):
         fastnorm.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("value, threads, warns", [("1", 1, False), ("3", 3, False), ("0", None, True),
+                                                   ("many", None, True)])
+def test_the_environment_variable_sets_the_thread_count(value, threads, warns):
+    import subprocess
+    import sys
+    code = ("import warnings; warnings.simplefilter('always'); import fastnorm; "
+            "print(fastnorm.get_num_threads(), fastnorm._threads._available_cores())")
+    env = dict(os.environ, FASTNORM_NUM_THREADS=value)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    got, cores = map(int, run.stdout.split())
+    assert got == (threads if threads is not None else cores)
+    assert ("FASTNORM_NUM_THREADS" in run.stderr) == warns

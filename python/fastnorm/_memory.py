@@ -9,30 +9,13 @@ are never touched by this. The state lives in ``fastnorm._core`` (an atomically 
 """
 from __future__ import annotations
 
-import os
-import warnings
-
 from . import _core
+from ._threads import int_from_environment
 
 DEFAULT_LIMIT = 256 * 2**20
 
 
-def _from_environment() -> int:
-    value = os.environ.get("FASTNORM_OUTPUT_CACHE", "").strip()
-    if not value:
-        return DEFAULT_LIMIT
-    try:
-        n = int(value)
-        if n < 0:
-            raise ValueError
-    except ValueError:
-        warnings.warn(f"FASTNORM_OUTPUT_CACHE={value!r} is not an int >= 0 (bytes); using {DEFAULT_LIMIT}",
-                      RuntimeWarning, stacklevel=2)
-        return DEFAULT_LIMIT
-    return n
-
-
-_limit = _from_environment()
+_limit = int_from_environment("FASTNORM_OUTPUT_CACHE", 0, DEFAULT_LIMIT, "an int >= 0 (bytes)")
 _core.keep_output_memory(_limit)
 
 

@@ -17,19 +17,24 @@ def _available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _from_environment() -> int:
-    value = os.environ.get("FASTNORM_NUM_THREADS", "").strip()
+def int_from_environment(name: str, minimum: int, default: int, what: str) -> int:
+    """The int >= minimum in environment variable `name`; `default` (with a RuntimeWarning naming
+    the variable and `what` it should be, when it is set to anything else) otherwise."""
+    value = os.environ.get(name, "").strip()
     if not value:
-        return _available_cores()
+        return default
     try:
         n = int(value)
-        if n < 1:
+        if n < minimum:
             raise ValueError
     except ValueError:
-        warnings.warn(f"FASTNORM_NUM_THREADS={value!r} is not a positive int; using {_available_cores()}",
-                      RuntimeWarning, stacklevel=2)
-        return _available_cores()
+        warnings.warn(f"{name}={value!r} is not {what}; using {default}", RuntimeWarning, stacklevel=3)
+        return default
     return n
+
+
+def _from_environment() -> int:
+    return int_from_environment("FASTNORM_NUM_THREADS", 1, _available_cores(), "a positive int")
 
 
 num_threads = _from_environment()
