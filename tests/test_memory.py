@@ -187,6 +187,13 @@ def test_a_forked_child_reuses_what_the_parent_kept():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
+def test_a_limit_beyond_any_size_is_taken():
+    fastnorm.set_output_cache(2**80)
+    assert fastnorm.get_output_cache() == 2**80
+    y = fastnorm.layer_norm(RNG.standard_normal((512, 1024)).astype(np.float32))
+    assert get_handler_name(y) == "fastnorm_output"
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, "2", True, None])
 def test_set_output_cache_rejects_bad_limits(bad):
     with pytest.raises(ValueError, match="set_output_cache: max_bytes must be an int >= 0"):

@@ -9,6 +9,8 @@ are never touched by this. The state lives in ``fastnorm._core`` (an atomically 
 """
 from __future__ import annotations
 
+import sys
+
 from . import _core
 from ._threads import int_from_environment
 
@@ -16,7 +18,7 @@ DEFAULT_LIMIT = 256 * 2**20
 
 
 _limit = int_from_environment("FASTNORM_OUTPUT_CACHE", 0, DEFAULT_LIMIT, "an int >= 0 (bytes)")
-_core.keep_output_memory(_limit)
+_core.keep_output_memory(min(_limit, sys.maxsize))
 
 
 def set_output_cache(max_bytes: int) -> None:
@@ -28,7 +30,7 @@ def set_output_cache(max_bytes: int) -> None:
     global _limit
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
         raise ValueError(f"set_output_cache: max_bytes must be an int >= 0; got {max_bytes!r}")
-    _core.keep_output_memory(max_bytes)
+    _core.keep_output_memory(min(max_bytes, sys.maxsize))    # no block is larger anyway
     _limit = max_bytes
 
 
