@@ -70,21 +70,22 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
 }
 
 /* Statistics of a contiguous float32 group (K, S), then y = affine_group_f32(x); y may be x.
- * mu, r: written (mu = 0 for RMS norm). */
-FN_INLINE void stats_of_group_f32(const float *x, int64_t n, int rms, double eps, double *mu, double *r)
+ * mu, r: written (mu = 0 for RMS norm). stream: a row (S = 1) is written with non-temporal
+ * stores (convert.c: the same arithmetic, the same bits). */
+FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t S, int rms, double eps,
+                                   const float *wf, const float *bf, double *mu, double *r, int stream)
 {
     double var;
     *mu = 0.0;
-    if (rms) var = mean_square_of_f32(x, n);
-    else moments_of_f32(x, n, mu, &var);
+    if (rms) var = mean_square_of_f32(x, K * S);
+    else moments_of_f32(x, K * S, mu, &var);
     *r = rstd_of(var, eps);
-}
-
-FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t S, int rms, double eps,
-                                   const float *wf, const float *bf, double *mu, double *r)
-{
-    stats_of_group_f32(x, K * S, rms, eps, mu, r);
-    affine_group_f32(y, x, K, S, *mu, *r, wf, bf);
+    if (S == 1 && stream) {
+        const float mu_hi = (float)*mu, c[3] = {mu_hi, (float)(*mu - (double)mu_hi), (float)*r};
+        fn_affine_row_streamed(y, x, K, c, wf, bf);
+    } else {
+        affine_group_f32(y, x, K, S, *mu, *r, wf, bf);
+    }
 }
 
 /* The same in double, for a contiguous float64 group or the double buffer of any group; y may be x. */
@@ -176,13 +177,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         if (f32_in_place && s_real == S) {
             const float *xg = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            if (S == 1 && p->stream) {
-                stats_of_group_f32(xg, K, p->rms, p->eps, &mu, &r);
-                const float mu_hi = (float)mu, c[3] = {mu_hi, (float)(mu - (double)mu_hi), (float)r};
-                fn_affine_row_streamed(yg, xg, K, c, wf + g * K, bf + g * K);
-            } else {
-                normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r);
-            }
+            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r, p->stream);
         } else if (f16_via_f32 && s_real == S) {
             const uint16_t *xg = (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             if (p->rms) var = mean_square_of_halves(xg, n_group);
@@ -265,15 +260,9 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
         for (int64_t k = 0; k < D; k++) ones_zeros[k] = 1.0f, ones_zeros[D + k] = 0.0f;
     }
     const float *w = p->weight ? p->weight : ones_zeros, *b = p->bias ? p->bias : ones_zeros + D;
-    for (int64_t a = begin; a < end; a++) {
-        if (!p->stream) {
-            normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a], &p->rstd[a]);
-            continue;
-        }
-        stats_of_group_f32(p->x + a * D, D, p->rms, p->eps, &p->mean[a], &p->rstd[a]);
-        const float mu_hi = (float)p->mean[a], c[3] = {mu_hi, (float)(p->mean[a] - (double)mu_hi), (float)p->rstd[a]};
-        fn_affine_row_streamed(p->y + a * D, p->x + a * D, D, c, w, b);
-    }
+    for (int64_t a = begin; a < end; a++)
+        normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a], &p->rstd[a],
+                            p->stream);
     if (p->stream) fn_stream_fence();
     free(ones_zeros);
     return FN_OK;
