@@ -374,24 +374,15 @@ static int plain_param(PyObject *obj, int type, npy_intp D, const void **p)
 /* Below this many elements the fast path keeps the GIL: releasing it costs more than it frees. */
 enum { FAST_KEEP_GIL_ELEMENTS = 1 << 15 };
 
-/* rows_fast(x, weight, bias, eps, out, rms, nthreads): layer/RMS norm along the last axis of a
- * plain C-contiguous float32/64 array, the common case, with no Python in between. Returns y,
- * or NotImplemented when any argument needs the general path (which also owns the errors).
- * Positional arguments by the vectorcall protocol: no argument tuple to build or parse. */
-static PyObject *py_rows_fast(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Layer/RMS norm along the last axis of a plain C-contiguous float32/64 array x, the common case,
+ * with no Python in between: weight, bias None or plain (D) arrays of x's dtype, out None or a
+ * plain array of x's shape (x itself, or not overlapping it). Returns y, or NotImplemented when
+ * any argument needs the general path (which also owns the errors). */
+static PyObject *rows_forward_fast(PyObject *ox, PyObject *ow, PyObject *ob, double eps, PyObject *oout, int rms,
+                                   long nthreads)
 {
-    (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "_core.rows_fast takes 7 arguments");
-        return NULL;
-    }
-    PyObject *ox = args[0], *ow = args[1], *ob = args[2], *oout = args[4], *result = NULL;
-    if (!PyArray_CheckExact(ox) || !PyFloat_CheckExact(args[3]) || !PyLong_CheckExact(args[6]))
-        Py_RETURN_NOTIMPLEMENTED;
-    const double eps = PyFloat_AS_DOUBLE(args[3]);
-    const int rms = PyObject_IsTrue(args[5]);
-    const long nthreads = PyLong_AsLong(args[6]);
-    if (rms < 0 || (nthreads == -1 && PyErr_Occurred())) return NULL;
+    PyObject *result = NULL;
+    if (!PyArray_CheckExact(ox)) Py_RETURN_NOTIMPLEMENTED;
     PyArrayObject *x = (PyArrayObject *)ox;
     int type = PyArray_TYPE(x), nd = PyArray_NDIM(x), status;
     if ((type != NPY_FLOAT && type != NPY_DOUBLE) || !is_plain(ox, type) || nd < 1 || !(eps >= 0.0) ||
@@ -435,6 +426,206 @@ static PyObject *py_rows_fast(PyObject *self, PyObject *const *args, Py_ssize_t 
 done:
     if (stats != stack_stats) PyMem_RawFree(stats);
     return result;
+}
+
+/* ---- fastnorm.layer_norm and fastnorm.rms_norm ----------------------------------------------------
+ * The public functions are objects of this type: a call that rows_forward_fast can take (x and
+ * at most weight, bias positionally; keywords weight, bias, eps (a float), out; axis=-1;
+ * mask=None; return_stats=False) runs there with no Python frame in between; every other call
+ * goes, unchanged, to the Python function it wraps, which owns the general path, the checks and
+ * the messages. That function also gives the object its __doc__, __name__, __module__ and, as
+ * __wrapped__, its signature (inspect.signature, help()). Pickled by name, like a function. */
+enum { KW_WEIGHT, KW_BIAS, KW_AXIS, KW_EPS, KW_MASK, KW_OUT, KW_RETURN_STATS, KW_COUNT };
+static const char *const rows_keywords[KW_COUNT] = {"weight", "bias", "axis", "eps", "mask", "out", "return_stats"};
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *wrapped;                /* the Python function */
+    PyObject *threads;                /* the fastnorm._threads module: num_threads, read per call */
+    PyObject *names[KW_COUNT + 1];    /* interned: rows_keywords, then "num_threads" */
+    int rms;
+} RowsFunction;
+
+/* Which of rows_keywords `name` is, or -1. */
+static int keyword_index(const RowsFunction *f, PyObject *name)
+{
+    for (int j = 0; j < KW_COUNT; j++)
+        if (name == f->names[j]) return j;
+    for (int j = 0; j < KW_COUNT; j++)
+        if (PyUnicode_Compare(name, f->names[j]) == 0) return j;
+    return -1;
+}
+
+/* An exact int equal to `value`, without raising. */
+static int is_int_equal(PyObject *obj, long value)
+{
+    int overflow;
+    return PyLong_CheckExact(obj) && PyLong_AsLongAndOverflow(obj, &overflow) == value && !overflow;
+}
+
+static PyObject *rows_function_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    RowsFunction *f = (RowsFunction *)self;
+    const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *given[KW_COUNT] = {NULL};
+    if (nargs < 1 || nargs > 3) goto general;
+    if (nargs > 1) given[KW_WEIGHT] = args[1];
+    if (nargs > 2) given[KW_BIAS] = args[2];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        const int j = keyword_index(f, PyTuple_GET_ITEM(kwnames, i));
+        if (j < 0 || given[j]) goto general;          /* unknown or given twice: the Python function raises */
+        given[j] = args[nargs + i];
+    }
+    if ((given[KW_AXIS] && !is_int_equal(given[KW_AXIS], -1)) || (given[KW_EPS] && !PyFloat_CheckExact(given[KW_EPS])) ||
+        (given[KW_MASK] && given[KW_MASK] != Py_None) ||
+        (given[KW_RETURN_STATS] && given[KW_RETURN_STATS] != Py_False))
+        goto general;
+    PyObject *n = PyObject_GetAttr(f->threads, f->names[KW_COUNT]);
+    if (!n) return NULL;
+    int overflow;
+    const long nthreads = PyLong_CheckExact(n) ? PyLong_AsLongAndOverflow(n, &overflow) : 0;
+    Py_DECREF(n);
+    PyObject *none = Py_None, *y = rows_forward_fast(
+        args[0], given[KW_WEIGHT] ? given[KW_WEIGHT] : none, given[KW_BIAS] ? given[KW_BIAS] : none,
+        given[KW_EPS] ? PyFloat_AS_DOUBLE(given[KW_EPS]) : 1e-5, given[KW_OUT] ? given[KW_OUT] : none, f->rms,
+        nthreads);
+    if (y != Py_NotImplemented) return y;         /* y, or NULL with the kernel's error */
+    Py_DECREF(y);
+general:
+    return PyObject_Vectorcall(f->wrapped, args, nargsf, kwnames);
+}
+
+static int rows_function_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    RowsFunction *f = (RowsFunction *)self;
+    Py_VISIT(f->wrapped);
+    Py_VISIT(f->threads);
+    return 0;
+}
+
+static int rows_function_clear(PyObject *self)
+{
+    RowsFunction *f = (RowsFunction *)self;
+    Py_CLEAR(f->wrapped);
+    Py_CLEAR(f->threads);
+    return 0;
+}
+
+static void rows_function_dealloc(PyObject *self)
+{
+    RowsFunction *f = (RowsFunction *)self;
+    PyObject_GC_UnTrack(self);
+    rows_function_clear(self);
+    for (int j = 0; j <= KW_COUNT; j++) Py_XDECREF(f->names[j]);
+    PyObject_GC_Del(self);
+}
+
+/* __doc__, __name__, __qualname__, __module__: the wrapped function's (closure: the name). */
+static PyObject *rows_function_from_wrapped(PyObject *self, void *name)
+{
+    return PyObject_GetAttrString(((RowsFunction *)self)->wrapped, name);
+}
+
+static PyObject *rows_function_wrapped(PyObject *self, void *unused)
+{
+    (void)unused;
+    return Py_NewRef(((RowsFunction *)self)->wrapped);
+}
+
+/* Any other attribute (__defaults__, __annotations__, ...) is the wrapped function's too. */
+static PyObject *rows_function_getattro(PyObject *self, PyObject *name)
+{
+    PyObject *value = PyObject_GenericGetAttr(self, name);
+    if (value || !PyErr_ExceptionMatches(PyExc_AttributeError)) return value;
+    PyErr_Clear();
+    return PyObject_GetAttr(((RowsFunction *)self)->wrapped, name);
+}
+
+/* As a class attribute it stays a plain function, as built-in functions do (no binding). */
+static PyObject *rows_function_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    (void)obj;
+    (void)type;
+    return Py_NewRef(self);
+}
+
+static PyObject *rows_function_repr(PyObject *self)
+{
+    PyObject *name = rows_function_from_wrapped(self, "__qualname__");
+    if (!name) return NULL;
+    PyObject *r = PyUnicode_FromFormat("<function %U (C fast path)>", name);
+    Py_DECREF(name);
+    return r;
+}
+
+/* pickle and copy: by name, found again in __module__ (the object itself). */
+static PyObject *rows_function_reduce(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+    return rows_function_from_wrapped(self, "__qualname__");
+}
+
+static PyGetSetDef rows_function_getset[] = {
+    {"__doc__", rows_function_from_wrapped, NULL, NULL, "__doc__"},
+    {"__name__", rows_function_from_wrapped, NULL, NULL, "__name__"},
+    {"__qualname__", rows_function_from_wrapped, NULL, NULL, "__qualname__"},
+    {"__module__", rows_function_from_wrapped, NULL, NULL, "__module__"},
+    {"__wrapped__", rows_function_wrapped, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef rows_function_methods[] = {
+    {"__reduce__", rows_function_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RowsFunctionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fastnorm._core.function",
+    .tp_doc = "fastnorm.layer_norm / rms_norm: the common call in C, every other call by the wrapped Python function.",
+    .tp_basicsize = sizeof(RowsFunction),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(RowsFunction, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = rows_function_dealloc,
+    .tp_traverse = rows_function_traverse,
+    .tp_clear = rows_function_clear,
+    .tp_getattro = rows_function_getattro,
+    .tp_descr_get = rows_function_get,
+    .tp_repr = rows_function_repr,
+    .tp_getset = rows_function_getset,
+    .tp_methods = rows_function_methods,
+};
+
+/* rows_function(wrapped, threads_module, rms): the public layer_norm (rms False) or rms_norm. */
+static PyObject *py_rows_function(PyObject *self, PyObject *args)
+{
+    PyObject *wrapped, *threads;
+    int rms;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOp", &wrapped, &threads, &rms)) return NULL;
+    if (!PyCallable_Check(wrapped)) {
+        PyErr_SetString(PyExc_TypeError, "rows_function: wrapped must be callable");
+        return NULL;
+    }
+    RowsFunction *f = PyObject_GC_New(RowsFunction, &RowsFunctionType);
+    if (!f) return NULL;
+    f->vectorcall = rows_function_vectorcall;
+    f->wrapped = Py_NewRef(wrapped);
+    f->threads = Py_NewRef(threads);
+    f->rms = rms;
+    for (int j = 0; j <= KW_COUNT; j++) f->names[j] = NULL;
+    for (int j = 0; j <= KW_COUNT; j++) {
+        f->names[j] = PyUnicode_InternFromString(j < KW_COUNT ? rows_keywords[j] : "num_threads");
+        if (!f->names[j]) {
+            PyObject_GC_Track(f);
+            Py_DECREF(f);
+            return NULL;
+        }
+    }
+    PyObject_GC_Track(f);
+    return (PyObject *)f;
 }
 
 /* A plain float32/64 ndarray of x's shape without its last axis (the fast path's mean, rstd),
@@ -522,7 +713,7 @@ done:
 }
 
 static PyMethodDef core_methods[] = {
-    {"rows_fast", (PyCFunction)(void (*)(void))py_rows_fast, METH_FASTCALL, "Layer/RMS norm along the last axis of a plain array, or NotImplemented."},
+    {"rows_function", py_rows_function, METH_VARARGS, "The public layer_norm/rms_norm around its Python function."},
     {"rows_backward_fast", (PyCFunction)(void (*)(void))py_rows_backward_fast, METH_FASTCALL,
      "Layer/RMS norm gradients along the last axis of plain arrays, or NotImplemented."},
     {"empty_like", py_empty_like, METH_VARARGS, "np.empty_like(x, dtype) from the output memory."},
@@ -545,6 +736,6 @@ PyMODINIT_FUNC PyInit__core(void)
 {
     import_array();
     output_handler_capsule = PyCapsule_New(&output_handler, "mem_handler", NULL);
-    if (!output_handler_capsule) return NULL;
+    if (!output_handler_capsule || PyType_Ready(&RowsFunctionType) < 0) return NULL;
     return PyModule_Create(&core_module);
 }

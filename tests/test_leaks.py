@@ -13,7 +13,8 @@ times; afterwards
 A leak of one object per call is 2000 blocks (tolerance 200); of one 32-byte malloc chunk per call
 64 KB (tolerance 32 KB), and 6.4 KB per 200-call window under tracemalloc (tolerance 4 KB). Error paths are included because they are where C code most often forgets a free or
 a decref: wrong weight shapes, bad axes, read-only outputs, and the fast path's NotImplemented
-fallbacks (fastnorm._core.rows_fast allocates scratch before it knows it cannot handle a call).
+fallbacks (the C entry of fastnorm.layer_norm/rms_norm, src/_core.c, allocates scratch before it
+knows it cannot handle a call, then passes the call to the Python function).
 """
 from __future__ import annotations
 

@@ -197,17 +197,17 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=N
     >>> fastnorm.layer_norm([[1.0, 2.0, 3.0]]).round(4)
     array([[-1.2247,  0.    ,  1.2247]])
     """
-    # the common case straight to C (plain ndarray, last axis, no mask, no stats); NotImplemented
-    # when the general path below must run (it also owns every error message)
-    if type(axis) is int and axis == -1 and mask is None and not return_stats:
-        y = _core.rows_fast(x, weight, bias, eps, out, False, _threads.num_threads)
-        if y is not NotImplemented:
-            return y
     fn = "layer_norm"
     arr = ck.as_input(x, "x", fn)
     plan = _layer_plan(arr.shape, axis, fn)
     y, mean, rstd = _group_forward(fn, plan, arr, weight, bias, eps, mask, out, rms=False)
     return (y, mean, rstd) if return_stats else y
+
+
+# The public layer_norm is this function behind a C entry point, which runs the common call (a plain
+# float32/64 ndarray, last axis, no mask, no stats) with no Python frame in between and passes
+# every other call here unchanged (src/_core.c, RowsFunction). Docs and signature are this def's.
+layer_norm = _core.rows_function(layer_norm, _threads, False)
 
 
 def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
@@ -229,17 +229,17 @@ def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=Non
     >>> fastnorm.rms_norm([[3.0, 4.0]], eps=0.0).round(4)
     array([[0.8485, 1.1314]])
     """
-    # the common case straight to C (plain ndarray, last axis, no mask, no stats); NotImplemented
-    # when the general path below must run (it also owns every error message)
-    if type(axis) is int and axis == -1 and mask is None and not return_stats:
-        y = _core.rows_fast(x, weight, bias, eps, out, True, _threads.num_threads)
-        if y is not NotImplemented:
-            return y
     fn = "rms_norm"
     arr = ck.as_input(x, "x", fn)
     plan = _layer_plan(arr.shape, axis, fn)
     y, _, rstd = _group_forward(fn, plan, arr, weight, bias, eps, mask, out, rms=True)
     return (y, rstd) if return_stats else y
+
+
+# The public rms_norm is this function behind a C entry point, which runs the common call (a plain
+# float32/64 ndarray, last axis, no mask, no stats) with no Python frame in between and passes
+# every other call here unchanged (src/_core.c, RowsFunction). Docs and signature are this def's.
+rms_norm = _core.rows_function(rms_norm, _threads, True)
 
 
 def instance_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
