@@ -74,11 +74,13 @@ void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, int64_t n, const 
                              const float *b);
 void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd);
 float fn_half_to_float(uint16_t h);
-/* Non-temporal writing of large float32/64 rows (same arithmetic, same bits as the kernels' rows). */
+/* Non-temporal writing of large float32/64 rows (same arithmetic, same bits as the kernels' rows).
+ * next: the next row's x (n elements), brought into L1 while this row is written, or NULL. */
 int fn_streaming_pays(int64_t bytes);
-void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3], const float *w, const float *b);
+void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3], const float *w, const float *b,
+                            const float *next);
 void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu, double r, const double *w,
-                                const double *b);
+                                const double *b, const double *next);
 void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, const float c[5], const float *w);
 void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C, const float *f2);
 void fn_stream_fence(void);

@@ -71,9 +71,10 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
 
 /* Statistics of a contiguous float32 group (K, S), then y = affine_group_f32(x); y may be x.
  * mu, r: written (mu = 0 for RMS norm). stream: a row (S = 1) is written with non-temporal
- * stores (convert.c: the same arithmetic, the same bits). */
+ * stores (convert.c: the same arithmetic, the same bits), prefetching `next` (next_row). */
 FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t S, int rms, double eps,
-                                   const float *wf, const float *bf, double *mu, double *r, int stream)
+                                   const float *wf, const float *bf, double *mu, double *r, int stream,
+                                   const float *next)
 {
     double var;
     *mu = 0.0;
@@ -82,7 +83,7 @@ FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t 
     *r = rstd_of(var, eps);
     if (S == 1 && stream) {
         const float mu_hi = (float)*mu, c[3] = {mu_hi, (float)(*mu - (double)mu_hi), (float)*r};
-        fn_affine_row_streamed(y, x, K, c, wf, bf);
+        fn_affine_row_streamed(y, x, K, c, wf, bf, next);
     } else {
         affine_group_f32(y, x, K, S, *mu, *r, wf, bf);
     }
@@ -122,6 +123,19 @@ typedef struct {
     double eps;
     int rms, stream;                 /* stream: write float32 rows (S = 1) with non-temporal stores */
 } group_args;
+
+/* The streamed row writers prefetch the next row's x into L1 as they write a row (convert.c).
+ * Measured on 64 MiB of rows of 1024, paired A/B over the time of a copy: float32 layer norm one
+ * thread 1.56x -> 1.44x, two threads 0.82x -> 0.73x; RMS 0.87x -> 0.75x; float64 0.81x -> 0.65x.
+ * Only for rows of at most NEXT_ROW_BYTES: longer ones would push the row being written out of
+ * L1. The next row is group i + 1 of the same slice (NULL: none). */
+enum { NEXT_ROW_BYTES = 16 << 10 };
+
+FN_INLINE const char *next_row(fn_view v, int64_t i, int64_t end, int64_t G, int64_t row_bytes)
+{
+    if (i + 1 >= end || row_bytes > NEXT_ROW_BYTES) return NULL;
+    return v.data + (i + 1) / G * v.stride[0] + (i + 1) % G * v.stride[1];
+}
 
 /* Forward over groups [begin, end) of the flattened (A, G) index. */
 FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end, int part)
@@ -177,7 +191,8 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         if (f32_in_place && s_real == S) {
             const float *xg = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r, p->stream);
+            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r, p->stream,
+                                (const float *)next_row(p->x, i, end, G, K * 4));
         } else if (f16_via_f32 && s_real == S) {
             const uint16_t *xg = (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             if (p->rms) var = mean_square_of_halves(xg, n_group);
@@ -199,7 +214,9 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             if (p->rms) var = mean_square_of(xg, n_group);
             else moments_of(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
-            if (S == 1 && p->stream) fn_affine_row_streamed_f64(yg, xg, K, mu, r, weight + g * K, bias + g * K);
+            if (S == 1 && p->stream)
+                fn_affine_row_streamed_f64(yg, xg, K, mu, r, weight + g * K, bias + g * K,
+                                           (const double *)next_row(p->x, i, end, G, K * 8));
             else affine_group(yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
         } else {
             load_group(buf, p->x, a, g, K, S);
@@ -260,9 +277,10 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
         for (int64_t k = 0; k < D; k++) ones_zeros[k] = 1.0f, ones_zeros[D + k] = 0.0f;
     }
     const float *w = p->weight ? p->weight : ones_zeros, *b = p->bias ? p->bias : ones_zeros + D;
+    const int prefetch = D * (int64_t)sizeof(float) <= NEXT_ROW_BYTES;
     for (int64_t a = begin; a < end; a++)
         normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a], &p->rstd[a],
-                            p->stream);
+                            p->stream, prefetch && a + 1 < end ? p->x + (a + 1) * D : NULL);
     if (p->stream) fn_stream_fence();
     free(ones_zeros);
     return FN_OK;

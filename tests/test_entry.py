@@ -83,6 +83,7 @@ def test_calls_the_c_entry_passes_on_give_the_python_functions_results(fn):
         ((x[:, ::2], w), {}), ((x[:, :, ::-1], w), {}), ((np.asfortranarray(x), w), {}),
         ((x, w.astype(np.float64)), {}), ((x, w[::-1]), {}), ((x.astype(">f4"), w), {}),
         ((x.astype(np.int64), None), {}), ((x,), {"out": np.empty((10, 6, 4), np.float32).T}),
+        ((), {"x": x, "weight": w}),
     ]
     for args, kwargs in cases:
         got, want = fn(*args, **kwargs), general(*args, **kwargs)

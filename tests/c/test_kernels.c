@@ -304,10 +304,10 @@ static void test_streamed_rows(void)
         for (int n = 0; n <= 80; n++) {
             float *y = buf[0] + start, *dx = buf[1] + start, *g = buf[2] + start;
             memcpy(g, dy, (size_t)n * sizeof(float));
-            fn_affine_row_streamed(y, x, n, c3, w, b);
+            fn_affine_row_streamed(y, x, n, c3, w, b, n % 2 ? b : NULL);     /* next: prefetched only */
             fn_dx_row_streamed(dx, dy, x, n, c5, w);
             fn_dx_row_streamed(g, g, x, n, c5, w);
-            fn_affine_row_streamed_f64(dbuf + start, xd, n, 3.25, 0.75, wd, bd);
+            fn_affine_row_streamed_f64(dbuf + start, xd, n, 3.25, 0.75, wd, bd, n % 2 ? NULL : bd);
             fn_stream_fence();
             for (int i = 0; i < n; i++) bad += dbuf[start + i] != (xd[i] - 3.25) * (0.75 * wd[i]) + bd[i];
             for (int i = 0; i < n; i++) {
