@@ -329,6 +329,27 @@ static PyObject *py_channel_combine(PyObject *self, PyObject *args)
     return status_to_result(status);
 }
 
+/* channel_normalize_planes(out, x, weight, bias, eps, mean, var, nthreads): batch norm training of
+ * float32 planes (see fastnorm.h); weight/bias may be None; mean, var written. */
+static PyObject *py_channel_normalize_planes(PyObject *self, PyObject *args)
+{
+    PyObject *oout, *ox, *ow, *ob, *omean, *ovar;
+    double *w, *b, *mean, *var, eps;
+    npy_intp sx[3], sout[3];
+    fn_view x, out;
+    int status, nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOdOOi", &oout, &ox, &ow, &ob, &eps, &omean, &ovar, &nthreads)) return NULL;
+    if (to_view(ox, "x", 3, 0, &x, sx) || to_view(oout, "out", 3, 1, &out, sout) || !same_shape(sx, sout, 3) ||
+        to_doubles(ow, "weight", sx[1], 1, 0, &w) || to_doubles(ob, "bias", sx[1], 1, 0, &b) ||
+        to_doubles(omean, "mean", sx[1], 0, 1, &mean) || to_doubles(ovar, "var", sx[1], 0, 1, &var))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    status = channel_normalize_planes_f32(out, x, w, b, eps, mean, var, sx[0], sx[1], sx[2], nthreads);
+    Py_END_ALLOW_THREADS
+    return status_to_result(status);
+}
+
 /* channel_grad_sums(sum_dy, sum_dy_xc, dy, x, center, mask, nthreads) */
 static PyObject *py_channel_grad_sums(PyObject *self, PyObject *args)
 {
@@ -723,6 +744,8 @@ static PyMethodDef core_methods[] = {
     {"group_backward", py_group_backward, METH_VARARGS, "Gradients of group_forward."},
     {"channel_moments", py_channel_moments, METH_VARARGS, "Per-channel count, mean, biased var of an (O, C, S) view."},
     {"channel_combine", py_channel_combine, METH_VARARGS, "out = coef_x*(x - center) + coef_dy*dy + shift per channel."},
+    {"channel_normalize_planes", py_channel_normalize_planes, METH_VARARGS,
+     "Batch norm training of float32 planes (O, C, S), channel blocks at a time; writes mean, var."},
     {"channel_grad_sums", py_channel_grad_sums, METH_VARARGS, "Per-channel sums of dy and dy*(x - center)."},
     {NULL, NULL, 0, NULL},
 };

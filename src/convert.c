@@ -251,6 +251,19 @@ __attribute__((target("avx512f"))) static int64_t affine_row_streamed_avx512(flo
     return i;
 }
 
+__attribute__((target("avx512f"))) static int64_t scale_shift_streamed_avx512(float *y, const float *x, int64_t n,
+                                                                           const float c[4])
+{
+    const __m512 hi = _mm512_set1_ps(c[0]), lo = _mm512_set1_ps(c[1]), k = _mm512_set1_ps(c[2]),
+                 sh = _mm512_set1_ps(c[3]);
+    int64_t i = 0;
+    for (; i < n && ((uintptr_t)(y + i) & 63); i++) y[i] = ((x[i] - c[0]) - c[1]) * c[2] + c[3];
+    for (; i + 16 <= n; i += 16)
+        _mm512_stream_ps(y + i, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi),
+                                                                          lo), k), sh));
+    return i;
+}
+
 __attribute__((target("avx512f"))) static int64_t dx_row_streamed_avx512(float *dx, const float *dy, const float *x,
                                                                      int64_t n, const float c[5], const float *w)
 {
@@ -313,6 +326,7 @@ __attribute__((target("avx512f"))) static int64_t combine_rows_streamed_avx512(f
 #define floats_to_halves_f16c(dst, src, n) ((int64_t)0)
 #define affine_row_to_halves_f16c(dst, x, n, c, w, b) ((int64_t)0)
 #define affine_row_streamed_avx512(y, x, n, c, w, b, next) ((void)(next), (int64_t)0)
+#define scale_shift_streamed_avx512(y, x, n, c) ((int64_t)0)
 #define dx_row_streamed_avx512(dx, dy, x, n, c, w) ((int64_t)0)
 #define affine_row_streamed_f64_avx512(y, x, n, mu, r, w, b, next) ((void)(next), (int64_t)0)
 #define combine_rows_streamed_avx512(y, x, dy, n, C, f2) ((int64_t)0)
@@ -395,6 +409,14 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3
 {
     int64_t i = HAS_AVX512F() ? affine_row_streamed_avx512(y, x, n, c, w, b, next ? next : x) : 0;
     for (; i < n; i++) y[i] = ((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i];
+}
+
+/* y[i] = ((x[i] - c[0]) - c[1]) * c[2] + c[3]: a plane of batch norm's combine_line_f32, the same
+ * bits, streamed. */
+void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[4])
+{
+    int64_t i = HAS_AVX512F() ? scale_shift_streamed_avx512(y, x, n, c) : 0;
+    for (; i < n; i++) y[i] = ((x[i] - c[0]) - c[1]) * c[2] + c[3];
 }
 
 /* y[k] = (x[k] - mu) * (r * w[k]) + b[k]: a float64 row of affine_group, the same bits, streamed. */

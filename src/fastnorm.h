@@ -82,6 +82,7 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3
 void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu, double r, const double *w,
                                 const double *b, const double *next);
 void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, const float c[5], const float *w);
+void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[4]);
 void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C, const float *f2);
 void fn_stream_fence(void);
 uint16_t fn_float_to_half(float f);
@@ -122,6 +123,14 @@ int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask
 int channel_combine(fn_view out, fn_view x, const double *center, const double *coef_x,
                     fn_view dy, const double *coef_dy, const double *shift, fn_mask mask,
                     int64_t O, int64_t C, int64_t S, int nthreads);
+
+/* Batch norm training of float32 planes (O, C, S), S > 1, each plane contiguous in x and out, no
+ * mask: mean, var (C) written as channel_moments with one thread, then out as channel_combine
+ * with center = mean, coef_x = rstd * weight, shift = bias (rstd = 1/sqrt(var + eps), 0 where
+ * that is 1/0), a block of channels at a time so that x is read from memory once. weight, bias:
+ * (C) doubles or NULL. out may be x. FN_EINVAL for anything else. */
+int channel_normalize_planes_f32(fn_view out, fn_view x, const double *weight, const double *bias, double eps,
+                                 double *mean, double *var, int64_t O, int64_t C, int64_t S, int nthreads);
 
 /* sum_dy[c] = sum of dy, sum_dy_xc[c] = sum of dy * (x - center[c]) over the real (o, s).
  * Both (C) doubles, written. */

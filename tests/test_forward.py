@@ -978,3 +978,84 @@ def test_out_overlapping_x(case, dtype, flip, rng):
     got = call_stats(name, x, w, b, axis=axis, out=out, **extra)
     assert got[0] is out
     compare(name, got, reference(name, x_values, w, b, axis=axis, **extra), dtype)
+
+
+# ---- batch norm of float32 planes, a block of channels at a time --------------------------------
+# batch_norm of float32 (N, C, ...) along axis=1, no mask, training, takes its statistics and output
+# a block of channels at a time (src/batch_norm.c, channel_normalize_planes_f32). It must give the
+# bits of the two-pass route (channel_moments with one thread, then channel_combine), whatever the
+# thread count, in place too; with an all-True mask the call takes the two-pass route itself.
+
+def _two_pass_planes(x, w, b, eps=1e-5):
+    from fastnorm import _checks, _core
+    O, C = x.shape[0], x.shape[1]
+    xv = np.ascontiguousarray(x).reshape(O, C, -1)
+    count, mean, var = np.empty(C), np.empty(C), np.empty(C)
+    _core.channel_moments(count, mean, var, xv, None, 1)
+    rstd = _checks.rstd_from_var(var, eps)
+    scale = rstd if w is None else rstd * np.asarray(w, np.float64)
+    shift = np.zeros(C) if b is None else np.asarray(b, np.float64)
+    y = np.empty_like(xv)
+    _core.channel_combine(y, xv, mean, scale, None, None, shift, None, 1)
+    return y.reshape(x.shape), mean, var
+
+
+@pytest.mark.parametrize("shape", [(32, 8, 16, 16), (3, 5, 7, 11), (1, 3, 2, 1), (2, 130, 3, 3), (80, 3, 64, 64),
+                                   (4, 70, 5)],
+                         ids=["8-channels", "odd", "two-per-channel", "130-channels", "channel-over-1MiB", "3d"])
+@pytest.mark.parametrize("params", [True, False], ids=["weight-bias", "none"])
+def test_batch_norm_planes_in_channel_blocks_have_the_two_pass_bits(shape, params, rng):
+    x = (rng.standard_normal(shape) * 3.0 + 40.0).astype(np.float32)
+    C = shape[1]
+    w = rng.standard_normal(C).astype(np.float32) if params else None
+    b = rng.standard_normal(C).astype(np.float32) if params else None
+    want, mean64, var64 = _two_pass_planes(x, w, b)
+    x0 = x.copy()
+    for threads in (1, 2, 3):
+        fastnorm.set_num_threads(threads)
+        try:
+            rm, rv = np.zeros(C), np.ones(C)
+            y, mean, rstd = fastnorm.batch_norm(x, w, b, axis=1, running_mean=rm, running_var=rv, momentum=0.5,
+                                                return_stats=True)
+        finally:
+            fastnorm.set_num_threads(fastnorm._threads._from_environment())
+        np.testing.assert_array_equal(y, want)
+        np.testing.assert_array_equal(mean, mean64.astype(np.float32))
+        n = x.size // C
+        np.testing.assert_array_equal(rm, 0.5 * mean64)
+        np.testing.assert_array_equal(rv, 0.5 * 1.0 + 0.5 * (var64 * n / (n - 1)))
+    np.testing.assert_array_equal(x, x0)
+    fastnorm.set_num_threads(1)
+    try:                                # an all-True mask takes the two-pass route
+        masked = fastnorm.batch_norm(x, w, b, axis=1, mask=np.ones(shape[:1] + shape[2:], bool))
+    finally:
+        fastnorm.set_num_threads(fastnorm._threads._from_environment())
+    np.testing.assert_array_equal(masked, want)
+    xi = x.copy()
+    assert fastnorm.batch_norm(xi, w, b, axis=1, out=xi) is xi
+    np.testing.assert_array_equal(xi, want)
+    expected = ref.batch_norm(x, w, b, axis=1)[0]
+    np.testing.assert_allclose(y, expected, rtol=0, atol=2e-5 * max(1.0, np.abs(expected).max()))
+
+
+def test_batch_norm_planes_take_the_channel_block_route(rng, monkeypatch):
+    """The cases above compare two routes; this one makes sure the first is the block route: with
+    the two-pass kernels made to fail, float32 planes without a mask still normalize, and anything
+    else (float64, a mask, eval mode, rows) reaches them."""
+    from fastnorm import _core
+
+    def refuse(*args):
+        raise AssertionError("two-pass kernel called")
+
+    monkeypatch.setattr(_core, "channel_moments", refuse)
+    monkeypatch.setattr(_core, "channel_combine", refuse)
+    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    y = fastnorm.batch_norm(x, axis=1)
+    np.testing.assert_allclose(y, ref.batch_norm(x, axis=1)[0], rtol=0, atol=1e-5)
+    for call in (lambda: fastnorm.batch_norm(x.astype(np.float64), axis=1),
+                 lambda: fastnorm.batch_norm(x, axis=1, mask=np.ones((4, 5, 5), bool)),
+                 lambda: fastnorm.batch_norm(x, axis=1, training=False, running_mean=np.zeros(3),
+                                             running_var=np.ones(3)),
+                 lambda: fastnorm.batch_norm(x.reshape(4, 75))):
+        with pytest.raises(AssertionError, match="two-pass kernel called"):
+            call()

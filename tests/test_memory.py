@@ -297,3 +297,29 @@ def test_streamed_batch_norm_rows_have_the_bits_of_plain_stores(backward, C, mis
     else:
         expected = ref.batch_norm(x, w, b)[0][rows]
     np.testing.assert_allclose(y[rows], expected, rtol=0, atol=1e-4 * np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("misalign", [0, 1], ids=["aligned", "misaligned"])
+def test_streamed_batch_norm_planes_have_the_bits_of_plain_stores(misalign):
+    """Batch norm of (N, C, H, W) float32 planes along axis=1, 64 MiB: the channel-block route
+    streams its output (fn_scale_shift_streamed); an all-True mask takes the two-pass route with
+    plain stores. One thread for both, so the statistics are merged in the same order."""
+    x = (RNG.standard_normal((64, 64, 64, 64), dtype=np.float32) * 2 + 3).astype(np.float32)
+    w, b = RNG.standard_normal(64).astype(np.float32), RNG.standard_normal(64).astype(np.float32)
+    flat = np.empty(x.size + 16, np.float32)
+    out = flat[misalign:misalign + x.size].reshape(x.shape)
+    out[...] = np.nan
+    fastnorm.set_num_threads(1)
+    try:
+        assert fastnorm.batch_norm(x, w, b, axis=1, out=out) is out
+        plain = fastnorm.batch_norm(x, w, b, axis=1, mask=np.ones((64, 64, 64), bool))
+    finally:
+        fastnorm.set_num_threads(fastnorm._threads._from_environment())
+    np.testing.assert_array_equal(out, plain)
+    np.testing.assert_array_equal(fastnorm.batch_norm(x, w, b, axis=1), out)    # two threads, allocated
+    sample = (slice(None, None, 7), slice(None), slice(None, None, 9))
+    stats_mean = x.mean(axis=(0, 2, 3), dtype=np.float64)
+    stats_var = x.var(axis=(0, 2, 3), dtype=np.float64)
+    want = (x[sample] - stats_mean[None, :, None, None]) / np.sqrt(stats_var[None, :, None, None] + 1e-5)
+    want = want * w[None, :, None, None] + b[None, :, None, None]
+    np.testing.assert_allclose(out[sample], want, rtol=0, atol=2e-5 * np.abs(want).max())

@@ -357,7 +357,19 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     ck.check_out(out, arr.shape, dtype, fn)
     xv = ck.input_view(arr, tuple(range(arr.ndim)), view)
 
-    if training:
+    target = ck.Output(out, arr, dtype, tuple(range(arr.ndim)), view)
+    # float32 planes (the (N, C, H, W) axis=1 case), no mask: statistics and output a block of
+    # channels at a time, reading x from memory once (src/batch_norm.c)
+    planes = (training and m is None and dtype == np.float32 and S > 1 and O * S >= 2 and C > 0
+              and xv.strides[2] == 4 and target.view.strides[2] == 4)
+    if planes:
+        mean, var = np.empty(C), np.empty(C)
+        _core.channel_normalize_planes(target.view, xv, w, b, eps, mean, var, get_num_threads())
+        if running_mean is not None:
+            unbiased = var * (O * S) / (O * S - 1)
+            running_mean[...] = (1 - momentum_value) * running_mean + momentum_value * mean
+            running_var[...] = (1 - momentum_value) * running_var + momentum_value * unbiased
+    elif training:
         count, mean, var = np.empty(C), np.empty(C), np.empty(C)
         _core.channel_moments(count, mean, var, xv, m, get_num_threads())
         if arr.size and (count < 2).any():
@@ -373,11 +385,10 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
         mean = np.array(running_mean, dtype=np.float64)
         var = np.array(running_var, dtype=np.float64)
     rstd = ck.rstd_from_var(var, eps)
-
-    target = ck.Output(out, arr, dtype, tuple(range(arr.ndim)), view)
-    scale = rstd if w is None else rstd * w
-    shift = np.zeros(C) if b is None else b
-    _core.channel_combine(target.view, xv, mean, scale, None, None, shift, m, get_num_threads())
+    if not planes:
+        scale = rstd if w is None else rstd * w
+        shift = np.zeros(C) if b is None else b
+        _core.channel_combine(target.view, xv, mean, scale, None, None, shift, m, get_num_threads())
     y = target.finish()
     if return_stats:
         sd = _stats_dtype(dtype)

@@ -281,17 +281,19 @@ static void test_half_sums(void)
     check_close("float16 sums differing from the written-out algorithm", bad, 0, 0);
 }
 
-/* The streamed row writers against their formulas written out (plain float/double arithmetic):
- * every length 0..80 and every start 0..16 floats into a 64-byte aligned buffer, so that the
- * plain-store head, the 16-wide non-temporal middle (on AVX-512F CPUs) and the tail all run. Bit
- * for bit; dx also in place (dx = dy). */
+/* The streamed row and batch-norm plane writers against their formulas written out (plain
+ * float/double arithmetic): every length 0..80 and every start 0..16 floats into a 64-byte
+ * aligned buffer, so that the plain-store head, the 16-wide non-temporal middle (on AVX-512F
+ * CPUs) and the tail all run. Bit for bit; dx also in place (dx = dy); `next` rows only
+ * prefetched. */
 static void test_streamed_rows(void)
 {
-    static float buf[3][128] __attribute__((aligned(64)));
+    static float buf[4][128] __attribute__((aligned(64)));
     static double dbuf[128] __attribute__((aligned(64)));
     double xd[96], wd[96], bd[96];
     float x[96], dy[96], w[96], b[96];
     const float c3[3] = {3.25f, 1e-7f, 0.75f}, c5[5] = {0.75f, -0.125f, 3.25f, 1e-7f, 0.0625f};
+    const float c4[4] = {3.25f, 1e-7f, 0.75f, -0.375f};
     for (int i = 0; i < 96; i++) {
         x[i] = 3.0f + (float)((i * 37) % 23) / 8.0f;
         dy[i] = (float)((i * 11) % 7) / 3.0f - 1.0f;
@@ -308,12 +310,14 @@ static void test_streamed_rows(void)
             fn_dx_row_streamed(dx, dy, x, n, c5, w);
             fn_dx_row_streamed(g, g, x, n, c5, w);
             fn_affine_row_streamed_f64(dbuf + start, xd, n, 3.25, 0.75, wd, bd, n % 2 ? NULL : bd);
+            fn_scale_shift_streamed(buf[3] + start, x, n, c4);
             fn_stream_fence();
             for (int i = 0; i < n; i++) bad += dbuf[start + i] != (xd[i] - 3.25) * (0.75 * wd[i]) + bd[i];
             for (int i = 0; i < n; i++) {
                 float want_y = ((x[i] - c3[0]) - c3[1]) * (c3[2] * w[i]) + b[i];
                 float want_dx = dy[i] * (c5[0] * w[i]) + c5[1] - ((x[i] - c5[2]) - c5[3]) * c5[4];
-                bad += y[i] != want_y || dx[i] != want_dx || g[i] != want_dx;
+                float want_plane = ((x[i] - c4[0]) - c4[1]) * c4[2] + c4[3];
+                bad += y[i] != want_y || dx[i] != want_dx || g[i] != want_dx || buf[3][start + i] != want_plane;
             }
         }
     check_close("streamed rows differing", bad, 0, 0);
