@@ -390,6 +390,7 @@ FN_VECTOR_CLONES void fn_half_sums(const uint16_t *x, int64_t n, float shift, do
  * stores; elsewhere the rows are written as before). */
 int fn_streaming_pays(int64_t bytes)
 {
+    if (bytes < ((int64_t)8 << 20)) return 0;           /* small calls: no sysconf */
 #ifdef _SC_LEVEL3_CACHE_SIZE
     long cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #else
