@@ -232,16 +232,22 @@ __attribute__((target("avx512f"))) static int64_t half_sums_avx512(const uint16_
     return i;
 }
 
+/* One 64-byte line from `bytes` (64-byte aligned) to `line`, with a non-temporal store. */
+__attribute__((target("avx512f"))) static void stream_line(char *line, const unsigned char *bytes)
+{
+    _mm512_stream_si512((void *)line, _mm512_load_si512((const void *)bytes));
+}
+
 /* The float32 row writers below, 16 at a time with non-temporal stores from the first 64-byte
  * aligned element of the output on (the ones before and after: plain stores, the same arithmetic).
- * They return how many elements they wrote, from 0. */
+ * They return how many elements they wrote, from 0. The row writers with a line carry get y
+ * aligned and write whole vectors only (their callers write the row's head and tail). */
 __attribute__((target("avx512f"))) static int64_t affine_row_streamed_avx512(float *y, const float *x, int64_t n,
                                                                          const float c[3], const float *w,
                                                                          const float *b, const float *next)
 {
     const __m512 hi = _mm512_set1_ps(c[0]), lo = _mm512_set1_ps(c[1]), r = _mm512_set1_ps(c[2]);
     int64_t i = 0;
-    for (; i < n && ((uintptr_t)(y + i) & 63); i++) y[i] = ((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i];
     for (; i + 16 <= n; i += 16) {
         _mm_prefetch((const char *)(next + i), _MM_HINT_T0);
         __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi), lo);
@@ -270,7 +276,6 @@ __attribute__((target("avx512f"))) static int64_t dx_row_streamed_avx512(float *
     const __m512 rf = _mm512_set1_ps(c[0]), c0 = _mm512_set1_ps(c[1]), hi = _mm512_set1_ps(c[2]),
                  lo = _mm512_set1_ps(c[3]), c1 = _mm512_set1_ps(c[4]);
     int64_t i = 0;
-    for (; i < n && ((uintptr_t)(dx + i) & 63); i++) dx[i] = dy[i] * (c[0] * w[i]) + c[1] - ((x[i] - c[2]) - c[3]) * c[4];
     for (; i + 16 <= n; i += 16) {
         __m512 g = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(dy + i), _mm512_mul_ps(rf, _mm512_loadu_ps(w + i))), c0);
         __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi), lo), c1);
@@ -285,7 +290,6 @@ __attribute__((target("avx512f"))) static int64_t affine_row_streamed_f64_avx512
 {
     const __m512d m = _mm512_set1_pd(mu), rr = _mm512_set1_pd(r);
     int64_t i = 0;
-    for (; i < n && ((uintptr_t)(y + i) & 63); i++) y[i] = (x[i] - mu) * (r * w[i]) + b[i];
     for (; i + 8 <= n; i += 8) {
         _mm_prefetch((const char *)(next + i), _MM_HINT_T0);
         __m512d d = _mm512_sub_pd(_mm512_loadu_pd(x + i), m);
@@ -325,6 +329,7 @@ __attribute__((target("avx512f"))) static int64_t combine_rows_streamed_avx512(f
 #define halves_to_floats_f16c(dst, src, n) ((int64_t)0)
 #define floats_to_halves_f16c(dst, src, n) ((int64_t)0)
 #define affine_row_to_halves_f16c(dst, x, n, c, w, b) ((int64_t)0)
+#define stream_line(line, bytes) memcpy((line), (bytes), 64)
 #define affine_row_streamed_avx512(y, x, n, c, w, b, next) ((void)(next), (int64_t)0)
 #define scale_shift_streamed_avx512(y, x, n, c) ((int64_t)0)
 #define dx_row_streamed_avx512(dx, dy, x, n, c, w) ((int64_t)0)
@@ -400,16 +405,69 @@ int fn_streaming_pays(int64_t bytes)
     return HAS_AVX512F() && bytes >= ((int64_t)8 << 20) && bytes >= from;
 }
 
+/* Elements of `item` bytes from y to its first 64-byte boundary, at most n. */
+static int64_t head_elements(const void *y, int64_t n, size_t item)
+{
+    const int64_t h = (int64_t)(((64 - ((uintptr_t)y & 63)) & 63) / item);
+    return h < n ? h : n;
+}
+
+void fn_line_carry_flush(fn_line_carry *carry)
+{
+    if (carry && carry->valid) memcpy(carry->line, carry->bytes, (size_t)carry->valid);
+    if (carry) carry->line = NULL, carry->valid = 0;
+}
+
+/* The first len bytes of a row, from y on (before its first line boundary), values in v: when the
+ * carry holds the end of the row before in the same line, they complete it and the line goes out
+ * whole with one non-temporal store; otherwise plain stores (after what the carry held). */
+static void put_row_head(fn_line_carry *carry, char *y, const void *v, int64_t len)
+{
+    char *line = y - ((uintptr_t)y & 63);
+    if (len > 0 && carry && carry->line == line && carry->valid == y - line && carry->valid + len == 64) {
+        memcpy(carry->bytes + carry->valid, v, (size_t)len);
+        stream_line(line, carry->bytes);
+        carry->line = NULL, carry->valid = 0;
+        return;
+    }
+    fn_line_carry_flush(carry);
+    memcpy(y, v, (size_t)len);
+}
+
+/* The last len bytes of a row, from the line boundary y on, values in v: held in the carry for the
+ * next row's head to complete (without a carry: plain stores). */
+static void put_row_tail(fn_line_carry *carry, char *y, const void *v, int64_t len)
+{
+    if (!carry || len == 0) {
+        memcpy(y, v, (size_t)len);
+        return;
+    }
+    fn_line_carry_flush(carry);
+    memcpy(carry->bytes, v, (size_t)len);
+    carry->line = y, carry->valid = len;
+}
+
 /* y[k] = ((x[k] - c[0]) - c[1]) * (c[2] * w[k]) + b[k]: a row of affine_group_f32, the same bits,
  * streamed. Call fn_stream_fence before another thread reads y. With `next` (the next row's x),
  * one line of it is prefetched into L1 per line written, so that the next row's statistics find
  * it there instead of waiting for memory at the row's start (the hardware prefetcher does not
  * cross the 4 KiB page that a row of 1024 floats is). */
 void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3], const float *w, const float *b,
-                            const float *next)
+                            const float *next, fn_line_carry *carry)
 {
-    int64_t i = HAS_AVX512F() ? affine_row_streamed_avx512(y, x, n, c, w, b, next ? next : x) : 0;
-    for (; i < n; i++) y[i] = ((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i];
+#define AFFINE(i) (((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i])
+    _Alignas(64) float v[16];
+    if (!HAS_AVX512F()) {
+        for (int64_t i = 0; i < n; i++) y[i] = AFFINE(i);
+        return;
+    }
+    const int64_t h = head_elements(y, n, sizeof(float));
+    for (int64_t i = 0; i < h; i++) v[i] = AFFINE(i);
+    put_row_head(carry, (char *)y, v, h * (int64_t)sizeof(float));
+    const int64_t t = h + affine_row_streamed_avx512(y + h, x + h, n - h, c, w + h, b + h, (next ? next : x) + h);
+    for (int64_t i = t; i < n; i++) v[i - t] = AFFINE(i);
+    put_row_tail(carry, (char *)(y + t), v, (n - t) * (int64_t)sizeof(float));
+#undef AFFINE
 }
 
 /* y[i] = ((x[i] - c[0]) - c[1]) * c[2] + c[3]: a plane of batch norm's combine_line_f32, the same
@@ -422,10 +480,21 @@ void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[
 
 /* y[k] = (x[k] - mu) * (r * w[k]) + b[k]: a float64 row of affine_group, the same bits, streamed. */
 void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu, double r, const double *w,
-                                const double *b, const double *next)
+                                const double *b, const double *next, fn_line_carry *carry)
 {
-    int64_t i = HAS_AVX512F() ? affine_row_streamed_f64_avx512(y, x, n, mu, r, w, b, next ? next : x) : 0;
-    for (; i < n; i++) y[i] = (x[i] - mu) * (r * w[i]) + b[i];
+#define AFFINE(i) ((x[i] - mu) * (r * w[i]) + b[i])
+    _Alignas(64) double v[8];
+    if (!HAS_AVX512F()) {
+        for (int64_t i = 0; i < n; i++) y[i] = AFFINE(i);
+        return;
+    }
+    const int64_t h = head_elements(y, n, sizeof(double));
+    for (int64_t i = 0; i < h; i++) v[i] = AFFINE(i);
+    put_row_head(carry, (char *)y, v, h * (int64_t)sizeof(double));
+    const int64_t t = h + affine_row_streamed_f64_avx512(y + h, x + h, n - h, mu, r, w + h, b + h, (next ? next : x) + h);
+    for (int64_t i = t; i < n; i++) v[i - t] = AFFINE(i);
+    put_row_tail(carry, (char *)(y + t), v, (n - t) * (int64_t)sizeof(double));
+#undef AFFINE
 }
 
 /* Contiguous float32 rows of C >= 16 channels, n elements from a row start: element i is
@@ -444,10 +513,22 @@ void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t
 
 /* dx[k] = dy[k] * (c[0] * w[k]) + c[1] - ((x[k] - c[2]) - c[3]) * c[4]: a row of dx_group_f32
  * (c = rstd, c0, mu_hi, mu_lo, c1), the same bits, streamed. dx may be dy. */
-void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, const float c[5], const float *w)
+void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, const float c[5], const float *w,
+                        fn_line_carry *carry)
 {
-    int64_t i = HAS_AVX512F() ? dx_row_streamed_avx512(dx, dy, x, n, c, w) : 0;
-    for (; i < n; i++) dx[i] = dy[i] * (c[0] * w[i]) + c[1] - ((x[i] - c[2]) - c[3]) * c[4];
+#define DX(i) (dy[i] * (c[0] * w[i]) + c[1] - ((x[i] - c[2]) - c[3]) * c[4])
+    _Alignas(64) float v[16];
+    if (!HAS_AVX512F()) {
+        for (int64_t i = 0; i < n; i++) dx[i] = DX(i);
+        return;
+    }
+    const int64_t h = head_elements(dx, n, sizeof(float));
+    for (int64_t i = 0; i < h; i++) v[i] = DX(i);
+    put_row_head(carry, (char *)dx, v, h * (int64_t)sizeof(float));
+    const int64_t t = h + dx_row_streamed_avx512(dx + h, dy + h, x + h, n - h, c, w + h);
+    for (int64_t i = t; i < n; i++) v[i - t] = DX(i);
+    put_row_tail(carry, (char *)(dx + t), v, (n - t) * (int64_t)sizeof(float));
+#undef DX
 }
 
 void fn_stream_fence(void)

@@ -71,10 +71,11 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
 
 /* Statistics of a contiguous float32 group (K, S), then y = affine_group_f32(x); y may be x.
  * mu, r: written (mu = 0 for RMS norm). stream: a row (S = 1) is written with non-temporal
- * stores (convert.c: the same arithmetic, the same bits), prefetching `next` (next_row). */
+ * stores (convert.c: the same arithmetic, the same bits), prefetching `next` (next_row), the
+ * line it shares with the row before through `carry` (the slice's). */
 FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t S, int rms, double eps,
                                    const float *wf, const float *bf, double *mu, double *r, int stream,
-                                   const float *next)
+                                   const float *next, fn_line_carry *carry)
 {
     double var;
     *mu = 0.0;
@@ -83,7 +84,7 @@ FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t 
     *r = rstd_of(var, eps);
     if (S == 1 && stream) {
         const float mu_hi = (float)*mu, c[3] = {mu_hi, (float)(*mu - (double)mu_hi), (float)*r};
-        fn_affine_row_streamed(y, x, K, c, wf, bf, next);
+        fn_affine_row_streamed(y, x, K, c, wf, bf, next, carry);
     } else {
         affine_group_f32(y, x, K, S, *mu, *r, wf, bf);
     }
@@ -142,6 +143,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
 {
     const group_args *p = ctx;
     int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
+    fn_line_carry carry = {.line = NULL};      /* streamed rows: the line shared with the next one */
     /* float32 and float64 groups contiguous in x and y are read in place: no double buffer */
     const int f32_in_place = p->x.dtype == FN_F32 && p->y.dtype == FN_F32 &&
                              group_contiguous(p->x, K, S, 4) && group_contiguous(p->y, K, S, 4);
@@ -192,7 +194,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             const float *xg = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
             normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r, p->stream,
-                                (const float *)next_row(p->x, i, end, G, K * 4));
+                                (const float *)next_row(p->x, i, end, G, K * 4), &carry);
         } else if (f16_via_f32 && s_real == S) {
             const uint16_t *xg = (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             if (p->rms) var = mean_square_of_halves(xg, n_group);
@@ -216,7 +218,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             r = rstd_of(var, p->eps);
             if (S == 1 && p->stream)
                 fn_affine_row_streamed_f64(yg, xg, K, mu, r, weight + g * K, bias + g * K,
-                                           (const double *)next_row(p->x, i, end, G, K * 8));
+                                           (const double *)next_row(p->x, i, end, G, K * 8), &carry);
             else affine_group(yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
         } else {
             load_group(buf, p->x, a, g, K, S);
@@ -236,6 +238,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         p->mean[i] = mu;
         p->rstd[i] = r;
     }
+    fn_line_carry_flush(&carry);
     if (p->stream) fn_stream_fence();
     free(buf);
     free(wf);
@@ -271,6 +274,7 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
     const rows_args *p = ctx;
     const int64_t D = p->D;
     float *ones_zeros = NULL;                 /* (2, D): stand-ins for a missing weight or bias */
+    fn_line_carry carry = {.line = NULL};     /* streamed rows: the line shared with the next one */
     (void)part;
     if (!p->weight || !p->bias) {
         if (!(ones_zeros = malloc((size_t)(2 * D) * sizeof(float)))) return FN_ENOMEM;
@@ -280,7 +284,8 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
     const int prefetch = D * (int64_t)sizeof(float) <= NEXT_ROW_BYTES;
     for (int64_t a = begin; a < end; a++)
         normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a], &p->rstd[a],
-                            p->stream, prefetch && a + 1 < end ? p->x + (a + 1) * D : NULL);
+                            p->stream, prefetch && a + 1 < end ? p->x + (a + 1) * D : NULL, &carry);
+    fn_line_carry_flush(&carry);
     if (p->stream) fn_stream_fence();
     free(ones_zeros);
     return FN_OK;
@@ -336,7 +341,7 @@ DEFINE_BACKWARD_SUMS(backward_sums_f32, float)
 
 /* dx of a float32 group from its sums, below. */
 FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, const float *wf,
-                            double sum_g, double sum_g_xhat);
+                            double sum_g, double sum_g_xhat, fn_line_carry *carry);
 
 /* sum of dy and of dy * xhat over contiguous float32 x, dy (n), xhat = ((x - mh) - ml) * r as in
  * affine_group_f32: in float over runs of F32_RUN per lane, then in double (see moments.h). */
@@ -371,7 +376,8 @@ FN_INLINE void grad_sums_in_runs(const float *restrict x, const float *restrict 
  * F32_RUNS_FROM elements or more take their sums in float runs (grad_sums_in_runs), others in
  * double. */
 FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r,
-                                  const double *w, const float *wf, double *dw, double *db)
+                                  const double *w, const float *wf, double *dw, double *db,
+                                  fn_line_carry *carry)
 {
     const int64_t K = p->K, S = p->S;
     const float *x = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
@@ -390,7 +396,7 @@ FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, dou
     } else {
         backward_sums_f32(x, dy, K, S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
     }
-    dx_group_f32(p, a, g, mu, r, wf, sum_g, sum_g_xhat);
+    dx_group_f32(p, a, g, mu, r, wf, sum_g, sum_g_xhat, carry);
 }
 
 /* backward_group_f32 for the two float32 rows a and a + 1 of a layer norm (G = 1, S = 1), with
@@ -403,7 +409,8 @@ FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, dou
 enum { ROW_LANES = 16, BACKWARD_ROWS_RUN = 8 };
 
 FN_INLINE void backward_two_rows_f32(const group_args *p, int64_t a, const double *mu, const double *r,
-                                     const float *restrict wf, float *restrict dwf, float *restrict dbf)
+                                     const float *restrict wf, float *restrict dwf, float *restrict dbf,
+                                     fn_line_carry *carry)
 {
     const int64_t K = p->K;
     const float *restrict xa = (const float *)(p->x.data + a * p->x.stride[0]);
@@ -441,8 +448,8 @@ FN_INLINE void backward_two_rows_f32(const group_args *p, int64_t a, const doubl
         dwf[k] += da * ha + db * hb;
         dbf[k] += da + db;
     }
-    dx_group_f32(p, a, 0, mu[0], r[0], wf, sum_of_lanes(s0, ROW_LANES), sum_of_lanes(s1, ROW_LANES));
-    dx_group_f32(p, a + 1, 0, mu[1], r[1], wf, sum_of_lanes(s2, ROW_LANES), sum_of_lanes(s3, ROW_LANES));
+    dx_group_f32(p, a, 0, mu[0], r[0], wf, sum_of_lanes(s0, ROW_LANES), sum_of_lanes(s1, ROW_LANES), carry);
+    dx_group_f32(p, a + 1, 0, mu[1], r[1], wf, sum_of_lanes(s2, ROW_LANES), sum_of_lanes(s3, ROW_LANES), carry);
 }
 
 /* dw[k] += dwf[k], db[k] += dbf[k] and the float sums back to 0, k < K. */
@@ -455,9 +462,10 @@ FN_INLINE void flush_float_sums(double *dw, double *db, float *dwf, float *dbf, 
     }
 }
 
-/* dx of one contiguous float32 group from its sums (see backward_group_f32). */
+/* dx of one contiguous float32 group from its sums (see backward_group_f32); a streamed row shares
+ * its end line through the slice's carry. */
 FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, const float *wf,
-                            double sum_g, double sum_g_xhat)
+                            double sum_g, double sum_g_xhat, fn_line_carry *carry)
 {
     int64_t K = p->K, S = p->S;
     const float *x = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
@@ -469,7 +477,7 @@ FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu
     const float mu_hi = (float)mu, mu_lo = (float)(mu - (double)mu_hi);
     if (S == 1 && p->stream) {
         const float c[5] = {rf, c0, mu_hi, mu_lo, c1};
-        fn_dx_row_streamed(dx, dy, x, K, c, wf);
+        fn_dx_row_streamed(dx, dy, x, K, c, wf, carry);
         return;
     }
     if (S == 1) {
@@ -491,6 +499,7 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
 {
     const group_args *p = ctx;
     int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
+    fn_line_carry carry = {.line = NULL};      /* streamed dx rows: the line shared with the next one */
     double *bx = malloc((size_t)(2 * n_group + G * K + 1) * sizeof(double));
     unsigned char *m = malloc((size_t)S + 1);
     if (!bx || !m) {
@@ -530,13 +539,13 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         double sum_g = 0.0, sum_g_xhat = 0.0;
         if (rows_f32 && i + 1 < end) {
             const double mu2[2] = {mu, p->rms ? 0.0 : p->mean[i + 1]}, r2[2] = {r, p->rstd[i + 1]};
-            backward_two_rows_f32(p, a, mu2, r2, wf, dwf, dbf);
+            backward_two_rows_f32(p, a, mu2, r2, wf, dwf, dbf, &carry);
             if ((rows_pending += 2) >= BACKWARD_ROWS_RUN) flush_float_sums(dw, db, dwf, dbf, K), rows_pending = 0;
             i++;
             continue;
         }
         if (f32_in_place && s_real == S) {
-            backward_group_f32(p, a, g, mu, r, w, wf + g * K, dw, db);
+            backward_group_f32(p, a, g, mu, r, w, wf + g * K, dw, db, &carry);
             continue;
         }
         load_group(bx, p->x, a, g, K, S);
@@ -568,6 +577,7 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         store_group(p->y, bdy, a, g, K, S);
     }
     if (rows_f32) flush_float_sums(dweight, dbias, dwf, dbf, K);
+    fn_line_carry_flush(&carry);
     if (p->stream) fn_stream_fence();
     free(bx);
     free(wf);
