@@ -348,6 +348,7 @@ FN_VECTOR_CLONES static int normalize_planes_slice(void *ctx, int64_t begin, int
 {
     const planes_args *p = ctx;
     const int64_t O = p->O, S = p->S;
+    fn_line_carry carry = {.line = NULL};      /* streamed planes: the line shared with the next one */
     (void)part;
     for (int64_t c0 = begin * p->block; c0 < end * p->block && c0 < p->C; c0 += p->block) {
         const int64_t c1 = c0 + p->block < p->C ? c0 + p->block : p->C;
@@ -380,12 +381,13 @@ FN_VECTOR_CLONES static int normalize_planes_slice(void *ctx, int64_t begin, int
                 const int64_t j = c - c0;
                 if (p->stream) {
                     const float k[4] = {f[j], f[nb + j], f[2 * nb + j], f[3 * nb + j]};
-                    fn_scale_shift_streamed(y, xp, S, k);
+                    fn_scale_shift_streamed(y, xp, S, k, &carry);
                 } else {
                     combine_line_f32(y, xp, NULL, S, f, nb, j, 0);
                 }
             }
     }
+    fn_line_carry_flush(&carry);
     if (p->stream) fn_stream_fence();
     return FN_OK;
 }

@@ -263,7 +263,6 @@ __attribute__((target("avx512f"))) static int64_t scale_shift_streamed_avx512(fl
     const __m512 hi = _mm512_set1_ps(c[0]), lo = _mm512_set1_ps(c[1]), k = _mm512_set1_ps(c[2]),
                  sh = _mm512_set1_ps(c[3]);
     int64_t i = 0;
-    for (; i < n && ((uintptr_t)(y + i) & 63); i++) y[i] = ((x[i] - c[0]) - c[1]) * c[2] + c[3];
     for (; i + 16 <= n; i += 16)
         _mm512_stream_ps(y + i, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi),
                                                                           lo), k), sh));
@@ -472,10 +471,21 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3
 
 /* y[i] = ((x[i] - c[0]) - c[1]) * c[2] + c[3]: a plane of batch norm's combine_line_f32, the same
  * bits, streamed. */
-void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[4])
+void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[4], fn_line_carry *carry)
 {
-    int64_t i = HAS_AVX512F() ? scale_shift_streamed_avx512(y, x, n, c) : 0;
-    for (; i < n; i++) y[i] = ((x[i] - c[0]) - c[1]) * c[2] + c[3];
+#define SCALE_SHIFT(i) (((x[i] - c[0]) - c[1]) * c[2] + c[3])
+    _Alignas(64) float v[16];
+    if (!HAS_AVX512F()) {
+        for (int64_t i = 0; i < n; i++) y[i] = SCALE_SHIFT(i);
+        return;
+    }
+    const int64_t h = head_elements(y, n, sizeof(float));
+    for (int64_t i = 0; i < h; i++) v[i] = SCALE_SHIFT(i);
+    put_row_head(carry, (char *)y, v, h * (int64_t)sizeof(float));
+    const int64_t t = h + scale_shift_streamed_avx512(y + h, x + h, n - h, c);
+    for (int64_t i = t; i < n; i++) v[i - t] = SCALE_SHIFT(i);
+    put_row_tail(carry, (char *)(y + t), v, (n - t) * (int64_t)sizeof(float));
+#undef SCALE_SHIFT
 }
 
 /* y[k] = (x[k] - mu) * (r * w[k]) + b[k]: a float64 row of affine_group, the same bits, streamed. */

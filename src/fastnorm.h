@@ -96,7 +96,7 @@ void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu
                                 const double *b, const double *next, fn_line_carry *carry);
 void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, const float c[5], const float *w,
                         fn_line_carry *carry);
-void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[4]);
+void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[4], fn_line_carry *carry);
 void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C, const float *f2);
 void fn_stream_fence(void);
 uint16_t fn_float_to_half(float f);

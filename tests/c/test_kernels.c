@@ -310,7 +310,7 @@ static void test_streamed_rows(void)
             fn_dx_row_streamed(dx, dy, x, n, c5, w, NULL);
             fn_dx_row_streamed(g, g, x, n, c5, w, NULL);
             fn_affine_row_streamed_f64(dbuf + start, xd, n, 3.25, 0.75, wd, bd, n % 2 ? NULL : bd, NULL);
-            fn_scale_shift_streamed(buf[3] + start, x, n, c4);
+            fn_scale_shift_streamed(buf[3] + start, x, n, c4, NULL);
             fn_stream_fence();
             for (int i = 0; i < n; i++) bad += dbuf[start + i] != (xd[i] - 3.25) * (0.75 * wd[i]) + bd[i];
             for (int i = 0; i < n; i++) {
@@ -322,23 +322,26 @@ static void test_streamed_rows(void)
         }
     check_close("streamed rows differing", bad, 0, 0);
     /* three rows one after another into contiguous memory through a line carry, flushed at the
-     * end: every start 0..16 and row length 1..40, float32 (y and dx, also dx = dy in place) and
-     * float64; the elements around the rows must keep their sentinel */
-    static float rows[3][160] __attribute__((aligned(64)));
+     * end: every start 0..16 and row length 1..40, float32 (y, dx, also dx = dy in place, and
+     * batch-norm planes) and float64; the elements around the rows must keep their sentinel */
+    static float rows[4][160] __attribute__((aligned(64)));
     static double drows[160] __attribute__((aligned(64)));
     bad = 0;
     for (int start = 0; start <= 16; start++)
         for (int n = 1; n <= 40; n++) {
-            for (int i = 0; i < 160; i++) rows[0][i] = rows[1][i] = -7.0f, drows[i] = -7.0;
+            for (int i = 0; i < 160; i++) rows[0][i] = rows[1][i] = rows[3][i] = -7.0f, drows[i] = -7.0;
             for (int i = 0; i < 3 * n; i++) rows[2][start + i] = dy[i % 96];
-            fn_line_carry cy = {.line = NULL}, cd = {.line = NULL}, cg = {.line = NULL}, c64 = {.line = NULL};
+            fn_line_carry cy = {.line = NULL}, cd = {.line = NULL}, cg = {.line = NULL}, c64 = {.line = NULL},
+                          cp = {.line = NULL};
             for (int r = 0; r < 3; r++) {
                 float *g = rows[2] + start + r * n;
                 fn_affine_row_streamed(rows[0] + start + r * n, x + r, n, c3, w, b, NULL, &cy);
                 fn_dx_row_streamed(rows[1] + start + r * n, dy + r, x + r, n, c5, w, &cd);
                 fn_dx_row_streamed(g, g, x + r, n, c5, w, &cg);
                 fn_affine_row_streamed_f64(drows + start + r * n, xd + r, n, 3.25, 0.75, wd, bd, NULL, &c64);
+                fn_scale_shift_streamed(rows[3] + start + r * n, x + r, n, c4, &cp);
             }
+            fn_line_carry_flush(&cp);
             fn_line_carry_flush(&cy);
             fn_line_carry_flush(&cd);
             fn_line_carry_flush(&cg);
@@ -347,7 +350,7 @@ static void test_streamed_rows(void)
             for (int i = 0; i < 160; i++) {
                 const int r = (i - start) / n, k = (i - start) % n;
                 if (i < start || i >= start + 3 * n) {
-                    bad += rows[0][i] != -7.0f || rows[1][i] != -7.0f || drows[i] != -7.0;
+                    bad += rows[0][i] != -7.0f || rows[1][i] != -7.0f || rows[3][i] != -7.0f || drows[i] != -7.0;
                     continue;
                 }
                 const float gk = dy[(r * n + k) % 96];
@@ -355,6 +358,7 @@ static void test_streamed_rows(void)
                 bad += rows[1][i] != dy[r + k] * (c5[0] * w[k]) + c5[1] - ((x[r + k] - c5[2]) - c5[3]) * c5[4];
                 bad += rows[2][i] != gk * (c5[0] * w[k]) + c5[1] - ((x[r + k] - c5[2]) - c5[3]) * c5[4];
                 bad += drows[i] != (xd[r + k] - 3.25) * (0.75 * wd[k]) + bd[k];
+                bad += rows[3][i] != ((x[r + k] - c4[0]) - c4[1]) * c4[2] + c4[3];
             }
         }
     check_close("rows through a line carry differing", bad, 0, 0);
