@@ -441,10 +441,29 @@ static void put_row_tail(fn_line_carry *carry, char *y, const void *v, int64_t l
         memcpy(y, v, (size_t)len);
         return;
     }
-    fn_line_carry_flush(carry);
+    fn_line_carry_flush(carry);                    /* empty after any put_row_head; kept for safety */
     memcpy(carry->bytes, v, (size_t)len);
     carry->line = y, carry->valid = len;
 }
+
+/* The body of a streamed row writer: y[i] = ELEMENT(i) for i < n, of type T. Without AVX-512F all
+ * with plain stores; with it, the head (to y's first line boundary) and the tail (after the last
+ * whole vector) computed here and put through the carry, the whole vectors between by BODY, an
+ * AVX-512 call on y + h_ (aligned) that returns how many elements it wrote. */
+#define STREAMED_ROW(T, y, n, ELEMENT, BODY)                                                        \
+    do {                                                                                            \
+        _Alignas(64) T v_[64 / sizeof(T)];                                                          \
+        if (!HAS_AVX512F()) {                                                                       \
+            for (int64_t i = 0; i < (n); i++) (y)[i] = ELEMENT(i);                                  \
+            break;                                                                                  \
+        }                                                                                           \
+        const int64_t h_ = head_elements((y), (n), sizeof(T));                                      \
+        for (int64_t i = 0; i < h_; i++) v_[i] = ELEMENT(i);                                        \
+        put_row_head(carry, (char *)(y), v_, h_ * (int64_t)sizeof(T));                              \
+        const int64_t t_ = h_ + (BODY);                                                             \
+        for (int64_t i = t_; i < (n); i++) v_[i - t_] = ELEMENT(i);                                 \
+        put_row_tail(carry, (char *)((y) + t_), v_, ((n) - t_) * (int64_t)sizeof(T));               \
+    } while (0)
 
 /* y[k] = ((x[k] - c[0]) - c[1]) * (c[2] * w[k]) + b[k]: a row of affine_group_f32, the same bits,
  * streamed. Call fn_stream_fence before another thread reads y. With `next` (the next row's x),
@@ -455,17 +474,8 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3
                             const float *next, fn_line_carry *carry)
 {
 #define AFFINE(i) (((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i])
-    _Alignas(64) float v[16];
-    if (!HAS_AVX512F()) {
-        for (int64_t i = 0; i < n; i++) y[i] = AFFINE(i);
-        return;
-    }
-    const int64_t h = head_elements(y, n, sizeof(float));
-    for (int64_t i = 0; i < h; i++) v[i] = AFFINE(i);
-    put_row_head(carry, (char *)y, v, h * (int64_t)sizeof(float));
-    const int64_t t = h + affine_row_streamed_avx512(y + h, x + h, n - h, c, w + h, b + h, (next ? next : x) + h);
-    for (int64_t i = t; i < n; i++) v[i - t] = AFFINE(i);
-    put_row_tail(carry, (char *)(y + t), v, (n - t) * (int64_t)sizeof(float));
+    STREAMED_ROW(float, y, n, AFFINE,
+                 affine_row_streamed_avx512(y + h_, x + h_, n - h_, c, w + h_, b + h_, (next ? next : x) + h_));
 #undef AFFINE
 }
 
@@ -474,17 +484,7 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3
 void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[4], fn_line_carry *carry)
 {
 #define SCALE_SHIFT(i) (((x[i] - c[0]) - c[1]) * c[2] + c[3])
-    _Alignas(64) float v[16];
-    if (!HAS_AVX512F()) {
-        for (int64_t i = 0; i < n; i++) y[i] = SCALE_SHIFT(i);
-        return;
-    }
-    const int64_t h = head_elements(y, n, sizeof(float));
-    for (int64_t i = 0; i < h; i++) v[i] = SCALE_SHIFT(i);
-    put_row_head(carry, (char *)y, v, h * (int64_t)sizeof(float));
-    const int64_t t = h + scale_shift_streamed_avx512(y + h, x + h, n - h, c);
-    for (int64_t i = t; i < n; i++) v[i - t] = SCALE_SHIFT(i);
-    put_row_tail(carry, (char *)(y + t), v, (n - t) * (int64_t)sizeof(float));
+    STREAMED_ROW(float, y, n, SCALE_SHIFT, scale_shift_streamed_avx512(y + h_, x + h_, n - h_, c));
 #undef SCALE_SHIFT
 }
 
@@ -493,17 +493,9 @@ void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu
                                 const double *b, const double *next, fn_line_carry *carry)
 {
 #define AFFINE(i) ((x[i] - mu) * (r * w[i]) + b[i])
-    _Alignas(64) double v[8];
-    if (!HAS_AVX512F()) {
-        for (int64_t i = 0; i < n; i++) y[i] = AFFINE(i);
-        return;
-    }
-    const int64_t h = head_elements(y, n, sizeof(double));
-    for (int64_t i = 0; i < h; i++) v[i] = AFFINE(i);
-    put_row_head(carry, (char *)y, v, h * (int64_t)sizeof(double));
-    const int64_t t = h + affine_row_streamed_f64_avx512(y + h, x + h, n - h, mu, r, w + h, b + h, (next ? next : x) + h);
-    for (int64_t i = t; i < n; i++) v[i - t] = AFFINE(i);
-    put_row_tail(carry, (char *)(y + t), v, (n - t) * (int64_t)sizeof(double));
+    STREAMED_ROW(double, y, n, AFFINE,
+                 affine_row_streamed_f64_avx512(y + h_, x + h_, n - h_, mu, r, w + h_, b + h_,
+                                                (next ? next : x) + h_));
 #undef AFFINE
 }
 
@@ -527,19 +519,10 @@ void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, c
                         fn_line_carry *carry)
 {
 #define DX(i) (dy[i] * (c[0] * w[i]) + c[1] - ((x[i] - c[2]) - c[3]) * c[4])
-    _Alignas(64) float v[16];
-    if (!HAS_AVX512F()) {
-        for (int64_t i = 0; i < n; i++) dx[i] = DX(i);
-        return;
-    }
-    const int64_t h = head_elements(dx, n, sizeof(float));
-    for (int64_t i = 0; i < h; i++) v[i] = DX(i);
-    put_row_head(carry, (char *)dx, v, h * (int64_t)sizeof(float));
-    const int64_t t = h + dx_row_streamed_avx512(dx + h, dy + h, x + h, n - h, c, w + h);
-    for (int64_t i = t; i < n; i++) v[i - t] = DX(i);
-    put_row_tail(carry, (char *)(dx + t), v, (n - t) * (int64_t)sizeof(float));
+    STREAMED_ROW(float, dx, n, DX, dx_row_streamed_avx512(dx + h_, dy + h_, x + h_, n - h_, c, w + h_));
 #undef DX
 }
+#undef STREAMED_ROW
 
 void fn_stream_fence(void)
 {
