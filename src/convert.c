@@ -404,13 +404,6 @@ int fn_streaming_pays(int64_t bytes)
     return HAS_AVX512F() && bytes >= ((int64_t)8 << 20) && bytes >= from;
 }
 
-/* Elements of `item` bytes from y to its first 64-byte boundary, at most n. */
-static int64_t head_elements(const void *y, int64_t n, size_t item)
-{
-    const int64_t h = (int64_t)(((64 - ((uintptr_t)y & 63)) & 63) / item);
-    return h < n ? h : n;
-}
-
 void fn_line_carry_flush(fn_line_carry *carry)
 {
     if (carry && carry->valid) memcpy(carry->line, carry->bytes, (size_t)carry->valid);

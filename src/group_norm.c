@@ -58,8 +58,14 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
 {
     const float mu_hi = (float)mu, mu_lo = (float)(mu - (double)mu_hi), rf = (float)r;
     if (S == 1) {
+        /* a row: the elements before y's first 64-byte line, then the rest, so that no vector
+         * store splits a line (measured on (8, 768) rows 16 bytes into a line: the loop 1.04 ->
+         * 0.78 us) */
+        const int64_t h = head_elements(y, K, sizeof *y);
 #pragma omp simd
-        for (int64_t k = 0; k < K; k++) y[k] = ((x[k] - mu_hi) - mu_lo) * (rf * wf[k]) + bf[k];
+        for (int64_t k = 0; k < h; k++) y[k] = ((x[k] - mu_hi) - mu_lo) * (rf * wf[k]) + bf[k];
+#pragma omp simd
+        for (int64_t k = h; k < K; k++) y[k] = ((x[k] - mu_hi) - mu_lo) * (rf * wf[k]) + bf[k];
         return;
     }
     for (int64_t k = 0; k < K; k++) {
@@ -67,6 +73,16 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
 #pragma omp simd
         for (int64_t s = 0; s < S; s++) y[k * S + s] = ((x[k * S + s] - mu_hi) - mu_lo) * scale + shift;
     }
+}
+
+/* mu and r = rstd of the n contiguous float32 values at x (mu = 0 for RMS norm). */
+FN_INLINE void group_stats_f32(const float *x, int64_t n, int rms, double eps, double *mu, double *r)
+{
+    double var;
+    *mu = 0.0;
+    if (rms) var = mean_square_of_f32(x, n);
+    else moments_of_f32(x, n, mu, &var);
+    *r = rstd_of(var, eps);
 }
 
 /* Statistics of a contiguous float32 group (K, S), then y = affine_group_f32(x); y may be x.
@@ -77,11 +93,7 @@ FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t 
                                    const float *wf, const float *bf, double *mu, double *r, int stream,
                                    const float *next, fn_line_carry *carry)
 {
-    double var;
-    *mu = 0.0;
-    if (rms) var = mean_square_of_f32(x, K * S);
-    else moments_of_f32(x, K * S, mu, &var);
-    *r = rstd_of(var, eps);
+    group_stats_f32(x, K * S, rms, eps, mu, r);
     if (S == 1 && stream) {
         const float mu_hi = (float)*mu, c[3] = {mu_hi, (float)(*mu - (double)mu_hi), (float)*r};
         fn_affine_row_streamed(y, x, K, c, wf, bf, next, carry);
@@ -281,10 +293,25 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
         for (int64_t k = 0; k < D; k++) ones_zeros[k] = 1.0f, ones_zeros[D + k] = 0.0f;
     }
     const float *w = p->weight ? p->weight : ones_zeros, *b = p->bias ? p->bias : ones_zeros + D;
-    const int prefetch = D * (int64_t)sizeof(float) <= NEXT_ROW_BYTES;
-    for (int64_t a = begin; a < end; a++)
-        normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a], &p->rstd[a],
-                            p->stream, prefetch && a + 1 < end ? p->x + (a + 1) * D : NULL, &carry);
+    const int short_rows = D * (int64_t)sizeof(float) <= NEXT_ROW_BYTES;
+    if (short_rows && !p->stream) {
+        /* Row a + 1's statistics before row a's output: the end of each row's statistics (lane
+         * sums, divisions, square root: a chain of ~100 cycles) then overlaps the output of the
+         * row before, instead of holding up its own row's output. Rows in place (y == x) are
+         * safe: row a + 1 is read before row a + 1 is written. Measured on (8, 768): 2.19 ->
+         * 2.08 us. */
+        if (begin < end) group_stats_f32(p->x + begin * D, D, p->rms, p->eps, &p->mean[begin], &p->rstd[begin]);
+        for (int64_t a = begin; a < end; a++) {
+            if (a + 1 < end)
+                group_stats_f32(p->x + (a + 1) * D, D, p->rms, p->eps, &p->mean[a + 1], &p->rstd[a + 1]);
+            affine_group_f32(p->y + a * D, p->x + a * D, D, 1, p->mean[a], p->rstd[a], w, b);
+        }
+    } else {
+        for (int64_t a = begin; a < end; a++)
+            normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a],
+                                &p->rstd[a], p->stream, short_rows && a + 1 < end ? p->x + (a + 1) * D : NULL,
+                                &carry);
+    }
     fn_line_carry_flush(&carry);
     if (p->stream) fn_stream_fence();
     free(ones_zeros);
