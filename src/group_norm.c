@@ -75,6 +75,15 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
     }
 }
 
+/* affine_group_f32 of a row, as a function of its own: inlined into the loop of rows_f32_slice,
+ * GCC ran out of registers and reloaded the weight pointer and the loop bound from the stack on
+ * every vector. */
+FN_OUT_OF_LINE FN_VECTOR_CLONES void affine_row_f32(float *y, const float *x, int64_t D, double mu, double r,
+                                                    const float *wf, const float *bf)
+{
+    affine_group_f32(y, x, D, 1, mu, r, wf, bf);
+}
+
 /* mu and r = rstd of the n contiguous float32 values at x (mu = 0 for RMS norm). */
 FN_INLINE void group_stats_f32(const float *x, int64_t n, int rms, double eps, double *mu, double *r)
 {
@@ -304,7 +313,7 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
         for (int64_t a = begin; a < end; a++) {
             if (a + 1 < end)
                 group_stats_f32(p->x + (a + 1) * D, D, p->rms, p->eps, &p->mean[a + 1], &p->rstd[a + 1]);
-            affine_group_f32(p->y + a * D, p->x + a * D, D, 1, p->mean[a], p->rstd[a], w, b);
+            affine_row_f32(p->y + a * D, p->x + a * D, D, p->mean[a], p->rstd[a], w, b);
         }
     } else {
         for (int64_t a = begin; a < end; a++)
