@@ -242,19 +242,22 @@ __attribute__((target("avx512f"))) static void stream_line(char *line, const uns
  * aligned element of the output on (the ones before and after: plain stores, the same arithmetic).
  * They return how many elements they wrote, from 0. The row writers with a line carry get y
  * aligned and write whole vectors only (their callers write the row's head and tail). */
+/* backward: the vectors from the last one down (walk_backward) */
 __attribute__((target("avx512f"))) static int64_t affine_row_streamed_avx512(float *y, const float *x, int64_t n,
                                                                          const float c[3], const float *w,
-                                                                         const float *b, const float *next)
+                                                                         const float *b, const float *next,
+                                                                         int backward)
 {
     const __m512 hi = _mm512_set1_ps(c[0]), lo = _mm512_set1_ps(c[1]), r = _mm512_set1_ps(c[2]);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
+    const int64_t whole = n / 16 * 16;
+    for (int64_t v = 0; v < whole; v += 16) {
+        const int64_t i = backward ? whole - 16 - v : v;
         _mm_prefetch((const char *)(next + i), _MM_HINT_T0);
         __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi), lo);
         _mm512_stream_ps(y + i, _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(r, _mm512_loadu_ps(w + i))),
                                               _mm512_loadu_ps(b + i)));
     }
-    return i;
+    return whole;
 }
 
 __attribute__((target("avx512f"))) static int64_t scale_shift_streamed_avx512(float *y, const float *x, int64_t n,
@@ -329,7 +332,7 @@ __attribute__((target("avx512f"))) static int64_t combine_rows_streamed_avx512(f
 #define floats_to_halves_f16c(dst, src, n) ((int64_t)0)
 #define affine_row_to_halves_f16c(dst, x, n, c, w, b) ((int64_t)0)
 #define stream_line(line, bytes) memcpy((line), (bytes), 64)
-#define affine_row_streamed_avx512(y, x, n, c, w, b, next) ((void)(next), (int64_t)0)
+#define affine_row_streamed_avx512(y, x, n, c, w, b, next, backward) ((void)(next), (void)(backward), (int64_t)0)
 #define scale_shift_streamed_avx512(y, x, n, c) ((int64_t)0)
 #define dx_row_streamed_avx512(dx, dy, x, n, c, w) ((int64_t)0)
 #define affine_row_streamed_f64_avx512(y, x, n, mu, r, w, b, next) ((void)(next), (int64_t)0)
@@ -468,7 +471,8 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3
 {
 #define AFFINE(i) (((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i])
     STREAMED_ROW(float, y, n, AFFINE,
-                 affine_row_streamed_avx512(y + h_, x + h_, n - h_, c, w + h_, b + h_, (next ? next : x) + h_));
+                 affine_row_streamed_avx512(y + h_, x + h_, n - h_, c, w + h_, b + h_, (next ? next : x) + h_,
+                                            walk_backward(y, x, w, b)));
 #undef AFFINE
 }
 

@@ -184,3 +184,15 @@ def check(name, x, weight=None, bias=None, *, x_values=None, y_tol=None, stats_t
     got = call_stats(name, x, weight, bias, **kw)
     compare(name, got, want, np.asarray(x_values).dtype, y_tol=y_tol, stats_tol=stats_tol)
     return got
+
+
+def at_page_offset(shape, dtype, offset):
+    """An uninitialized C-contiguous array whose data starts `offset` bytes into a 4 KiB page:
+    for placing an output a chosen distance after its input modulo 4 KiB (4 KiB aliasing)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    raw = np.empty(n * dtype.itemsize + 8192, np.uint8)
+    start = (offset - raw.ctypes.data) % 4096
+    view = raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
+    assert view.ctypes.data % 4096 == offset
+    return view

@@ -10,6 +10,7 @@ import fastnorm
 import reference as ref
 from forward_checks import (
     FLOAT_DTYPES,
+    at_page_offset,
     FUNCS,
     INT_DTYPES,
     assert_close,
@@ -1059,3 +1060,33 @@ def test_batch_norm_planes_take_the_channel_block_route(rng, monkeypatch):
                  lambda: fastnorm.batch_norm(x.reshape(4, 75))):
         with pytest.raises(AssertionError, match="two-pass kernel called"):
             call()
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape", [(6, 768), (5, 1000), (3, 17), (2, 4096), (4, 5)])
+@pytest.mark.parametrize("y_offset, w_offset", [(16, 2048), (64, 2048), (512, 2048), (4080, 2048), (0, 2048),
+                                                (16, 144), (256, 64)],
+                         ids=["y16", "y64", "y512", "y-16", "y0", "w-after-y", "w-before-y"])
+def test_rows_walked_either_way_give_the_same_bits(name, shape, y_offset, w_offset, rng):
+    """Float32 rows whose output lies a little after x (or weight, bias) modulo 4 KiB are written
+    from the end backward, to keep loads clear of the stores just made (4 KiB aliasing); when
+    another input lies a little before it, forward. x starts on a page, y y_offset bytes and weight
+    (and bias) w_offset bytes into one. Either way: every element written (out starts as NaN), the
+    bits of the same rows at ordinary addresses, the values of the reference."""
+    x = at_page_offset(shape, np.float32, 0)
+    x[...] = rng.standard_normal(shape) * 2.0 + 3.0
+    w = at_page_offset(shape[-1:], np.float32, w_offset)
+    w[...] = rng.standard_normal(shape[-1])
+    b = at_page_offset(shape[-1:], np.float32, (w_offset + 1024) % 4096) if name == "layer_norm" else None
+    if b is not None:
+        b[...] = rng.standard_normal(shape[-1])
+    fn = getattr(fastnorm, name)
+    want = fn(x.copy(), w.copy(), None if b is None else b.copy())
+    for through_c_entry in (True, False):
+        out = at_page_offset(shape, np.float32, y_offset)
+        out[...] = np.nan
+        call_fn = fn if through_c_entry else fn.__wrapped__
+        assert call_fn(x, w, b, out=out) is out
+        np.testing.assert_array_equal(out, want)
+    expected = (ref.layer_norm if name == "layer_norm" else ref.rms_norm)(x, w, b)[0]
+    np.testing.assert_allclose(want, expected, rtol=0, atol=1e-5 * max(1.0, np.abs(expected).max()))

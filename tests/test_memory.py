@@ -253,6 +253,23 @@ def test_streamed_rows_have_the_bits_of_small_calls(op, dtype, param_dtype, D, m
         fastnorm.set_num_threads(fastnorm._threads._from_environment())
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_streamed_rows_walked_backward_have_the_bits_of_small_calls(op):
+    """An output 16 bytes after x modulo 4 KiB is streamed from each row's end backward (4 KiB
+    aliasing, src/moments.h walk_backward): every element written, the bits of small calls."""
+    from forward_checks import at_page_offset
+    x = at_page_offset((STREAM_ROWS, 1024), np.float32, 0)
+    x[...] = RNG.standard_normal(x.shape, dtype=np.float32) * 2 + 3
+    w, b = at_page_offset((1024,), np.float32, 2048), at_page_offset((1024,), np.float32, 3072)
+    w[...], b[...] = RNG.standard_normal(1024), RNG.standard_normal(1024)     # far from y modulo 4 KiB
+    f = getattr(fastnorm, op)
+    call = (lambda v, out=None: f(v, w, b, out=out))
+    out = at_page_offset(x.shape, np.float32, 16)
+    out[...] = np.nan
+    assert call(x, out) is out
+    np.testing.assert_array_equal(out, _in_chunks(call, x))
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["out", "out=dy"])
 def test_streamed_layer_norm_dx_has_the_bits_of_small_calls(in_place):
     x = (RNG.standard_normal((STREAM_ROWS, 1024), dtype=np.float32) * 2 + 3).astype(np.float32)
