@@ -472,7 +472,7 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3
 #define AFFINE(i) (((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i])
     STREAMED_ROW(float, y, n, AFFINE,
                  affine_row_streamed_avx512(y + h_, x + h_, n - h_, c, w + h_, b + h_, (next ? next : x) + h_,
-                                            walk_backward(y, x, w, b)));
+                                            walk_backward(y, x)));
 #undef AFFINE
 }
 

@@ -63,7 +63,7 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
          * 0.78 us) */
         const int64_t h = head_elements(y, K, sizeof *y);
 #define AFFINE_ROW(k) (((x[k] - mu_hi) - mu_lo) * (rf * wf[k]) + bf[k])
-        if (walk_backward(y, x, wf, bf)) {
+        if (walk_backward(y, x)) {
             /* from the end: the tail after the last whole 16 elements, the 16s backward, the head */
             const int64_t t = h + (K - h) / 16 * 16;
 #pragma omp simd

@@ -1068,11 +1068,11 @@ def test_batch_norm_planes_take_the_channel_block_route(rng, monkeypatch):
                                                 (16, 144), (256, 64)],
                          ids=["y16", "y64", "y512", "y-16", "y0", "w-after-y", "w-before-y"])
 def test_rows_walked_either_way_give_the_same_bits(name, shape, y_offset, w_offset, rng):
-    """Float32 rows whose output lies a little after x (or weight, bias) modulo 4 KiB are written
-    from the end backward, to keep loads clear of the stores just made (4 KiB aliasing); when
-    another input lies a little before it, forward. x starts on a page, y y_offset bytes and weight
-    (and bias) w_offset bytes into one. Either way: every element written (out starts as NaN), the
-    bits of the same rows at ordinary addresses, the values of the reference."""
+    """Float32 rows whose output lies a little after x modulo 4 KiB are written from the end
+    backward, to keep loads clear of the stores just made (4 KiB aliasing); weight and bias do not
+    decide. x starts on a page, y y_offset bytes and weight (and bias) w_offset bytes into one.
+    Either way: every element written (out starts as NaN), the bits of the same rows at ordinary
+    addresses, the values of the reference."""
     x = at_page_offset(shape, np.float32, 0)
     x[...] = rng.standard_normal(shape) * 2.0 + 3.0
     w = at_page_offset(shape[-1:], np.float32, w_offset)

@@ -261,7 +261,7 @@ def test_streamed_rows_walked_backward_have_the_bits_of_small_calls(op):
     x = at_page_offset((STREAM_ROWS, 1024), np.float32, 0)
     x[...] = RNG.standard_normal(x.shape, dtype=np.float32) * 2 + 3
     w, b = at_page_offset((1024,), np.float32, 2048), at_page_offset((1024,), np.float32, 3072)
-    w[...], b[...] = RNG.standard_normal(1024), RNG.standard_normal(1024)     # far from y modulo 4 KiB
+    w[...], b[...] = RNG.standard_normal(1024), RNG.standard_normal(1024)
     f = getattr(fastnorm, op)
     call = (lambda v, out=None: f(v, w, b, out=out))
     out = at_page_offset(x.shape, np.float32, 16)
