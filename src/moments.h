@@ -249,8 +249,8 @@ FN_INLINE int64_t head_elements(const void *y, int64_t n, size_t item)
 /* 4 KiB aliasing: a load waits for the older stores still in flight whose addresses have the same
  * low 12 bits as its own. A loop that walks y forward with x a little behind it modulo 4 KiB
  * (y - x in (0, ALIAS_WINDOW] bytes) makes, at every step, loads that match the stores just made.
- * Measured on float32 layer-norm rows over the copy, x on a page and y 16 bytes into one (aligned:
- * 1.54x): 1 MiB 4.97x, 64 bytes 4.71x, 128 bytes 2.72x, 256 1.75x, from 512 on as aligned.
+ * Measured on 1 MiB of float32 layer-norm rows over the copy, x on a page (aligned y: 1.54x): y 16
+ * bytes into a page 4.97x, 64 bytes 4.71x, 128 bytes 2.72x, 256 1.75x, from 512 on as aligned.
  * Walked backward the same loop is safe there (16 bytes: 1.78x; 64 MiB streamed, 1 thread 2.47x
  * -> 1.41x, 2 threads 1.27x -> 0.88x), but backward costs ~15% more than an unhindered forward
  * walk out of L1, so only x decides: weight and bias stay in L1, where a matching store costs

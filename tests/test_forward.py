@@ -10,10 +10,10 @@ import fastnorm
 import reference as ref
 from forward_checks import (
     FLOAT_DTYPES,
-    at_page_offset,
     FUNCS,
     INT_DTYPES,
     assert_close,
+    at_page_offset,
     call,
     call_stats,
     check,

@@ -19,6 +19,7 @@ import fastnorm
 import grad_reference as gref
 import reference as ref
 from fastnorm import _core
+from forward_checks import at_page_offset
 from numpy._core.multiarray import get_handler_name
 
 MIB = 2**20
@@ -257,7 +258,6 @@ def test_streamed_rows_have_the_bits_of_small_calls(op, dtype, param_dtype, D, m
 def test_streamed_rows_walked_backward_have_the_bits_of_small_calls(op):
     """An output 16 bytes after x modulo 4 KiB is streamed from each row's end backward (4 KiB
     aliasing, src/moments.h walk_backward): every element written, the bits of small calls."""
-    from forward_checks import at_page_offset
     x = at_page_offset((STREAM_ROWS, 1024), np.float32, 0)
     x[...] = RNG.standard_normal(x.shape, dtype=np.float32) * 2 + 3
     w, b = at_page_offset((1024,), np.float32, 2048), at_page_offset((1024,), np.float32, 3072)
