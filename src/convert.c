@@ -241,8 +241,8 @@ __attribute__((target("avx512f"))) static void stream_line(char *line, const uns
 /* The float32 row writers below, 16 at a time with non-temporal stores from the first 64-byte
  * aligned element of the output on (the ones before and after: plain stores, the same arithmetic).
  * They return how many elements they wrote, from 0. The row writers with a line carry get y
- * aligned and write whole vectors only (their callers write the row's head and tail). */
-/* backward: the vectors from the last one down (walk_backward) */
+ * aligned and write whole vectors only (their callers write the row's head and tail).
+ * backward: the vectors from the last one down (walk_backward). */
 __attribute__((target("avx512f"))) static int64_t affine_row_streamed_avx512(float *y, const float *x, int64_t n,
                                                                          const float c[3], const float *w,
                                                                          const float *b, const float *next,
@@ -397,14 +397,14 @@ FN_VECTOR_CLONES void fn_half_sums(const uint16_t *x, int64_t n, float shift, do
  * stores; elsewhere the rows are written as before). */
 int fn_streaming_pays(int64_t bytes)
 {
-    if (bytes < ((int64_t)8 << 20)) return 0;           /* small calls: no sysconf */
+    if (bytes < ((int64_t)8 << 20)) return 0;           /* at least 8 MiB; smaller calls skip sysconf */
 #ifdef _SC_LEVEL3_CACHE_SIZE
     long cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #else
     long cache = 0;
 #endif
     int64_t from = cache > 0 ? (int64_t)cache / 2 : (int64_t)32 << 20;
-    return HAS_AVX512F() && bytes >= ((int64_t)8 << 20) && bytes >= from;
+    return HAS_AVX512F() && bytes >= from;
 }
 
 void fn_line_carry_flush(fn_line_carry *carry)

@@ -72,10 +72,8 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
                 /* 16 from k0, counted from 0 to a constant: one vector, no checks (with k from k0
                  * to k0 + 16, -fwrapv kept GCC from knowing the count, and the loop ran 1.3x
                  * slower than forward) */
-                float *yb = y + k0;
-                const float *xb = x + k0, *wb = wf + k0, *bb = bf + k0;
 #pragma omp simd
-                for (int j = 0; j < 16; j++) yb[j] = ((xb[j] - mu_hi) - mu_lo) * (rf * wb[j]) + bb[j];
+                for (int j = 0; j < 16; j++) y[k0 + j] = AFFINE_ROW(k0 + j);
             }
 #pragma omp simd
             for (int64_t k = 0; k < h; k++) y[k] = AFFINE_ROW(k);

@@ -309,6 +309,14 @@ def _running_buffer(r, name, C, fn, writeable):
     return r
 
 
+def _update_running(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's update, in place: the running variance takes the unbiased batch variance
+    (count values per feature, an array or one number)."""
+    unbiased = var * count / (count - 1)
+    running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+    running_var[...] = (1 - momentum) * running_var + momentum * unbiased
+
+
 def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running_var=None, training=True,
                momentum=0.1, eps=1e-5, mask=None, out=None, return_stats=False):
     """Batch normalization: one (mean, rstd) per feature, over every other axis.
@@ -366,9 +374,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
         mean, var = np.empty(C), np.empty(C)
         _core.channel_normalize_planes(target.view, xv, w, b, eps, mean, var, get_num_threads())
         if running_mean is not None:
-            unbiased = var * (O * S) / (O * S - 1)
-            running_mean[...] = (1 - momentum_value) * running_mean + momentum_value * mean
-            running_var[...] = (1 - momentum_value) * running_var + momentum_value * unbiased
+            _update_running(running_mean, running_var, mean, var, O * S, momentum_value)
     elif training:
         count, mean, var = np.empty(C), np.empty(C), np.empty(C)
         _core.channel_moments(count, mean, var, xv, m, get_num_threads())
@@ -378,9 +384,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
             raise ValueError(f"{fn}: training needs more than one value per feature; {who} gives "
                              f"{int(count[c])} for feature {c} (x of shape {arr.shape}, axis={ax})")
         if arr.size and running_mean is not None:
-            unbiased = var * count / (count - 1)
-            running_mean[...] = (1 - momentum_value) * running_mean + momentum_value * mean
-            running_var[...] = (1 - momentum_value) * running_var + momentum_value * unbiased
+            _update_running(running_mean, running_var, mean, var, count, momentum_value)
     else:
         mean = np.array(running_mean, dtype=np.float64)
         var = np.array(running_var, dtype=np.float64)
