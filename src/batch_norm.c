@@ -186,6 +186,16 @@ int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask
     return status;
 }
 
+/* Whether channel c may be combined in float arithmetic (combine_line_f32): |center| and the
+ * coefficients at most 2^100, so neither x - center nor a coefficient can overflow a float, and
+ * coef_x 0 or at least 2^-100, so it keeps its precision (as float_arithmetic_fits in moments.h).
+ * NaN passes: it gives NaN either way. Otherwise the call computes in double. */
+FN_INLINE int channel_fits_float(double center, double coef_x, double coef_dy)
+{
+    const double cx = fabs(coef_x);
+    return !(fabs(center) > 0x1p100 || cx > 0x1p100 || fabs(coef_dy) > 0x1p100 || (cx > 0.0 && cx < 0x1p-100));
+}
+
 /* channel_combine on one contiguous float32 line (a row of C channels, or a plane of channel c)
  * in float arithmetic, the center split into hi + lo floats as in affine_group_f32.
  * f: (5, C) floats: center_hi, center_lo, coef_x, shift, coef_dy; dy may be NULL;
@@ -220,9 +230,10 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
     unsigned char *m = malloc((size_t)S + 1);
     const int has_dy = p->dy.data != NULL, line_dim = S == 1 ? 1 : 2;
     /* contiguous float32 lines of x, out (and dy): float arithmetic, no buffer */
-    const int f32 = p->x.dtype == FN_F32 && p->out.dtype == FN_F32 && p->x.stride[line_dim] == 4 &&
-                    p->out.stride[line_dim] == 4 &&
-                    (!has_dy || (p->dy.dtype == FN_F32 && p->dy.stride[line_dim] == 4));
+    int f32 = p->x.dtype == FN_F32 && p->out.dtype == FN_F32 && p->x.stride[line_dim] == 4 &&
+              p->out.stride[line_dim] == 4 && (!has_dy || (p->dy.dtype == FN_F32 && p->dy.stride[line_dim] == 4));
+    for (int64_t c = 0; f32 && c < C; c++)
+        f32 = channel_fits_float(p->center[c], p->coef_x[c], has_dy ? p->coef_dy[c] : 0.0);
     float *f = f32 ? malloc((size_t)(5 * C + 1) * sizeof(float)) : NULL;
     (void)part;
     if (!bx || !m || (f32 && !f)) {
@@ -326,6 +337,14 @@ int channel_combine(fn_view out, fn_view x, const double *center, const double *
     return fn_parallel_for(channel_parts(nthreads, O, O * C * S), O, combine_slice, &p);
 }
 
+/* y = (x - center) * coef + shift over n contiguous floats, in double: a plane whose float
+ * arithmetic could overflow (channel_fits_float). y may be x. */
+FN_OUT_OF_LINE void scale_shift_in_double(float *y, const float *x, int64_t n, double center, double coef,
+                                          double shift)
+{
+    for (int64_t i = 0; i < n; i++) y[i] = (float)(((double)x[i] - center) * coef + shift);
+}
+
 /* channel_normalize_planes_f32: the channels in blocks of at most PLANE_BLOCK_BYTES of x (at least
  * one channel), each block's statistics and then its output while the block is in L2: x is read
  * from memory once instead of twice, and large outputs are streamed (as layer-norm rows are).
@@ -364,10 +383,12 @@ FN_VECTOR_CLONES static int normalize_planes_slice(void *ctx, int64_t begin, int
             p->var[c] = count == 0.0 ? NAN : var / count;
         }
         float f[5 * 64];                 /* (5, block) for combine_line_f32: hi, lo, coef_x, shift, - */
+        double coef_of[64];              /* (block) coef_x in double, for planes written in double */
         const int64_t nb = c1 - c0;
         for (int64_t c = c0; c < c1; c++) {
             const double r = rstd_of(p->var[c], p->eps), coef = p->weight ? r * p->weight[c] : r;
             const int64_t j = c - c0;
+            coef_of[j] = coef;
             f[j] = (float)p->mean[c];
             f[nb + j] = (float)(p->mean[c] - (double)f[j]);
             f[2 * nb + j] = (float)coef;
@@ -379,7 +400,9 @@ FN_VECTOR_CLONES static int normalize_planes_slice(void *ctx, int64_t begin, int
                 float *y = (float *)(p->out.data + o * p->out.stride[0] + c * p->out.stride[1]);
                 const float *xp = (const float *)(p->x.data + o * p->x.stride[0] + c * p->x.stride[1]);
                 const int64_t j = c - c0;
-                if (p->stream) {
+                if (!channel_fits_float(p->mean[c], coef_of[j], 0.0)) {
+                    scale_shift_in_double(y, xp, S, p->mean[c], coef_of[j], p->bias ? p->bias[c] : 0.0);
+                } else if (p->stream) {
                     const float k[4] = {f[j], f[nb + j], f[2 * nb + j], f[3 * nb + j]};
                     fn_scale_shift_streamed(y, xp, S, k, &carry);
                 } else {

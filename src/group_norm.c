@@ -93,6 +93,30 @@ FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, 
     }
 }
 
+/* y = (x - mu) * (r * w[k]) + b[k] of a contiguous float32 or float16 group (K, S) in double
+ * arithmetic, element by element: the groups whose float arithmetic could overflow
+ * (float_arithmetic_fits in moments.h). y may be x. */
+FN_OUT_OF_LINE void affine_group_in_double(void *y, const void *x, int dtype, int64_t K, int64_t S, double mu,
+                                           double r, const float *wf, const float *bf)
+{
+    const ptrdiff_t item = dtype == FN_F16 ? 2 : 4;
+    for (int64_t i = 0; i < K * S; i++) {
+        double v;
+        fn_load(&v, (const char *)x + i * item, 1, item, dtype);
+        v = (v - mu) * (r * (double)wf[i / S]) + (double)bf[i / S];
+        fn_store((char *)y + i * item, &v, 1, item, dtype);
+    }
+}
+
+/* The largest |w[k]|, k < n: the float paths' bound for r * w (float_arithmetic_fits). */
+FN_INLINE double max_abs_f32(const float *w, int64_t n)
+{
+    float m = 0.0f;
+#pragma omp simd reduction(max : m)
+    for (int64_t k = 0; k < n; k++) m = fabsf(w[k]) > m ? fabsf(w[k]) : m;
+    return (double)m;
+}
+
 /* affine_group_f32 of a row, as a function of its own: inlined into the loop of rows_f32_slice,
  * GCC ran out of registers and reloaded the weight pointer and the loop bound from the stack on
  * every vector. */
@@ -115,13 +139,15 @@ FN_INLINE void group_stats_f32(const float *x, int64_t n, int rms, double eps, d
 /* Statistics of a contiguous float32 group (K, S), then y = affine_group_f32(x); y may be x.
  * mu, r: written (mu = 0 for RMS norm). stream: a row (S = 1) is written with non-temporal
  * stores (convert.c: the same arithmetic, the same bits), prefetching `next` (next_row), the
- * line it shares with the row before through `carry` (the slice's). */
+ * line it shares with the row before through `carry` (the slice's). w_max: max |wf|. */
 FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t S, int rms, double eps,
-                                   const float *wf, const float *bf, double *mu, double *r, int stream,
-                                   const float *next, fn_line_carry *carry)
+                                   const float *wf, const float *bf, double w_max, double *mu, double *r,
+                                   int stream, const float *next, fn_line_carry *carry)
 {
     group_stats_f32(x, K * S, rms, eps, mu, r);
-    if (S == 1 && stream) {
+    if (!float_arithmetic_fits(*r, w_max, K * S)) {
+        affine_group_in_double(y, x, FN_F32, K, S, *mu, *r, wf, bf);
+    } else if (S == 1 && stream) {
         const float mu_hi = (float)*mu, c[3] = {mu_hi, (float)(*mu - (double)mu_hi), (float)*r};
         fn_affine_row_streamed(y, x, K, c, wf, bf, next, carry);
     } else {
@@ -160,9 +186,17 @@ typedef struct {
     const double *weight, *bias;
     fn_mask mask;
     int64_t A, G, K, S;
-    double eps;
+    double eps, w_max;               /* w_max: max |weight| (1 without weight), float_arithmetic_fits */
     int rms, stream;                 /* stream: write float32 rows (S = 1) with non-temporal stores */
 } group_args;
+
+/* max |weight[c]|, c < n; 1 for no weight (ones). */
+static double max_abs_weight(const double *weight, int64_t n)
+{
+    double m = weight ? 0.0 : 1.0;
+    for (int64_t c = 0; weight && c < n; c++) m = fabs(weight[c]) > m ? fabs(weight[c]) : m;
+    return m;
+}
 
 /* The streamed row writers prefetch the next row's x into L1 as they write a row (convert.c).
  * Measured on 64 MiB of rows of 1024, paired A/B over the time of a copy: float32 layer norm one
@@ -232,7 +266,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         if (f32_in_place && s_real == S) {
             const float *xg = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, &mu, &r, p->stream,
+            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, p->w_max, &mu, &r, p->stream,
                                 (const float *)next_row(p->x, i, end, G, K * 4), &carry);
         } else if (f16_via_f32 && s_real == S) {
             const uint16_t *xg = (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
@@ -240,7 +274,9 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             else moments_of_halves(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
             uint16_t *yg = (uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            if (S == 1) {               /* a row: normalize and round to float16 in one pass */
+            if (!float_arithmetic_fits(r, p->w_max, n_group)) {
+                affine_group_in_double(yg, xg, FN_F16, K, S, mu, r, wf + g * K, bf + g * K);
+            } else if (S == 1) {        /* a row: normalize and round to float16 in one pass */
                 const float c[3] = {(float)mu, (float)(mu - (double)(float)mu), (float)r};
                 fn_affine_row_to_halves(yg, xg, K, c, wf + g * K, bf + g * K);
             } else {                    /* planes: through a float buffer */
@@ -292,6 +328,7 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
     if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
     group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .weight = weight, .bias = bias,
                     .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms,
+                    .w_max = max_abs_weight(weight, G * K),
                     .stream = S == 1 && y.dtype != FN_F16 &&
                               fn_streaming_pays(A * G * K * (int64_t)(y.dtype == FN_F64 ? 8 : 4))};
     return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
@@ -304,7 +341,7 @@ typedef struct {
     const float *x, *weight, *bias;
     double *mean, *rstd;
     int64_t D;
-    double eps;
+    double eps, w_max;               /* w_max: max |weight| (1 without weight), float_arithmetic_fits */
     int rms, stream;                 /* stream: write y with non-temporal stores */
 } rows_args;
 
@@ -331,11 +368,14 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
         for (int64_t a = begin; a < end; a++) {
             if (a + 1 < end)
                 group_stats_f32(p->x + (a + 1) * D, D, p->rms, p->eps, &p->mean[a + 1], &p->rstd[a + 1]);
-            affine_row_f32(p->y + a * D, p->x + a * D, D, p->mean[a], p->rstd[a], w, b);
+            if (float_arithmetic_fits(p->rstd[a], p->w_max, D))
+                affine_row_f32(p->y + a * D, p->x + a * D, D, p->mean[a], p->rstd[a], w, b);
+            else
+                affine_group_in_double(p->y + a * D, p->x + a * D, FN_F32, D, 1, p->mean[a], p->rstd[a], w, b);
         }
     } else {
         for (int64_t a = begin; a < end; a++)
-            normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, &p->mean[a],
+            normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, p->w_max, &p->mean[a],
                                 &p->rstd[a], p->stream, short_rows && a + 1 < end ? p->x + (a + 1) * D : NULL,
                                 &carry);
     }
@@ -350,7 +390,8 @@ int layer_norm_rows_f32(float *y, double *mean, double *rstd, const float *x, co
 {
     if (A < 0 || D < 1) return FN_EINVAL;
     rows_args p = {.y = y, .x = x, .weight = weight, .bias = bias, .mean = mean, .rstd = rstd, .D = D,
-                   .eps = eps, .rms = rms, .stream = fn_streaming_pays(A * D * (int64_t)sizeof(float))};
+                   .eps = eps, .w_max = weight ? max_abs_f32(weight, D) : 1.0, .rms = rms,
+                   .stream = fn_streaming_pays(A * D * (int64_t)sizeof(float))};
     return fn_parallel_for(fn_parts(nthreads, A * D), A, rows_f32_slice, &p);
 }
 
@@ -516,6 +557,15 @@ FN_INLINE void flush_float_sums(double *dw, double *db, float *dwf, float *dbf, 
     }
 }
 
+/* dx = dy * (r * w[k]) + c0 - (x - mu) * c1 of a contiguous float32 group (K, S) in double: the
+ * groups whose float coefficients could overflow (see dx_group_f32). dx may be dy. */
+FN_OUT_OF_LINE void dx_group_in_double(float *dx, const float *dy, const float *x, int64_t K, int64_t S, double mu,
+                                       double r, const float *wf, double c0, double c1)
+{
+    for (int64_t i = 0; i < K * S; i++)
+        dx[i] = (float)((double)dy[i] * (r * (double)wf[i / S]) + c0 - ((double)x[i] - mu) * c1);
+}
+
 /* dx of one contiguous float32 group from its sums (see backward_group_f32); a streamed row shares
  * its end line through the slice's carry. */
 FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, const float *wf,
@@ -527,7 +577,12 @@ FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu
     float *dx = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
     double n = (double)(K * S);
     /* dx = dy * (r * w) + c0 - (x - mu) * c1 */
-    const float rf = (float)r, c0 = p->rms ? 0.0f : (float)(-r * sum_g / n), c1 = (float)(r * r * sum_g_xhat / n);
+    const double c0d = p->rms ? 0.0 : -r * sum_g / n, c1d = r * r * sum_g_xhat / n;
+    if (!(float_arithmetic_fits(r, p->w_max, K * S) && fabs(c0d) <= 0x1p100 && fabs(c1d) <= 0x1p100)) {
+        dx_group_in_double(dx, dy, x, K, S, mu, r, wf, c0d, c1d);
+        return;
+    }
+    const float rf = (float)r, c0 = (float)c0d, c1 = (float)c1d;
     const float mu_hi = (float)mu, mu_lo = (float)(mu - (double)mu_hi);
     if (S == 1 && p->stream) {
         const float c[5] = {rf, c0, mu_hi, mu_lo, c1};
@@ -591,14 +646,16 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         double *dw = dweight + g * K, *db = dbias + g * K;
         double mu = p->rms ? 0.0 : p->mean[i], r = p->rstd[i];
         double sum_g = 0.0, sum_g_xhat = 0.0;
-        if (rows_f32 && i + 1 < end) {
+        /* float arithmetic only for groups it can carry (float_arithmetic_fits); others in double */
+        const int fits = float_arithmetic_fits(r, p->w_max, n_group);
+        if (rows_f32 && i + 1 < end && fits && float_arithmetic_fits(p->rstd[i + 1], p->w_max, n_group)) {
             const double mu2[2] = {mu, p->rms ? 0.0 : p->mean[i + 1]}, r2[2] = {r, p->rstd[i + 1]};
             backward_two_rows_f32(p, a, mu2, r2, wf, dwf, dbf, &carry);
             if ((rows_pending += 2) >= BACKWARD_ROWS_RUN) flush_float_sums(dw, db, dwf, dbf, K), rows_pending = 0;
             i++;
             continue;
         }
-        if (f32_in_place && s_real == S) {
+        if (f32_in_place && s_real == S && fits) {
             backward_group_f32(p, a, g, mu, r, w, wf + g * K, dw, db, &carry);
             continue;
         }
@@ -650,7 +707,7 @@ int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, 
     if (!partial) return FN_ENOMEM;
     group_args p = {.y = dx, .x = x, .dy = dy, .mean = (double *)mean, .rstd = (double *)rstd,
                     .partial = partial, .weight = weight, .mask = mask,
-                    .A = A, .G = G, .K = K, .S = S, .rms = rms,
+                    .A = A, .G = G, .K = K, .S = S, .rms = rms, .w_max = max_abs_weight(weight, G * K),
                     .stream = S == 1 && dx.dtype == FN_F32 && fn_streaming_pays(A * G * K * (int64_t)sizeof(float))};
     int status = fn_parallel_for(parts, A * G, backward_slice, &p);
     /* dweight, dbias = the slices' sums, added in slice order */

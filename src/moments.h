@@ -274,6 +274,20 @@ FN_INLINE void prefetch_bytes(const void *p, int64_t bytes)
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b);
 }
 
+/* Whether a float group's output may be computed in float arithmetic, as the float32/float16
+ * paths do: (x - mu) * (r * w) + b with r * w rounded to float. It may when r <= 2^100 and
+ * r * max|w| lies in [2^-100, 2^100] (the float coefficient neither overflows nor loses its
+ * precision) and r >= sqrt(n) * 2^-125 (then |x - mu| <= sqrt(n * var) <= sqrt(n) / r < 2^125:
+ * x - mu cannot overflow), or when r = 0 or w = 0 (y = b). Otherwise (extreme scales, or NaN)
+ * the group is computed in double, so the result is finite whenever the double one is finite
+ * and fits the output's dtype. w_max: max |w|. */
+FN_INLINE int float_arithmetic_fits(double r, double w_max, int64_t n)
+{
+    const double rw = r * w_max;
+    return r == 0.0 || (r <= 0x1p100 && r * r * 0x1p250 >= (double)n &&
+                        (w_max == 0.0 || (rw <= 0x1p100 && rw >= 0x1p-100)));
+}
+
 /* 1 / sqrt(var + eps); 0 when var + eps == 0 (a constant row with eps = 0 then maps to bias). */
 FN_INLINE double rstd_of(double var, double eps)
 {
