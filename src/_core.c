@@ -392,6 +392,13 @@ static int plain_param(PyObject *obj, int type, npy_intp D, const void **p)
     return 1;
 }
 
+/* Whether the byte ranges [a, a + na) and [b, b + nb) meet (b NULL: no). */
+static int bytes_overlap(const void *a, npy_intp na, const void *b, npy_intp nb)
+{
+    const char *pa = a, *pb = b;
+    return pb != NULL && pa < pb + nb && pb < pa + na;
+}
+
 /* Below this many elements the fast path keeps the GIL: releasing it costs more than it frees. */
 enum { FAST_KEEP_GIL_ELEMENTS = 1 << 15 };
 
@@ -410,15 +417,19 @@ static PyObject *rows_forward_fast(PyObject *ox, PyObject *ow, PyObject *ob, dou
         eps == HUGE_VAL || PyArray_DIM(x, nd - 1) == 0 || nthreads < 1 || nthreads > 4096)
         Py_RETURN_NOTIMPLEMENTED;
     npy_intp D = PyArray_DIM(x, nd - 1), A = PyArray_SIZE(x) / D;
+    const void *w, *b;
+    if (!plain_param(ow, type, D, &w) || !plain_param(ob, type, D, &b)) Py_RETURN_NOTIMPLEMENTED;
     if (oout != Py_None) {
+        /* out may be x itself; any other memory it shares with x, weight or bias needs the general
+         * path, which reads copies of them */
         PyArrayObject *out = (PyArrayObject *)oout;
         if (!is_plain(oout, type) || !PyArray_ISWRITEABLE(out) || !PyArray_SAMESHAPE(out, x)) Py_RETURN_NOTIMPLEMENTED;
         const char *xb = PyArray_BYTES(x), *ob_ = PyArray_BYTES(out);
-        npy_intp nbytes = PyArray_NBYTES(x);
-        if (ob_ != xb && ob_ < xb + nbytes && xb < ob_ + nbytes) Py_RETURN_NOTIMPLEMENTED;   /* partial overlap */
+        const npy_intp nbytes = PyArray_NBYTES(x), pbytes = D * PyArray_ITEMSIZE(x);
+        if ((ob_ != xb && bytes_overlap(ob_, nbytes, xb, nbytes)) || bytes_overlap(ob_, nbytes, w, pbytes) ||
+            bytes_overlap(ob_, nbytes, b, pbytes))
+            Py_RETURN_NOTIMPLEMENTED;
     }
-    const void *w, *b;
-    if (!plain_param(ow, type, D, &w) || !plain_param(ob, type, D, &b)) Py_RETURN_NOTIMPLEMENTED;
     /* mean, rstd (A each): computed by the kernel, not returned here */
     double stack_stats[128], *stats = A <= 64 ? stack_stats : PyMem_RawMalloc((size_t)(2 * A) * sizeof(double));
     if (!stats) return PyErr_NoMemory();
@@ -689,7 +700,7 @@ static PyObject *py_rows_backward_fast(PyObject *self, PyObject *const *args, Py
         PyArrayObject *out = (PyArrayObject *)oout;
         if (!is_plain(oout, type) || !PyArray_ISWRITEABLE(out) || !PyArray_SAMESHAPE(out, x)) Py_RETURN_NOTIMPLEMENTED;
         const char *o = PyArray_BYTES(out);
-        if ((o < xb + nbytes && xb < o + nbytes) || (o != dyb && o < dyb + nbytes && dyb < o + nbytes))
+        if (bytes_overlap(o, nbytes, xb, nbytes) || (o != dyb && bytes_overlap(o, nbytes, dyb, nbytes)))
             Py_RETURN_NOTIMPLEMENTED;          /* out may be dy itself, nothing else it reads */
     }
     const void *w;

@@ -128,6 +128,9 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype, fn: str, name: str =
         raise ValueError(f"{fn}: {name} has dtype {out.dtype}; expected {dtype}, the dtype of the result")
     if not out.flags.writeable:
         raise ValueError(f"{fn}: {name} is read-only; expected a writeable array")
+    if overlaps_itself(out):
+        raise ValueError(f"{fn}: {name} has elements that share memory (a broadcast or as_strided view); "
+                         "expected an array whose every element has memory of its own")
     return out
 
 
@@ -158,6 +161,71 @@ def rstd_from_var(var: np.ndarray, eps: float) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         r = 1.0 / np.sqrt(ve)
     return np.where(ve == 0.0, 0.0, r)
+
+
+# ---- memory shared between arguments -----------------------------------------------------------
+#
+# Any input may share memory with any output: the result is that of the call made with copies of
+# the inputs, as for NumPy's ufuncs. An input that may share memory with an output is copied first
+# (detach), except x or dy written in place by the kernels (Output); outputs may not share memory
+# with each other (check_outputs_apart), as neither could then hold its result.
+
+_EXACT_OVERLAP_LIMIT = 1 << 22      # elements compared at most; past this a doubtful array counts as overlapping
+
+
+def overlaps_itself(a: np.ndarray) -> bool:
+    """Whether two elements of `a` may share memory (True is conservative for huge exotic views).
+
+    Cheap test first: with the axes ordered by |stride|, each stride reaching past everything the
+    smaller ones span proves the elements apart (every slice, transpose or reshape of an ordinary
+    array passes). Otherwise the element offsets are compared, up to _EXACT_OVERLAP_LIMIT elements.
+    """
+    dims = sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1)
+    if a.size == 0 or not dims:
+        return False
+    if dims[0][0] == 0:
+        return True
+    span = a.itemsize
+    for stride, n in dims:
+        if stride < span:
+            break
+        span = stride * (n - 1) + span
+    else:
+        return False
+    if a.size > _EXACT_OVERLAP_LIMIT:
+        return True
+    offsets = np.zeros(1, dtype=np.int64)
+    for stride, n in dims:
+        offsets = (offsets[:, None] + stride * np.arange(n, dtype=np.int64)).ravel()
+    offsets.sort()
+    return bool((np.diff(offsets) < a.itemsize).any())
+
+
+def shares_memory(a, b) -> bool:
+    """Whether arrays a and b may share memory: bounds first, exactly when the bounds meet."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=1 << 16))
+    except np.exceptions.TooHardError:
+        return True
+
+
+def detach(arr, outputs):
+    """arr, or a copy of it when it shares memory with any of `outputs` (None entries skipped)."""
+    if arr is None or not any(o is not None and shares_memory(arr, o) for o in outputs):
+        return arr
+    return arr.copy()
+
+
+def check_outputs_apart(fn: str, **outputs) -> None:
+    """Outputs (name=array or None) must not share memory with each other."""
+    given = [(k, v) for k, v in outputs.items() if v is not None]
+    for i, (na, a) in enumerate(given):
+        for nb, b in given[i + 1:]:
+            if shares_memory(a, b):
+                raise ValueError(f"{fn}: {na} and {nb} share memory, and both are written; "
+                                 "give them separate arrays")
 
 
 # ---- canonical views -------------------------------------------------------------------------
@@ -193,7 +261,7 @@ class Output:
         self._out, self._tmp = out, None
         if out is not None:
             direct = out.dtype == dtype and out.flags.aligned and all(
-                not np.may_share_memory(out, a) or _same_memory_layout(out, a) for a in (x, *also_read))
+                not shares_memory(out, a) or _same_memory_layout(out, a) for a in (x, *also_read))
             view = view_of(out, perm, shape) if direct else None
             if view is not None:
                 self.result, self.view = out, view
@@ -214,5 +282,6 @@ class Output:
 
 
 def _same_memory_layout(a: np.ndarray, b: np.ndarray) -> bool:
+    """b is a itself in memory, element for element (then the kernels may write a over b)."""
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-            and a.strides == b.strides and a.dtype == b.dtype)
+            and a.strides == b.strides and a.dtype == b.dtype and not overlaps_itself(b))

@@ -144,8 +144,8 @@ def _group_forward(fn, plan: GroupPlan, arr, weight, bias, eps, mask, out, rms):
     b = ck.param(bias, "bias", plan.param_shape, fn, what)
     eps = ck.check_eps(eps, fn)
     A, G, K, S = plan.view
-    m = _mask_2d(mask, plan.mask_shape, A, S, fn)
     ck.check_out(out, arr.shape, dtype, fn)
+    m = ck.detach(_mask_2d(mask, plan.mask_shape, A, S, fn), (out,))
     target = ck.Output(out, arr, dtype, plan.perm, plan.view)
     mean = np.empty(A * G)
     rstd = np.empty(A * G)
@@ -153,7 +153,8 @@ def _group_forward(fn, plan: GroupPlan, arr, weight, bias, eps, mask, out, rms):
                         get_num_threads())
     y = target.finish()
     sd = _stats_dtype(dtype)
-    return y, mean.reshape(plan.stats_shape).astype(sd), rstd.reshape(plan.stats_shape).astype(sd)
+    with np.errstate(over="ignore"):        # an rstd beyond float32's range (subnormal x, eps=0) is inf
+        return y, mean.reshape(plan.stats_shape).astype(sd), rstd.reshape(plan.stats_shape).astype(sd)
 
 
 def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
@@ -361,8 +362,10 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
         _running_buffer(running_var, "running_var", C, fn, writeable=training)
     elif not training:
         raise ValueError(f"{fn}: training=False needs running_mean and running_var")
-    m = _mask_2d(mask, arr.shape[:ax] + arr.shape[ax + 1:], O, S, fn)
     ck.check_out(out, arr.shape, dtype, fn)
+    updated = (running_mean, running_var) if training else (None, None)
+    ck.check_outputs_apart(fn, out=out, running_mean=updated[0], running_var=updated[1])
+    m = ck.detach(_mask_2d(mask, arr.shape[:ax] + arr.shape[ax + 1:], O, S, fn), (out, *updated))
     xv = ck.input_view(arr, tuple(range(arr.ndim)), view)
 
     target = ck.Output(out, arr, dtype, tuple(range(arr.ndim)), view)
@@ -370,11 +373,10 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     # channels at a time, reading x from memory once (src/batch_norm.c)
     planes = (training and m is None and dtype == np.float32 and S > 1 and O * S >= 2 and C > 0
               and xv.strides[2] == 4 and target.view.strides[2] == 4)
+    count = O * S
     if planes:
         mean, var = np.empty(C), np.empty(C)
         _core.channel_normalize_planes(target.view, xv, w, b, eps, mean, var, get_num_threads())
-        if running_mean is not None:
-            _update_running(running_mean, running_var, mean, var, O * S, momentum_value)
     elif training:
         count, mean, var = np.empty(C), np.empty(C), np.empty(C)
         _core.channel_moments(count, mean, var, xv, m, get_num_threads())
@@ -383,8 +385,6 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
             who = "mask" if m is not None else "x"
             raise ValueError(f"{fn}: training needs more than one value per feature; {who} gives "
                              f"{int(count[c])} for feature {c} (x of shape {arr.shape}, axis={ax})")
-        if arr.size and running_mean is not None:
-            _update_running(running_mean, running_var, mean, var, count, momentum_value)
     else:
         mean = np.array(running_mean, dtype=np.float64)
         var = np.array(running_var, dtype=np.float64)
@@ -394,6 +394,9 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
         shift = np.zeros(C) if b is None else b
         _core.channel_combine(target.view, xv, mean, scale, None, None, shift, m, get_num_threads())
     y = target.finish()
+    # after every read of x and the mask, which may share memory with the running statistics
+    if training and arr.size and running_mean is not None:
+        _update_running(running_mean, running_var, mean, var, count, momentum_value)
     if return_stats:
         sd = _stats_dtype(dtype)
         return y, mean.astype(sd), rstd.astype(sd)
@@ -434,9 +437,9 @@ def _group_backward(fn, plan: GroupPlan, dy, arr, mean, rstd, weight, mask, rms,
     mu = None if rms else ck.check_stat(mean, "mean", plan.stats_shape, fn)
     r = ck.check_stat(rstd, "rstd", plan.stats_shape, fn)
     w = ck.param(weight, "weight", plan.param_shape, fn, f"x.shape along the feature axes {plan.feature}")
-    m = _mask_2d(mask, plan.mask_shape, A, S, fn)
     dtype = arr.dtype
     ck.check_out(out, arr.shape, dtype, fn)
+    m = ck.detach(_mask_2d(mask, plan.mask_shape, A, S, fn), (out,))
     target = ck.Output(out, arr, dtype, plan.perm, plan.view, also_read=(g,))
     dweight, dbias = np.empty(G * K), np.empty(G * K)
     _core.group_backward(target.view, dweight, dbias, ck.input_view(g, plan.perm, plan.view),
@@ -569,7 +572,8 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     mu = ck.check_stat(mean, "mean", (C,), fn)
     r = ck.check_stat(rstd, "rstd", (C,), fn)
     w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}")
-    m = _mask_2d(mask, arr.shape[:ax] + arr.shape[ax + 1:], O, S, fn)
+    ck.check_out(out, arr.shape, arr.dtype, fn)
+    m = ck.detach(_mask_2d(mask, arr.shape[:ax] + arr.shape[ax + 1:], O, S, fn), (out,))
     identity = tuple(range(arr.ndim))
     xv, gv = ck.input_view(arr, identity, view), ck.input_view(g, identity, view)
 
@@ -583,7 +587,6 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
         shift = -wr * sum_dy / n
     else:
         coef_x, shift = np.zeros(C), np.zeros(C)
-    ck.check_out(out, arr.shape, arr.dtype, fn)
     target = ck.Output(out, arr, arr.dtype, identity, view, also_read=(g,))
     _core.channel_combine(target.view, xv, mu, coef_x, gv, wr, shift, m, get_num_threads())
     dweight = sum_dy_xc * r if n > 0 else np.zeros(C)      # a sum over no element is 0, not 0 * NaN
