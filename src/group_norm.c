@@ -186,17 +186,9 @@ typedef struct {
     const double *weight, *bias;
     fn_mask mask;
     int64_t A, G, K, S;
-    double eps, w_max;               /* w_max: max |weight| (1 without weight), float_arithmetic_fits */
+    double eps;
     int rms, stream;                 /* stream: write float32 rows (S = 1) with non-temporal stores */
 } group_args;
-
-/* max |weight[c]|, c < n; 1 for no weight (ones). */
-static double max_abs_weight(const double *weight, int64_t n)
-{
-    double m = weight ? 0.0 : 1.0;
-    for (int64_t c = 0; weight && c < n; c++) m = fabs(weight[c]) > m ? fabs(weight[c]) : m;
-    return m;
-}
 
 /* The streamed row writers prefetch the next row's x into L1 as they write a row (convert.c).
  * Measured on 64 MiB of rows of 1024, paired A/B over the time of a copy: float32 layer norm one
@@ -258,6 +250,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         wf[c] = p->weight ? (float)p->weight[c] : 1.0f;
         bf[c] = p->bias ? (float)p->bias[c] : 0.0f;
     }
+    const double w_max = use_wf ? max_abs_f32(wf, G * K) : 0.0;     /* for float_arithmetic_fits */
 
     for (int64_t i = begin; i < end; i++) {
         int64_t a = i / G, g = i % G;
@@ -266,7 +259,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         if (f32_in_place && s_real == S) {
             const float *xg = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
             float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, p->w_max, &mu, &r, p->stream,
+            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, w_max, &mu, &r, p->stream,
                                 (const float *)next_row(p->x, i, end, G, K * 4), &carry);
         } else if (f16_via_f32 && s_real == S) {
             const uint16_t *xg = (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
@@ -274,7 +267,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
             else moments_of_halves(xg, n_group, &mu, &var);
             r = rstd_of(var, p->eps);
             uint16_t *yg = (uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            if (!float_arithmetic_fits(r, p->w_max, n_group)) {
+            if (!float_arithmetic_fits(r, w_max, n_group)) {
                 affine_group_in_double(yg, xg, FN_F16, K, S, mu, r, wf + g * K, bf + g * K);
             } else if (S == 1) {        /* a row: normalize and round to float16 in one pass */
                 const float c[3] = {(float)mu, (float)(mu - (double)(float)mu), (float)r};
@@ -328,7 +321,6 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
     if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
     group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .weight = weight, .bias = bias,
                     .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms,
-                    .w_max = max_abs_weight(weight, G * K),
                     .stream = S == 1 && y.dtype != FN_F16 &&
                               fn_streaming_pays(A * G * K * (int64_t)(y.dtype == FN_F64 ? 8 : 4))};
     return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
@@ -341,7 +333,7 @@ typedef struct {
     const float *x, *weight, *bias;
     double *mean, *rstd;
     int64_t D;
-    double eps, w_max;               /* w_max: max |weight| (1 without weight), float_arithmetic_fits */
+    double eps;
     int rms, stream;                 /* stream: write y with non-temporal stores */
 } rows_args;
 
@@ -357,6 +349,7 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
         for (int64_t k = 0; k < D; k++) ones_zeros[k] = 1.0f, ones_zeros[D + k] = 0.0f;
     }
     const float *w = p->weight ? p->weight : ones_zeros, *b = p->bias ? p->bias : ones_zeros + D;
+    const double w_max = max_abs_f32(w, D);                        /* for float_arithmetic_fits */
     const int short_rows = D * (int64_t)sizeof(float) <= NEXT_ROW_BYTES;
     if (short_rows && !p->stream) {
         /* Row a + 1's statistics before row a's output: the end of each row's statistics (lane
@@ -368,14 +361,14 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
         for (int64_t a = begin; a < end; a++) {
             if (a + 1 < end)
                 group_stats_f32(p->x + (a + 1) * D, D, p->rms, p->eps, &p->mean[a + 1], &p->rstd[a + 1]);
-            if (float_arithmetic_fits(p->rstd[a], p->w_max, D))
+            if (float_arithmetic_fits(p->rstd[a], w_max, D))
                 affine_row_f32(p->y + a * D, p->x + a * D, D, p->mean[a], p->rstd[a], w, b);
             else
                 affine_group_in_double(p->y + a * D, p->x + a * D, FN_F32, D, 1, p->mean[a], p->rstd[a], w, b);
         }
     } else {
         for (int64_t a = begin; a < end; a++)
-            normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, p->w_max, &p->mean[a],
+            normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, w_max, &p->mean[a],
                                 &p->rstd[a], p->stream, short_rows && a + 1 < end ? p->x + (a + 1) * D : NULL,
                                 &carry);
     }
@@ -390,8 +383,7 @@ int layer_norm_rows_f32(float *y, double *mean, double *rstd, const float *x, co
 {
     if (A < 0 || D < 1) return FN_EINVAL;
     rows_args p = {.y = y, .x = x, .weight = weight, .bias = bias, .mean = mean, .rstd = rstd, .D = D,
-                   .eps = eps, .w_max = weight ? max_abs_f32(weight, D) : 1.0, .rms = rms,
-                   .stream = fn_streaming_pays(A * D * (int64_t)sizeof(float))};
+                   .eps = eps, .rms = rms, .stream = fn_streaming_pays(A * D * (int64_t)sizeof(float))};
     return fn_parallel_for(fn_parts(nthreads, A * D), A, rows_f32_slice, &p);
 }
 
@@ -576,9 +568,10 @@ FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu
     const float *dy = (const float *)(p->dy.data + a * p->dy.stride[0] + g * p->dy.stride[1]);
     float *dx = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
     double n = (double)(K * S);
-    /* dx = dy * (r * w) + c0 - (x - mu) * c1 */
+    /* dx = dy * (r * w) + c0 - (x - mu) * c1; r * w fits a float (the caller checked
+     * float_arithmetic_fits), c0 and c1 are checked here */
     const double c0d = p->rms ? 0.0 : -r * sum_g / n, c1d = r * r * sum_g_xhat / n;
-    if (!(float_arithmetic_fits(r, p->w_max, K * S) && fabs(c0d) <= 0x1p100 && fabs(c1d) <= 0x1p100)) {
+    if (!(fabs(c0d) <= 0x1p100 && fabs(c1d) <= 0x1p100)) {
         dx_group_in_double(dx, dy, x, K, S, mu, r, wf, c0d, c1d);
         return;
     }
@@ -636,6 +629,7 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
     }
     float *dwf = rows_f32 ? wf + n_wf : NULL, *dbf = rows_f32 ? dwf + n_wf : NULL;
     for (int64_t c = 0; f32_in_place && c < G * K; c++) wf[c] = (float)weight[c];
+    const double w_max = f32_in_place ? max_abs_f32(wf, G * K) : 0.0;     /* for float_arithmetic_fits */
     for (int64_t c = 0; rows_f32 && c < K; c++) dwf[c] = dbf[c] = 0.0f;
     int rows_pending = 0;                                /* rows in dwf, dbf */
 
@@ -647,8 +641,8 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
         double mu = p->rms ? 0.0 : p->mean[i], r = p->rstd[i];
         double sum_g = 0.0, sum_g_xhat = 0.0;
         /* float arithmetic only for groups it can carry (float_arithmetic_fits); others in double */
-        const int fits = float_arithmetic_fits(r, p->w_max, n_group);
-        if (rows_f32 && i + 1 < end && fits && float_arithmetic_fits(p->rstd[i + 1], p->w_max, n_group)) {
+        const int fits = float_arithmetic_fits(r, w_max, n_group);
+        if (rows_f32 && i + 1 < end && fits && float_arithmetic_fits(p->rstd[i + 1], w_max, n_group)) {
             const double mu2[2] = {mu, p->rms ? 0.0 : p->mean[i + 1]}, r2[2] = {r, p->rstd[i + 1]};
             backward_two_rows_f32(p, a, mu2, r2, wf, dwf, dbf, &carry);
             if ((rows_pending += 2) >= BACKWARD_ROWS_RUN) flush_float_sums(dw, db, dwf, dbf, K), rows_pending = 0;
@@ -707,7 +701,7 @@ int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, 
     if (!partial) return FN_ENOMEM;
     group_args p = {.y = dx, .x = x, .dy = dy, .mean = (double *)mean, .rstd = (double *)rstd,
                     .partial = partial, .weight = weight, .mask = mask,
-                    .A = A, .G = G, .K = K, .S = S, .rms = rms, .w_max = max_abs_weight(weight, G * K),
+                    .A = A, .G = G, .K = K, .S = S, .rms = rms,
                     .stream = S == 1 && dx.dtype == FN_F32 && fn_streaming_pays(A * G * K * (int64_t)sizeof(float))};
     int status = fn_parallel_for(parts, A * G, backward_slice, &p);
     /* dweight, dbias = the slices' sums, added in slice order */
