@@ -453,6 +453,36 @@ def test_cli_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "figs").exists()
 
 
+def test_cli_plot_onto_a_file(tmp_path, capsys):
+    target = tmp_path / "figures.png"
+    target.write_bytes(b"keep me")
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "ztable", "--plot", str(target)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --plot: '{target}' is a file; --plot takes a directory" in err
+    assert "Traceback" not in err
+    assert target.read_bytes() == b"keep me"
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed")
+def test_cli_plot_into_an_unwritable_place(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    target = blocker / "figs"                                       # a directory below a file
+    assert main(["demo", "ztable", "--plot", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"--plot: cannot write the figures into '{target}'" in err
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed")
+def test_demo_function_plot_dir_is_a_file(tmp_path):
+    target = tmp_path / "figures.png"
+    target.write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="plot_dir is a file"):
+        ztable.ztable_demo(verbose=False, plot_dir=str(target))
+
+
 def test_cli_does_not_import_matplotlib_without_plot():
     code = ("import sys; from fastnorm.demos import main; main(['demo', 'ztable']); "
             "print('MPL' if 'matplotlib' in sys.modules else 'NO-MPL')")
