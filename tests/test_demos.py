@@ -300,23 +300,41 @@ def test_rnn_reported_accuracy_recomputed(results):
 
 
 def test_rnn_verdict_follows_from_the_numbers(results):
-    """The verdict is recomputed from the runs with the rule the docstring states."""
+    """Counts, sign test (scipy's exact binomial test as the oracle) and verdict recomputed from the runs."""
+    stats = pytest.importorskip("scipy.stats")
     r = results["rnn"]
+    assert len(r["config"]["seeds"]) >= 10
     never = r["config"]["steps"] + 10**6
     steps = [[run["steps_to_target"] or never for run in r[k]] for k in ("plain", "layer_norm")]
-    faster = sum(ln < pl for pl, ln in zip(*steps))
-    slower = sum(ln > pl for pl, ln in zip(*steps))
-    loss_pl = np.mean([run["test_loss"][-1] for run in r["plain"]])
-    loss_ln = np.mean([run["test_loss"][-1] for run in r["layer_norm"]])
-    n = len(steps[0])
-    if faster > n / 2 and loss_ln <= loss_pl:
-        expected = "helps"
-    elif slower > n / 2 and loss_ln >= loss_pl:
-        expected = "hurts"
-    else:
-        expected = "no clear difference"
-    assert r["verdict"] == expected
-    assert f"sooner in {faster} of {n}" in r["why"]
+    sooner = sum(ln < pl for pl, ln in zip(*steps))
+    later = sum(ln > pl for pl, ln in zip(*steps))
+    c = r["comparison"]
+    assert (c["sooner"], c["later"], c["ties"]) == (sooner, later, len(steps[0]) - sooner - later)
+    p = stats.binomtest(sooner, sooner + later, 0.5).pvalue if sooner + later else 1.0
+    close(c["p"], p, 1e-12)
+    expected = ("sooner" if sooner > later else "later") if p < 0.05 else "no clear difference"
+    assert r["verdict"] == c["verdict"] == expected
+    assert c["reached"]["plain"] == sum(run["steps_to_target"] is not None for run in r["plain"])
+    text = rnn.headline(r)
+    assert f"{sooner} of {len(steps[0])} seeds" in text or expected == "later"
+
+
+@pytest.mark.parametrize("wins, losses", [(0, 0), (5, 0), (3, 3), (9, 2), (1, 12)])
+def test_sign_test_against_scipy(wins, losses):
+    stats = pytest.importorskip("scipy.stats")
+    expected = stats.binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+    close(rnn.sign_test(wins, losses), expected, 1e-12)
+
+
+def test_rnn_statistics_over_seeds(results):
+    r = results["rnn"]
+    seeds = r["per_step_seeds"]
+    assert seeds["std_ratio"].shape == (len(r["config"]["seeds"]), len(r["per_step"]["t"]))
+    np.testing.assert_array_equal(seeds["std_ratio"][0], r["per_step"]["std_ratio"])
+    np.testing.assert_array_equal(seeds["mean_shift"][0], r["per_step"]["mean_shift"])
+    last = r["per_step_seeds"]["std_ratio"][:, -3]
+    s = rnn.per_step_statistics(r["plain"][-1]["params"], r["per_step"]["x"], r["per_step"]["mask"])
+    close(last[-1], s["std_ratio"][-3])
 
 
 def test_rnn_per_step_statistics(results):
