@@ -239,6 +239,17 @@ def test_invariance_matches_the_paper(results):
     assert r["matches_paper"] is True
 
 
+def test_invariance_figure_title_from_the_measurement(results):
+    """The sentence in the figure's title, checked against the paper's table typed in here."""
+    only = {m: [t for i, t in enumerate(PAPER_TRANSFORMS) if row[i]
+                and not any(PAPER_TABLE[o][i] for o in PAPER_TABLE if o != m)] for m, row in PAPER_TABLE.items()}
+    assert only == {"batch norm": ["dataset re-centering"], "weight norm": [],
+                    "layer norm": ["weight matrix re-centering", "single training case re-scaling"]}
+    assert invariance._only_invariant(results["invariance"]) == (
+        "Only batch norm is invariant to dataset re-centering; only layer norm to weight matrix re-centering "
+        "and single training case re-scaling")
+
+
 # ---- rnn -----------------------------------------------------------------------------------------
 
 def ref_rnn_logits(p, x, mask, use_ln):
