@@ -532,18 +532,43 @@ def test_demos_print_their_tables(capsys):
 
 # ---- the notebook --------------------------------------------------------------------------------
 
-def test_notebook_runs():
+def run_notebook(extra_cells=()):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell(code) for code in extra_cells]
     client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                                      resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
     client.execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    return nb
+
+
+def cell_text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs)
+
+
+def test_notebook_runs_and_checks_the_exercises():
+    """The notebook as shipped, then with the exercises answered (worked out by hand from the notes'
+    numbers) and once answered wrongly: the check cells must tell them apart."""
+    answers = ["answer_1, answer_2, answer_3, answer_4 = 1.05 / 8, (3.54 / 12, 3.54 / 6), {'a'}, (True, False)",
+               "check(answer_1, float(fastnorm.batch_norm(x, return_stats=True)[1][0]), 'h')",
+               "check(np.asarray(answer_2), truth_2, 'h')", "check(answer_3, truth_3, 'h')",
+               "check(answer_4, truth_4, 'h')",
+               "check(1.05 / 6, float(fastnorm.batch_norm(x, return_stats=True)[1][0]), 'hint 1')",
+               "check({'a', 'b'}, truth_3, 'hint 3')", "check((True, True), truth_4, 'hint 4')"]
+    nb = run_notebook(answers)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2
-    text = "".join(o.get("text", "") for o in outputs)
+    text = "".join(cell_text(c) for c in code)
+    assert "x[0, 2] = [0. 0. 0.]   <pad>" in text and "x[1, 3] = [0.11 0.4  0.54]   today" in text
     assert "0.175" in text and "layer norm max |diff| = 0.0e+00" in text
+    shipped = [cell_text(c) for c in code[:-len(answers)] if "check(" in "".join(c.source)
+               and "def check" not in "".join(c.source)]
+    assert shipped == ["not answered yet\n"] * 4
+    extra = [cell_text(c) for c in code[-len(answers) + 1:]]
+    assert extra == ["correct\n"] * 4 + ["not yet: hint 1\n", "not yet: hint 3\n", "not yet: hint 4\n"]
