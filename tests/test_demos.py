@@ -239,6 +239,17 @@ def test_invariance_matches_the_paper(results):
     assert r["matches_paper"] is True
 
 
+def test_invariance_figure_title_from_the_measurement(results):
+    """The sentence in the figure's title, checked against the paper's table typed in here."""
+    only = {m: [t for i, t in enumerate(PAPER_TRANSFORMS) if row[i]
+                and not any(PAPER_TABLE[o][i] for o in PAPER_TABLE if o != m)] for m, row in PAPER_TABLE.items()}
+    assert only == {"batch norm": ["dataset re-centering"], "weight norm": [],
+                    "layer norm": ["weight matrix re-centering", "single training case re-scaling"]}
+    assert invariance._only_invariant(results["invariance"]) == (
+        "Only batch norm is invariant to dataset re-centering; only layer norm to weight matrix re-centering "
+        "and single training case re-scaling")
+
+
 # ---- rnn -----------------------------------------------------------------------------------------
 
 def ref_rnn_logits(p, x, mask, use_ln):
@@ -300,23 +311,41 @@ def test_rnn_reported_accuracy_recomputed(results):
 
 
 def test_rnn_verdict_follows_from_the_numbers(results):
-    """The verdict is recomputed from the runs with the rule the docstring states."""
+    """Counts, sign test (scipy's exact binomial test as the oracle) and verdict recomputed from the runs."""
+    stats = pytest.importorskip("scipy.stats")
     r = results["rnn"]
+    assert len(r["config"]["seeds"]) >= 10
     never = r["config"]["steps"] + 10**6
     steps = [[run["steps_to_target"] or never for run in r[k]] for k in ("plain", "layer_norm")]
-    faster = sum(ln < pl for pl, ln in zip(*steps))
-    slower = sum(ln > pl for pl, ln in zip(*steps))
-    loss_pl = np.mean([run["test_loss"][-1] for run in r["plain"]])
-    loss_ln = np.mean([run["test_loss"][-1] for run in r["layer_norm"]])
-    n = len(steps[0])
-    if faster > n / 2 and loss_ln <= loss_pl:
-        expected = "helps"
-    elif slower > n / 2 and loss_ln >= loss_pl:
-        expected = "hurts"
-    else:
-        expected = "no clear difference"
-    assert r["verdict"] == expected
-    assert f"sooner in {faster} of {n}" in r["why"]
+    sooner = sum(ln < pl for pl, ln in zip(*steps))
+    later = sum(ln > pl for pl, ln in zip(*steps))
+    c = r["comparison"]
+    assert (c["sooner"], c["later"], c["ties"]) == (sooner, later, len(steps[0]) - sooner - later)
+    p = stats.binomtest(sooner, sooner + later, 0.5).pvalue if sooner + later else 1.0
+    close(c["p"], p, 1e-12)
+    expected = ("sooner" if sooner > later else "later") if p < 0.05 else "no clear difference"
+    assert r["verdict"] == c["verdict"] == expected
+    assert c["reached"]["plain"] == sum(run["steps_to_target"] is not None for run in r["plain"])
+    text = rnn.headline(r)
+    assert f"{sooner} of {len(steps[0])} seeds" in text or expected == "later"
+
+
+@pytest.mark.parametrize("wins, losses", [(0, 0), (5, 0), (3, 3), (9, 2), (1, 12)])
+def test_sign_test_against_scipy(wins, losses):
+    stats = pytest.importorskip("scipy.stats")
+    expected = stats.binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+    close(rnn.sign_test(wins, losses), expected, 1e-12)
+
+
+def test_rnn_statistics_over_seeds(results):
+    r = results["rnn"]
+    seeds = r["per_step_seeds"]
+    assert seeds["std_ratio"].shape == (len(r["config"]["seeds"]), len(r["per_step"]["t"]))
+    np.testing.assert_array_equal(seeds["std_ratio"][0], r["per_step"]["std_ratio"])
+    np.testing.assert_array_equal(seeds["mean_shift"][0], r["per_step"]["mean_shift"])
+    last = r["per_step_seeds"]["std_ratio"][:, -3]
+    s = rnn.per_step_statistics(r["plain"][-1]["params"], r["per_step"]["x"], r["per_step"]["mask"])
+    close(last[-1], s["std_ratio"][-3])
 
 
 def test_rnn_per_step_statistics(results):
@@ -453,6 +482,36 @@ def test_cli_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "figs").exists()
 
 
+def test_cli_plot_onto_a_file(tmp_path, capsys):
+    target = tmp_path / "figures.png"
+    target.write_bytes(b"keep me")
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "ztable", "--plot", str(target)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --plot: '{target}' is a file; --plot takes a directory" in err
+    assert "Traceback" not in err
+    assert target.read_bytes() == b"keep me"
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed")
+def test_cli_plot_into_an_unwritable_place(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    target = blocker / "figs"                                       # a directory below a file
+    assert main(["demo", "ztable", "--plot", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"--plot: cannot write the figures into '{target}'" in err
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib is not installed")
+def test_demo_function_plot_dir_is_a_file(tmp_path):
+    target = tmp_path / "figures.png"
+    target.write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="plot_dir is a file"):
+        ztable.ztable_demo(verbose=False, plot_dir=str(target))
+
+
 def test_cli_does_not_import_matplotlib_without_plot():
     code = ("import sys; from fastnorm.demos import main; main(['demo', 'ztable']); "
             "print('MPL' if 'matplotlib' in sys.modules else 'NO-MPL')")
@@ -473,18 +532,43 @@ def test_demos_print_their_tables(capsys):
 
 # ---- the notebook --------------------------------------------------------------------------------
 
-def test_notebook_runs():
+def run_notebook(extra_cells=()):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell(code) for code in extra_cells]
     client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                                      resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
     client.execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    return nb
+
+
+def cell_text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs)
+
+
+def test_notebook_runs_and_checks_the_exercises():
+    """The notebook as shipped, then with the exercises answered (worked out by hand from the notes'
+    numbers) and once answered wrongly: the check cells must tell them apart."""
+    answers = ["answer_1, answer_2, answer_3, answer_4 = 1.05 / 8, (3.54 / 12, 3.54 / 6), {'a'}, (True, False)",
+               "check(answer_1, float(fastnorm.batch_norm(x, return_stats=True)[1][0]), 'h')",
+               "check(np.asarray(answer_2), truth_2, 'h')", "check(answer_3, truth_3, 'h')",
+               "check(answer_4, truth_4, 'h')",
+               "check(1.05 / 6, float(fastnorm.batch_norm(x, return_stats=True)[1][0]), 'hint 1')",
+               "check({'a', 'b'}, truth_3, 'hint 3')", "check((True, True), truth_4, 'hint 4')"]
+    nb = run_notebook(answers)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2
-    text = "".join(o.get("text", "") for o in outputs)
+    text = "".join(cell_text(c) for c in code)
+    assert "x[0, 2] = [0. 0. 0.]   <pad>" in text and "x[1, 3] = [0.11 0.4  0.54]   today" in text
     assert "0.175" in text and "layer norm max |diff| = 0.0e+00" in text
+    shipped = [cell_text(c) for c in code[:-len(answers)] if "check(" in "".join(c.source)
+               and "def check" not in "".join(c.source)]
+    assert shipped == ["not answered yet\n"] * 4
+    extra = [cell_text(c) for c in code[-len(answers) + 1:]]
+    assert extra == ["correct\n"] * 4 + ["not yet: hint 1\n", "not yet: hint 3\n", "not yet: hint 4\n"]

@@ -1,13 +1,8 @@
-"""Layer classes against the functional API, step by step, and the training example."""
-import importlib.util
-from pathlib import Path
-
+"""Layer classes against the functional API, step by step (the training example: test_train_mlp.py)."""
 import numpy as np
 import pytest
 
 import fastnorm
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sgd(params, grads, lr):
@@ -117,32 +112,6 @@ def test_layer_norm_train_loop_reduces_a_regression_loss():
 def test_backward_before_forward_is_a_clear_error():
     with pytest.raises(RuntimeError, match="call the layer"):
         fastnorm.LayerNorm(3).backward(np.ones((2, 3)))
-
-
-def _train_example():
-    spec = importlib.util.spec_from_file_location("train_mlp", ROOT / "examples" / "train_mlp.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_training_example_converges():
-    mod = _train_example()
-    curves = mod.train("layer", steps=120), mod.train("batch", steps=120)
-    chance = np.log(4)
-    for c in curves:
-        assert np.isfinite(c).all()
-        assert c[-20:].mean() < 1.3 < chance     # learned something in 120 steps
-
-
-def test_training_example_plot_writes_a_png(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "losses.png"
-    curves = _train_example().main(["--steps", "40", "--plot", str(png)])
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    printed = capsys.readouterr().out
-    final = {k: float(np.mean(c[-4:])) for k, c in curves.items()}
-    assert f"layer {final['layer']:.4f}" in printed     # the printed table reports the curves' values
 
 
 @pytest.mark.parametrize("name", ["layer", "rms", "batch", "instance", "group"])

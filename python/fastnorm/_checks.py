@@ -93,15 +93,33 @@ def batch_axis_feature(axis, ndim: int, fn: str, min_ndim: int) -> int:
     return ax
 
 
-def param(p, name: str, shape: tuple[int, ...], fn: str, what: str) -> np.ndarray | None:
-    """weight/bias-like parameter: None, or a contiguous float64 copy of shape `shape`, flattened."""
+def axis_hint(length: int, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> str:
+    """When a per-feature array of `length` does not fit the one feature axis in `axes` but fits
+    other non-batch axes of x: '; x.shape[1] == 3: did you mean axis=1 ...?', else ''."""
+    ndim = len(x_shape)
+    if len(axes) != 1 or ndim < 2:
+        return ""
+    current = axes[0] % ndim
+    fits = [k for k in range(1, ndim) if k != current and x_shape[k] == length]
+    if not fits:
+        return ""
+    where = ", ".join(f"x.shape[{k}] == {length}" for k in fits)
+    channels_first = " (channels first, as PyTorch's (N, C, H, W))" if fits[0] == 1 and ndim >= 3 else ""
+    return f"; {where}: did you mean {' or '.join(f'axis={k}' for k in fits)}{channels_first}?"
+
+
+def param(p, name: str, shape: tuple[int, ...], fn: str, what: str, x_shape=None, axes=()) -> np.ndarray | None:
+    """weight/bias-like parameter: None, or a contiguous float64 copy of shape `shape`, flattened.
+
+    With `x_shape` and the feature `axes`, a 1-d mismatch says which other axis would fit."""
     if p is None:
         return None
     arr = np.asarray(p)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {arr.dtype}")
     if arr.shape != shape:
-        raise ValueError(f"{fn}: {name} has shape {arr.shape}; expected {shape} ({what})")
+        hint = axis_hint(arr.shape[0], x_shape, axes) if x_shape is not None and arr.ndim == 1 else ""
+        raise ValueError(f"{fn}: {name} has shape {arr.shape}; expected {shape} ({what}){hint}")
     return np.array(arr, dtype=np.float64).reshape(-1)    # a copy: it must not alias out
 
 

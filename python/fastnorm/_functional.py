@@ -140,8 +140,8 @@ def _mask_2d(mask, plan_mask_shape, rows, cols, fn):
 def _group_forward(fn, plan: GroupPlan, arr, weight, bias, eps, mask, out, rms):
     dtype = arr.dtype
     what = f"x.shape along the feature axes {plan.feature}"
-    w = ck.param(weight, "weight", plan.param_shape, fn, what)
-    b = ck.param(bias, "bias", plan.param_shape, fn, what)
+    w = ck.param(weight, "weight", plan.param_shape, fn, what, arr.shape, plan.feature)
+    b = ck.param(bias, "bias", plan.param_shape, fn, what, arr.shape, plan.feature)
     eps = ck.check_eps(eps, fn)
     A, G, K, S = plan.view
     ck.check_out(out, arr.shape, dtype, fn)
@@ -299,12 +299,14 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask
     return (y, mean, rstd) if return_stats else y
 
 
-def _running_buffer(r, name, C, fn, writeable):
+def _running_buffer(r, name, C, fn, writeable, x_shape, ax):
     if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
         raise TypeError(f"{fn}: {name} must be a float numpy.ndarray of shape ({C},); got "
                         f"{type(r).__name__ if not isinstance(r, np.ndarray) else r.dtype}")
     if r.shape != (C,):
-        raise ValueError(f"{fn}: {name} has shape {r.shape}; expected ({C},), one value per feature")
+        hint = ck.axis_hint(r.shape[0], x_shape, (ax,)) if r.ndim == 1 else ""
+        raise ValueError(f"{fn}: {name} has shape {r.shape}; expected ({C},), one value per feature along axis "
+                         f"{ax}{hint}")
     if writeable and not r.flags.writeable:
         raise ValueError(f"{fn}: {name} is read-only; training updates it in place")
     return r
@@ -349,8 +351,8 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     O, C, S = view
     dtype = arr.dtype
     what = f"x.shape along the feature axis {ax}"
-    w = ck.param(weight, "weight", (C,), fn, what)
-    b = ck.param(bias, "bias", (C,), fn, what)
+    w = ck.param(weight, "weight", (C,), fn, what, arr.shape, (ax,))
+    b = ck.param(bias, "bias", (C,), fn, what, arr.shape, (ax,))
     eps = ck.check_eps(eps, fn)
     momentum_value = ck.real_number(momentum, "momentum", fn)
     if not 0.0 <= momentum_value <= 1.0:
@@ -358,8 +360,8 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{fn}: running_mean and running_var must be given together")
     if running_mean is not None:
-        _running_buffer(running_mean, "running_mean", C, fn, writeable=training)
-        _running_buffer(running_var, "running_var", C, fn, writeable=training)
+        _running_buffer(running_mean, "running_mean", C, fn, training, arr.shape, ax)
+        _running_buffer(running_var, "running_var", C, fn, training, arr.shape, ax)
     elif not training:
         raise ValueError(f"{fn}: training=False needs running_mean and running_var")
     ck.check_out(out, arr.shape, dtype, fn)
@@ -436,7 +438,8 @@ def _group_backward(fn, plan: GroupPlan, dy, arr, mean, rstd, weight, mask, rms,
     A, G, K, S = plan.view
     mu = None if rms else ck.check_stat(mean, "mean", plan.stats_shape, fn)
     r = ck.check_stat(rstd, "rstd", plan.stats_shape, fn)
-    w = ck.param(weight, "weight", plan.param_shape, fn, f"x.shape along the feature axes {plan.feature}")
+    w = ck.param(weight, "weight", plan.param_shape, fn, f"x.shape along the feature axes {plan.feature}",
+                 arr.shape, plan.feature)
     dtype = arr.dtype
     ck.check_out(out, arr.shape, dtype, fn)
     m = ck.detach(_mask_2d(mask, plan.mask_shape, A, S, fn), (out,))
@@ -571,7 +574,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     O, C, S = view
     mu = ck.check_stat(mean, "mean", (C,), fn)
     r = ck.check_stat(rstd, "rstd", (C,), fn)
-    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}")
+    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}", arr.shape, (ax,))
     ck.check_out(out, arr.shape, arr.dtype, fn)
     m = ck.detach(_mask_2d(mask, arr.shape[:ax] + arr.shape[ax + 1:], O, S, fn), (out,))
     identity = tuple(range(arr.ndim))

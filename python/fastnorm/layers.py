@@ -40,8 +40,11 @@ def _float64_stats():
 class _Norm:
     """Shared state: parameters, train/eval, and what the last forward call kept for backward."""
 
+    _default_affine = True
+
     def __init__(self, param_shape, *, eps, affine, dtype):
         self.eps = eps
+        self.weight_shape = tuple(param_shape)
         self.training = True
         self.weight = np.ones(param_shape, dtype=dtype) if affine else None
         self.bias = np.zeros(param_shape, dtype=dtype) if affine else None
@@ -71,6 +74,34 @@ class _Norm:
             self.dweight, self.dbias = dw.astype(self.weight.dtype), db.astype(self.bias.dtype)
         return dx
 
+    def _size_args(self) -> list[str]:
+        """The leading arguments of repr: the sizes the layer was built with."""
+        return [str(self.weight_shape[0])]
+
+    def _option_args(self) -> list[str]:
+        """repr's keyword arguments after eps (affine only when it differs from the class default)."""
+        return []
+
+    def __repr__(self):
+        args = [*self._size_args(), f"eps={float(self.eps)!r}", *self._option_args(), f"axis={self.axis!r}"]
+        if (self.weight is not None) != self._default_affine:
+            args.append(f"affine={self.weight is not None}")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    def _check_features(self, x):
+        """A clear error, naming the axis that would fit, when x does not have the layer's size along
+        its single feature axis (PyTorch's (N, C, H, W) input with the default axis=-1, for one)."""
+        n, axis, shape = self.weight_shape[0], self.axis, np.shape(x)
+        if len(self.weight_shape) != 1 or not isinstance(axis, (int, np.integer)) or not -len(shape) <= axis < len(shape):
+            return                   # tuple axes, bad axes: the functions' own messages
+        if shape[axis] == n:
+            return
+        fits = [k for k in range(1, len(shape)) if k != axis % len(shape) and shape[k] == n]
+        hint = (f"; x.shape[{fits[0]}] == {n}: for channels-first input such as PyTorch's (N, C, H, W) use "
+                f"{type(self).__name__}({', '.join(self._size_args())}, axis={fits[0]})") if fits else ""
+        raise ValueError(f"{type(self).__name__}: x has shape {shape}, {shape[axis]} along axis={axis}; the layer "
+                         f"was built for {n}{hint}")
+
 
 def _feature_axis(normalized_shape, axis):
     shape = (normalized_shape,) if np.ndim(normalized_shape) == 0 else tuple(normalized_shape)
@@ -89,7 +120,12 @@ class LayerNorm(_Norm):
         super().__init__(shape, eps=eps, affine=affine, dtype=dtype)
         self.normalized_shape = shape
 
+    def _size_args(self):
+        shape = self.normalized_shape
+        return [str(shape[0]) if len(shape) == 1 else str(shape)]
+
     def __call__(self, x, mask=None):
+        self._check_features(x)
         if self._rms:
             with _float64_stats():
                 y, rstd = F.rms_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
@@ -133,7 +169,15 @@ class BatchNorm(_Norm):
         self.running_mean = np.zeros(num_features, dtype=dtype) if track_running_stats else None
         self.running_var = np.ones(num_features, dtype=dtype) if track_running_stats else None
 
+    def _option_args(self):
+        tracking = [] if self.track_running_stats else ["track_running_stats=False"]
+        return [f"momentum={float(self.momentum)!r}", *tracking]
+
+    def __repr__(self):
+        return f"{super().__repr__()[:-1]}, training={self.training})"
+
     def __call__(self, x, mask=None):
+        self._check_features(x)
         batch_stats = self.training or not self.track_running_stats
         with _float64_stats():
             y, mean, rstd = F.batch_norm(x, self.weight, self.bias, axis=self.axis, running_mean=self.running_mean,
@@ -156,7 +200,11 @@ class GroupNorm(_Norm):
         super().__init__((int(num_channels),), eps=eps, affine=affine, dtype=dtype)
         self.num_groups, self.axis = num_groups, axis
 
+    def _size_args(self):
+        return [str(self.num_groups), str(self.weight_shape[0])]
+
     def __call__(self, x, mask=None):
+        self._check_features(x)
         with _float64_stats():
             y, mean, rstd = F.group_norm(x, self.num_groups, self.weight, self.bias, axis=self.axis, eps=self.eps,
                                          mask=mask, return_stats=True)
@@ -176,7 +224,10 @@ class InstanceNorm(_Norm):
         super().__init__((int(num_features),), eps=eps, affine=affine, dtype=dtype)
         self.axis = axis
 
+    _default_affine = False
+
     def __call__(self, x, mask=None):
+        self._check_features(x)
         with _float64_stats():
             y, mean, rstd = F.instance_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
                                             return_stats=True)

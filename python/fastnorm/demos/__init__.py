@@ -56,6 +56,8 @@ def main(argv=None) -> int:
                       help="which demo (default: padding); one of: " + ", ".join([*DEMOS, "all"]))
     demo.add_argument("--plot", metavar="DIR", help="save the figures (PNG) into DIR (needs matplotlib)")
     args = parser.parse_args(argv)
+    if args.plot is not None and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        demo.error(f"argument --plot: {args.plot!r} is a file; --plot takes a directory to write the PNGs into")
     names = list(DEMOS) if args.name == "all" else [args.name]
     try:
         for k, name in enumerate(names):
@@ -64,6 +66,12 @@ def main(argv=None) -> int:
             DEMOS[name][0](verbose=True, plot_dir=args.plot)
     except PlotUnavailable as err:
         print(f"python -m fastnorm demo: --plot: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:          # the figure directory cannot be created or written
+        if args.plot is None or err.filename is None:
+            raise
+        print(f"python -m fastnorm demo: --plot: cannot write the figures into {args.plot!r}: "
+              f"{err.strerror} ({err.filename})", file=sys.stderr)
         return 2
     except BrokenPipeError:         # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

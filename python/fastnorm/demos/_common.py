@@ -38,6 +38,8 @@ def new_figure(width: float, height: float):
 
 def save_figures(figures: dict, plot_dir: str, prefix: str, verbose: bool) -> list[str]:
     """Write each figure as ``plot_dir/prefix_name.png``; returns the paths."""
+    if os.path.exists(plot_dir) and not os.path.isdir(plot_dir):
+        raise NotADirectoryError(20, "plot_dir is a file, not a directory for the PNGs", plot_dir)
     os.makedirs(plot_dir, exist_ok=True)
     paths = []
     for name, fig in figures.items():

@@ -13,6 +13,7 @@ import numpy as np
 import fastnorm
 
 from ._common import finish, new_figure, require_matplotlib, table
+from ._style import OKABE_ITO
 
 PEOPLE = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fay")
 FEATURES = ("age (years)", "income (k$/year)", "height (cm)")
@@ -96,21 +97,61 @@ def _print(r: dict) -> None:
 
 
 def figures(r: dict) -> dict:
-    """'scaling': each person's profile across the features, raw, z-scored and min-max scaled."""
-    fig = new_figure(13.0, 4.3)
-    axes = fig.subplots(1, 3)
-    names = [f.replace(" (", "\n(") for f in r["features"]]
-    panels = [("raw: every feature on its own scale", r["x"], "value in the feature's own unit"),
-              ("z-score: mean 0, std 1 per feature", r["zscore"], "standard deviations from the mean"),
-              ("min-max: 0 to 1 per feature", r["minmax"], "position between min (0) and max (1)")]
-    for ax, (title, data, ylabel) in zip(axes, panels):
-        for k, person in enumerate(r["people"]):
-            ax.plot(range(data.shape[1]), data[k], marker="o", label=person)
-        ax.set_xticks(range(data.shape[1]), labels=names)
-        ax.set_xlabel("feature")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(title="person", fontsize=8, ncol=2)
-    fig.suptitle("Data normalization of a 6-person feature table: each line is one person across the 3 features")
+    """'scaling': each feature's share of the variance raw and scaled; the scaled values; the outlier."""
+    fig = new_figure(13.5, 4.8)
+    ax_share, ax_vals, ax_out = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1.2, 1]})
+    names = [f.split(" (")[0] for f in r["features"]]
+    units = [f.replace(" (", "\n(") for f in r["features"]]
+    idx = np.arange(len(names))
+    w = 0.27
+    kinds = (("raw", r["share_raw"], OKABE_ITO["grey"]),
+             ("z-score: (x - mean) / std", r["share_zscore"], OKABE_ITO["blue"]),
+             ("min-max: (x - min) / (max - min)", r["share_minmax"], OKABE_ITO["orange"]))
+    for k, (label, share, color) in enumerate(kinds):
+        bars = ax_share.bar(idx + (k - 1) * w, share, w, color=color, label=label)
+        ax_share.bar_label(bars, labels=[f"{v:.0%}" for v in share], fontsize=7)
+    ax_share.set_xticks(idx, labels=units)
+    ax_share.set_ylabel("share of the total variance (of squared distances)")
+    ax_share.set_ylim(0, 1)
+    ax_share.set_title("each feature's share of the variance,\nraw and after scaling per feature", fontsize=10)
+    ax_share.legend(fontsize=8, loc="upper left")
+
+    markers = ("o", "s", "^", "D", "v", "P")           # one per person
+    for k, person in enumerate(r["people"]):
+        ax_vals.scatter(idx - 0.12, r["zscore"][k], color=OKABE_ITO["blue"], marker=markers[k], s=36)
+        ax_vals.scatter([], [], color="black", marker=markers[k], s=30, label=person)        # legend: marker only
+        ax_vals.scatter(idx + 0.12, r["minmax"][k], color=OKABE_ITO["orange"], marker=markers[k], s=36)
+    ax_vals.axhline(0, color="black", linewidth=0.8)
+    ax_vals.axhline(1, color=OKABE_ITO["orange"], linewidth=0.8, linestyle=":")
+    ax_vals.set_xticks(idx, labels=units)
+    ax_vals.set_ylabel("scaled value")
+    ax_vals.set_title("the 6 people after scaling: z-score (blue, left of each\nfeature) and min-max (orange, right; "
+                      "0 to 1)", fontsize=10)
+    ax_vals.set_ylim(-1.6, 2.5)
+    ax_vals.legend(title="person (marker)", fontsize=7, title_fontsize=8, ncol=6, loc="upper center",
+                   handletextpad=0.1, columnspacing=0.8)
+    ax_vals.grid(alpha=0.3, axis="y")
+
+    i, j, value = r["outlier"]
+    others = np.arange(len(r["x"])) != i
+    rows = (("min-max", r["minmax"], r["minmax_outlier"], OKABE_ITO["orange"]),
+            ("z-score", r["zscore"], r["zscore_outlier"], OKABE_ITO["blue"]))
+    for k, (label, before, after, color) in enumerate(rows):
+        y0, y1 = 2 * k + 1, 2 * k
+        ax_out.scatter(before[others, j], np.full(others.sum(), y0), color=color, s=36)
+        ax_out.scatter(after[others, j], np.full(others.sum(), y1), color=color, s=36, facecolor="white")
+        for y, vals in ((y0, before[others, j]), (y1, after[others, j])):
+            ax_out.text(vals.max() + 0.12, y, f"spread {np.ptp(vals):.2f}", va="center", fontsize=8)
+    ax_out.set_yticks(range(4), labels=["min-max, with the outlier", "min-max, the table as is",
+                                        "z-score, with the outlier", "z-score, the table as is"])
+    ax_out.set_xlabel(f"scaled income of the other {others.sum()} people")
+    ax_out.set_xlim(-1.8, 2.6)
+    ax_out.set_title(f"one outlier ({r['people'][i]}'s income {r['x'][i, j]:g} -> {value:g} k$)\nsqueezes "
+                     "everyone else's scaled income", fontsize=10)
+    ax_out.grid(alpha=0.3, axis="x")
+    top = int(np.argmax(r["share_raw"]))
+    fig.suptitle(f"Scaling each feature of a 6-person table: raw, {names[top]} carries {r['share_raw'][top]:.0%} of the "
+                 f"variance; after the z-score every feature carries 1/3, after min-max "
+                 f"{r['share_minmax'].min():.0%}-{r['share_minmax'].max():.0%}.\nOne outlier shrinks the other incomes' "
+                 f"min-max spread from {r['others_range_minmax']:.2f} to {r['others_range_minmax_outlier']:.2f}")
     return {"scaling": fig}

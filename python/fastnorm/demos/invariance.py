@@ -18,6 +18,7 @@ import numpy as np
 import fastnorm
 
 from ._common import finish, new_figure, require_matplotlib, table
+from ._style import OKABE_ITO
 
 METHODS = ("batch norm", "weight norm", "layer norm")
 TRANSFORMS = (
@@ -35,6 +36,20 @@ HOW = {
     "dataset re-scaling": "X -> 3.7 X",
     "dataset re-centering": "X -> X + 1 c^T (same vector c added to every case)",
     "single training case re-scaling": "X[0] -> 3.7 X[0] (one case only)",
+}
+# the same, short enough for a figure's tick labels
+SHORT = {
+    "weight matrix re-scaling": "W -> 3.7 W",
+    "weight matrix re-centering": "W[i] -> W[i] + c\n(every unit i)",
+    "weight vector re-scaling": "W[i] -> s_i W[i]\n(s_i > 0 per unit)",
+    "dataset re-scaling": "X -> 3.7 X",
+    "dataset re-centering": "X[n] -> X[n] + c\n(every case n)",
+    "single training case re-scaling": "X[0] -> 3.7 X[0]\n(one case only)",
+}
+FORMULA = {
+    "batch norm": "batch_norm(X W^T)\nper unit over cases",
+    "weight norm": "X (g W[i] / |W[i]|)^T",
+    "layer norm": "layer_norm(X W^T)\nper case over units",
 }
 # Ba, Kiros and Hinton (2016), Table 1: True = invariant. Used only to check the measurement.
 PAPER = {
@@ -127,30 +142,45 @@ def _print(r: dict) -> None:
     print(f"\nThe measured table {verdict} Table 1 of Ba, Kiros and Hinton (2016).")
 
 
+def _only_invariant(r: dict) -> str:
+    """'Only layer norm is invariant to ...; only batch norm to ...', from the measured table."""
+    parts = []
+    for m in r["methods"]:
+        alone = [t for t in r["transforms"] if r["invariant"][m][t]
+                 and not any(r["invariant"][o][t] for o in r["methods"] if o != m)]
+        if alone:
+            parts.append(f"only {m} {'is invariant to ' if not parts else 'to '}{' and '.join(alone)}")
+    text = "; ".join(parts) if parts else "no normalization is invariant to a transformation the others are not"
+    return text[0].upper() + text[1:]
+
+
 def figures(r: dict) -> dict:
     """'table': methods x transformations, coloured invariant / not, with the measured change."""
     from matplotlib.colors import ListedColormap
 
     methods, transforms = r["methods"], r["transforms"]
     inv = np.array([[r["invariant"][m][t] for t in transforms] for m in methods], dtype=float)
-    fig = new_figure(12.5, 3.9)
+    fig = new_figure(13.0, 4.6)
     ax = fig.subplots()
-    ax.imshow(inv, cmap=ListedColormap(["#f4cccc", "#b6d7a8"]), vmin=0, vmax=1, aspect="auto")
+    light = {True: "#A6CEE3", False: "#FDD9A5"}            # light blue / light orange (Okabe-Ito hues)
+    ax.imshow(inv, cmap=ListedColormap([light[False], light[True]]), vmin=0, vmax=1, aspect="auto")
     for i, m in enumerate(methods):
         for j, t in enumerate(transforms):
             c = r["change"][m][t]
-            text = f"invariant\nchange {c:.0e}" if inv[i, j] else f"not invariant\nchange {c:.2f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9,
-                    fontweight="bold" if inv[i, j] else "normal")
-    ax.set_xticks(range(len(transforms)), labels=[t.replace(" re-", "\nre-") for t in transforms])
-    ax.set_yticks(range(len(methods)), labels=methods)
+            text = f"invariant\nchange {c:.0e}" if inv[i, j] else f"changes\nby {c:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, fontweight="bold" if inv[i, j] else "normal",
+                    color="black" if inv[i, j] else OKABE_ITO["vermillion"])
+    ax.set_xticks(range(len(transforms)), labels=[f"{t.replace(' re-', chr(10) + 're-')}\n{SHORT[t]}"
+                                                  for t in transforms], fontsize=8.5)
+    ax.set_yticks(range(len(methods)), labels=[f"{m}\n{FORMULA[m]}" for m in methods], fontsize=8.5)
     ax.set_xticks(np.arange(len(transforms) + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(len(methods) + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="white", linewidth=3)
     ax.tick_params(which="minor", length=0)
-    ax.set_xlabel("transformation of the weights or the data")
-    ax.set_ylabel("normalization")
-    ax.set_title("The invariance table of Ba et al. (2016), measured: does the normalized output change?\n"
-                 "green: unchanged (to 1e-9), red: changed; the number is the largest relative change. "
-                 f"Same pattern as the paper's Table 1: {'yes' if r['matches_paper'] else 'NO'}", fontsize=10)
+    ax.set_xlabel("transformation of the weights W (units x inputs) or the data X (cases x inputs); "
+                  "c: one random vector, s_i: a random factor per unit")
+    ax.set_ylabel("normalized summed inputs")
+    same = "the same pattern as" if r["matches_paper"] else "NOT the pattern of"
+    ax.set_title(f"{_only_invariant(r)}.\nMeasured on one layer (blue: max relative change < 1e-9, orange: "
+                 f"changed; eps = 0): {same} Ba et al.'s Table 1 (2016)", fontsize=10)
     return {"table": fig}

@@ -16,6 +16,7 @@ import numpy as np
 import fastnorm
 
 from ._common import annotate_heatmap, finish, new_figure, require_matplotlib, table, vec
+from ._style import OKABE_ITO
 
 SENTENCES = (("Hi", "Rohan"), ("How", "are", "you", "today"))
 LENGTHS = (2, 4)
@@ -130,9 +131,11 @@ def _print_small(r: dict) -> None:
     print("  masked batch norm and layer norm give 0 for padding. Layer norm without mask= gives the")
     print(f"  same real rows (max |difference| {r['layer_norm_unmasked_real_diff']:.1e}): a token's statistics are its own.\n")
 
-    print("Batch-size independence: each sentence normalized alone vs. its rows in the batch")
-    print(f"  layer norm: max |difference| = {r['layer_alone_max_diff']:.1e}  (identical)")
-    print(f"  batch norm: max |difference| = {r['batch_alone_max_diff']:.3f}  (depends on the other sentence)\n")
+    print("Batch-size independence: each sentence normalized alone (a batch of one sentence) vs. its rows")
+    print("in the two-sentence batch, largest |difference| over the sentence's real tokens:")
+    print(f"  layer norm alone vs. layer norm of the batch:                {r['layer_alone_max_diff']:.1e} (identical)")
+    print(f"  batch norm alone vs. masked batch norm of the batch (mask=): {r['batch_alone_max_diff']:.3f} (the batch's")
+    print("  statistics include the other sentence's tokens; masked, so the padding is not what differs)\n")
 
 
 def _print_large(r: dict) -> None:
@@ -177,13 +180,14 @@ def figures(small: dict, large: dict) -> dict:
                  "masked batch norm and layer norm do not")
     figs["batch"] = fig
 
-    fig = new_figure(13.5, 4.4)
+    fig = new_figure(13.5, 4.8)
     ax_len, ax_stat, ax_out = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1.1, 1.1]})
     lengths = large["lengths"]
-    ax_len.hist(lengths, bins=np.arange(0.5, lengths.max() + 1.5, 2), color="tab:gray")
-    ax_len.axvline(lengths.mean(), color="tab:blue", label=f"mean length {lengths.mean():g}")
-    ax_len.axvline(lengths.max(), color="tab:red", label=f"padded length {lengths.max()}")
-    ax_len.set_xlabel("sentence length (tokens)")
+    ax_len.hist(lengths, bins=np.arange(0.5, lengths.max() + 1.5, 2), color=OKABE_ITO["grey"])
+    ax_len.axvline(lengths.mean(), color=OKABE_ITO["blue"], linewidth=2, label=f"mean length {lengths.mean():g}")
+    ax_len.axvline(lengths.max(), color=OKABE_ITO["vermillion"], linewidth=2, linestyle="--",
+                   label=f"padded length {lengths.max()} (the longest)")
+    ax_len.set_xlabel("sentence length (real tokens)")
     ax_len.set_ylabel("number of sentences")
     ax_len.set_title(f"{len(lengths)} sentence lengths: {large['padding_fraction']:.0%} of the\n"
                      f"{large['positions']} padded positions are padding", fontsize=10)
@@ -191,32 +195,40 @@ def figures(small: dict, large: dict) -> dict:
 
     idx = np.arange(len(large["mean_real"]))
     w = 0.2
-    ax_stat.bar(idx - 1.5 * w, large["mean_real"], w, color="tab:blue", label="mean, real tokens")
-    ax_stat.bar(idx - 0.5 * w, large["mean_pad"], w, color="tab:blue", alpha=0.4, hatch="//",
-                label="mean, padding counted")
-    ax_stat.bar(idx + 0.5 * w, large["std_real"], w, color="tab:orange", label="std, real tokens")
-    ax_stat.bar(idx + 1.5 * w, large["std_pad"], w, color="tab:orange", alpha=0.4, hatch="//",
-                label="std, padding counted")
+    real, pad = dict(color=OKABE_ITO["blue"]), dict(color="white", edgecolor=OKABE_ITO["blue"], hatch="///")
+    ax_stat.bar(idx - 1.5 * w, large["mean_real"], w, label="mean, real tokens only (mask=)", **real)
+    ax_stat.bar(idx - 0.5 * w, large["mean_pad"], w, label="mean, padding counted", **pad)
+    real["color"], pad["edgecolor"] = OKABE_ITO["orange"], OKABE_ITO["orange"]
+    ax_stat.bar(idx + 0.5 * w, large["std_real"], w, label="std, real tokens only (mask=)", **real)
+    ax_stat.bar(idx + 1.5 * w, large["std_pad"], w, label="std, padding counted", **pad)
     ax_stat.set_xticks(idx, labels=[f"dim {d}" for d in idx])
     ax_stat.set_xlabel("embedding dimension")
-    ax_stat.set_ylabel("batch-norm statistic")
-    ax_stat.set_title("batch-norm statistics per dimension:\nreal tokens vs. padding counted", fontsize=10)
+    ax_stat.set_ylabel("batch-norm statistic of the dimension")
+    ax_stat.set_title(f"batch-norm statistics per dimension: counting the\npadding multiplies every mean by "
+                      f"{large['real_tokens']}/{large['positions']} = {large['real_tokens'] / large['positions']:.2f}",
+                      fontsize=10)
     ax_stat.legend(fontsize=8)
 
     d = int(np.argmax(np.abs(large["out_mean_plain"])))
     bins = np.linspace(-4, 4, 41)
-    ax_out.hist(large["masked_batch_norm"][large["mask"]][:, d], bins=bins, color="tab:green", alpha=0.6,
-                label="batch norm, mask=")
-    ax_out.hist(large["batch_norm"][large["mask"]][:, d], bins=bins, color="tab:red", alpha=0.5,
-                label="batch norm, padding counted")
-    ax_out.axvline(0, color="black", linewidth=1)
-    ax_out.set_xlabel(f"normalized value of dim {d} (real tokens only)")
+    ax_out.hist(large["masked_batch_norm"][large["mask"]][:, d], bins=bins, color=OKABE_ITO["blue"], alpha=0.55,
+                label="masked batch norm (mask=)")
+    ax_out.hist(large["batch_norm"][large["mask"]][:, d], bins=bins, histtype="step", linewidth=2,
+                color=OKABE_ITO["vermillion"], label="batch norm, padding counted")
+    grid = np.linspace(-4, 4, 200)
+    n_real = int(large["mask"].sum())
+    ax_out.plot(grid, n_real * (bins[1] - bins[0]) * np.exp(-grid ** 2 / 2) / np.sqrt(2 * np.pi), color="black",
+                linestyle=":", label="N(0, 1): what normalizing should give")
+    ax_out.set_xlabel(f"normalized value of dim {d}, real tokens only")
     ax_out.set_ylabel("number of tokens")
-    ax_out.set_title(f"real tokens after plain batch norm:\nmean {large['out_mean_plain'][d]:.2f}, "
-                     f"std {large['out_std_plain'][d]:.2f} instead of 0 and 1", fontsize=10)
-    ax_out.legend(fontsize=8)
-    fig.suptitle("100 sentences, average length 20, padded to 60: the padding drags the batch statistics "
-                 "and shifts every real token")
+    ax_out.set_title(f"the {n_real} real tokens after batch norm, padding\ncounted: mean "
+                     f"{large['out_mean_plain'][d]:.2f}, std {large['out_std_plain'][d]:.2f} instead of 0 and 1",
+                     fontsize=10)
+    ax_out.set_ylim(0, ax_out.get_ylim()[1] * 1.3)          # room for the legend
+    ax_out.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"{len(lengths)} sentences, average length {lengths.mean():g}, zero-padded to {lengths.max()}: "
+                 "batch norm that counts the padding\ncomputes its statistics mostly from zeros and shifts every "
+                 "real token; with mask= the real tokens come out with mean 0, std 1")
     figs["drift"] = fig
     return figs
 
