@@ -22,6 +22,7 @@ import numpy as np
 from . import _checks as ck
 from . import _core
 from . import _threads
+from ._dispatch import dask_aware
 from ._threads import get_num_threads
 
 __all__ = [
@@ -156,6 +157,7 @@ def _group_forward(fn, plan: GroupPlan, arr, weight, bias, eps, mask, out, rms):
     return y, mean.reshape(plan.stats_shape).astype(sd), rstd.reshape(plan.stats_shape).astype(sd)
 
 
+@dask_aware
 def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
     """Layer normalization: statistics over the feature axes, one (mean, rstd) per position.
 
@@ -210,6 +212,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=N
 layer_norm = _core.rows_function(layer_norm, _threads, False)
 
 
+@dask_aware
 def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
     """RMS normalization: ``y = x / sqrt(mean(x**2) + eps) * weight (+ bias)``, no centering.
 
@@ -242,6 +245,7 @@ def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=Non
 rms_norm = _core.rows_function(rms_norm, _threads, True)
 
 
+@dask_aware
 def instance_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
     """Instance normalization: one (mean, rstd) per (sample, channel), over the other axes.
 
@@ -271,6 +275,7 @@ def instance_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, ou
     return (y, mean, rstd) if return_stats else y
 
 
+@dask_aware
 def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None,
                return_stats=False):
     """Group normalization: channels split into ``num_groups`` consecutive groups; one
@@ -317,6 +322,7 @@ def _update_running(running_mean, running_var, mean, var, count, momentum):
     running_var[...] = (1 - momentum) * running_var + momentum * unbiased
 
 
+@dask_aware
 def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running_var=None, training=True,
                momentum=0.1, eps=1e-5, mask=None, out=None, return_stats=False):
     """Batch normalization: one (mean, rstd) per feature, over every other axis.
