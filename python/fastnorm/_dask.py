@@ -60,7 +60,7 @@ def _mask_operand(mask, x, axes, fn):
     shape = tuple(x.shape[a] for a in axes)
     if isinstance(mask, da.Array):      # checked by its dtype and shape alone: nothing is computed
         ck.check_mask(np.broadcast_to(np.zeros((), mask.dtype), mask.shape), shape, fn)
-        arr = mask
+        arr = mask.rechunk(tuple(x.chunks[a] for a in axes))    # x's blocks stay as they are
     else:
         arr = da.from_array(ck.check_mask(mask, shape, fn), chunks=tuple(x.chunks[a] for a in axes))
     return arr, _index(axes, LETTERS)
