@@ -48,7 +48,9 @@ FN_INLINE void merge_summary(summary into, int64_t c, double n, double mean, dou
     merge_moments(&into.count[c], &into.mean[c], &into.m2[c], n, mean, m2);
 }
 
-/* One row v[0..C) added to the shifted sums and the ranges of its columns. */
+/* One row v[0..C) added to the shifted sums and the ranges of its columns (min/max as the
+ * vector instructions take them, which skip a NaN x: a NaN makes the sums NaN, and the block then
+ * looks for it, column_has_nan). */
 #define DEFINE_ADD_ROW(NAME, T)                                                                    \
     FN_INLINE void NAME(const T *v, int64_t C, const double *shift, double *sd, double *sdd, double *lo, \
                         double *hi)                                                                \
@@ -58,9 +60,8 @@ FN_INLINE void merge_summary(summary into, int64_t c, double n, double mean, dou
             const double x = (double)v[c], d = x - shift[c];                                       \
             sd[c] += d;                                                                            \
             sdd[c] += d * d;                                                                       \
-            const int nan = x != x;                                                                \
-            lo[c] = x < lo[c] || nan ? x : lo[c];                                                  \
-            hi[c] = x > hi[c] || nan ? x : hi[c];                                                  \
+            lo[c] = x < lo[c] ? x : lo[c];     /* NaN is skipped here: see column_has_nan */        \
+            hi[c] = x > hi[c] ? x : hi[c];                                                         \
         }                                                                                          \
     }
 DEFINE_ADD_ROW(add_row, double)
@@ -80,6 +81,18 @@ static void column_again(double center, fn_view x, fn_mask mask, int64_t o0, int
         s2 += (v - center) * (v - center);
     }
     finish_moments(center, s1, s2, nb, mean, var);
+}
+
+/* Whether column c of the real rows among o0..o0+nrows holds a NaN. */
+static int column_has_nan(fn_view x, fn_mask mask, int64_t o0, int64_t nrows, int64_t c)
+{
+    double v;
+    for (int64_t o = o0; o < o0 + nrows; o++) {
+        if (mask.data && !mask.data[o * mask.stride[0]]) continue;
+        fn_load(&v, x.data + o * x.stride[0] + c * x.stride[1], 1, 0, x.dtype);
+        if (v != v) return 1;
+    }
+    return 0;
 }
 
 /* The columns of the real rows among o0..o0+nrows of x (O, C, 1) merged into `into`.
@@ -114,6 +127,8 @@ FN_VECTOR_CLONES static void summarize_rows(summary into, double *tmp, fn_view x
     for (int64_t c = 0; nb > 0 && c < C; c++) {
         double bmean, bvar, offset = sd[c] / (double)nb;
         finish_moments(shift[c], sd[c], sdd[c], nb, &bmean, &bvar);
+        if (sd[c] != sd[c] && column_has_nan(x, mask, o0, nrows, c))
+            lo[c] = hi[c] = NAN;
         if (!(offset * offset <= 64.0 * bvar))          /* far shift (or NaN): shift by the mean */
             column_again(bmean, x, mask, o0, nrows, c, nb, &bmean, &bvar);
         merge_summary(into, c, (double)nb, bmean, bvar * (double)nb, lo[c], hi[c]);

@@ -102,6 +102,20 @@ def test_moments_nan_and_inf_stay_in_their_feature():
     assert np.isnan(m.m2[0]) and m.m2[1] == 8.0
 
 
+@pytest.mark.parametrize("shape, axis", [((2000, 3), -1), ((5, 3, 40), 1)])
+@pytest.mark.parametrize("where", [0, 1, -1])
+def test_moments_nan_anywhere(rng, shape, axis, where):
+    x = rng.standard_normal(shape).astype(np.float32)
+    col = np.moveaxis(x, axis, -1)[..., 1].reshape(-1)          # a view: feature 1's values
+    col_index = np.unravel_index(np.arange(col.size)[where], np.moveaxis(x, axis, -1).shape[:-1])
+    np.moveaxis(x, axis, -1)[col_index + (1,)] = np.nan
+    m = fastnorm.moments(x, axis=axis)
+    assert np.isnan([m.mean[1], m.m2[1], m.min[1], m.max[1]]).all()
+    ref = ref_moments(np.delete(x, 1, axis=axis), axis)
+    assert_moments(fastnorm.moments(np.delete(x, 1, axis=axis), axis=axis), ref)
+    np.testing.assert_array_equal(m.min[[0, 2]], ref[3])
+
+
 def test_moments_far_first_row_and_constant_features():
     # an outlier in the first row (the sums' shift) is summed again around the mean
     x = np.vstack([[1e8], 1e-3 * np.arange(1000.0)[:, None]])

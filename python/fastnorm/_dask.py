@@ -218,6 +218,14 @@ def _first(s, axis, keepdims=False, **unused):
     return s
 
 
+def after(x, stats):
+    """x's graph copied, its chunks computed again once `stats` are done (dask's ``bind``): the
+    second pass of a per-feature function reads x anew instead of holding every chunk of the
+    statistics pass in memory until the statistics are known (the whole array, out of core)."""
+    from dask.graph_manipulation import bind
+    return bind(x, stats)
+
+
 def block_statistics(x, ax, mask=None, fn="moments"):
     """The per-feature statistics of dask array x, lazily: a (C,) dask array of STATS, chunked as
     x along the feature axis ``ax``: every block's moments, then one tree reduction."""
@@ -272,6 +280,8 @@ def _with_stats(fn, x, axis, stats, kwargs, clip=False):
         s = da.from_array(_as_stats(stats), chunks=(x.chunks[ax],))
         clip = False
     idx = LETTERS[:x.ndim]
+    if stats is None:
+        x = after(x, s)
     return da.blockwise(BlockWithStats(fn, ax, kwargs, clip), idx, x, idx, s, idx[ax], dtype=dtype,
                         meta=np.empty((0,) * x.ndim, dtype))
 
@@ -355,6 +365,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
         mean, var = np.array(running_mean, dtype=np.float64), np.array(running_var, dtype=np.float64)
     if mean is None:
         s, check = stats, True
+        x = after(x, stats)
     else:
         s, check = da.from_array(np.stack([mean, var], axis=-1), chunks=(x.chunks[ax], 2)), False
     s_index = idx[ax] + ("" if check else "z")
