@@ -178,3 +178,32 @@ def test_distributed_local_cluster(rng):
         np.testing.assert_allclose(got.var(), fastnorm.moments(x).var(), rtol=1e-12)
         parts = client.gather(client.map(fastnorm.moments, np.array_split(x, 4)))   # Moments pickled back
         np.testing.assert_allclose(fastnorm.Moments.merge(*parts).mean, got.mean, rtol=1e-14)
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gradients_of_dask(rng, chunks, dtype):
+    x = (rng.standard_normal((60, 7, 5)) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal((60, 7, 5)).astype(dtype)
+    X, DY = da.from_array(x, chunks=chunks), da.from_array(dy, chunks=chunks)
+    mask = rng.random((60, 7)) > 0.3
+    w7, w5 = rng.standard_normal(7), rng.standard_normal(5)
+    cases = {
+        "layer_norm": lambda d, v: fastnorm.layer_norm_backward(
+            d, v, *fastnorm.layer_norm(x, mask=mask, return_stats=True)[1:], w5, mask=mask),
+        "rms_norm": lambda d, v: fastnorm.rms_norm_backward(d, v, fastnorm.rms_norm(x, return_stats=True)[1], w5),
+        "instance_norm": lambda d, v: fastnorm.instance_norm_backward(
+            d, v, *fastnorm.instance_norm(x, axis=1, return_stats=True)[1:], w7, axis=1),
+        "group_norm": lambda d, v: fastnorm.group_norm_backward(
+            d, v, *fastnorm.group_norm(x, 5, return_stats=True)[1:], 5),
+        "batch_norm_eval": lambda d, v: fastnorm.batch_norm_backward(
+            d, v, *fastnorm.batch_norm(x, axis=1, return_stats=True)[1:], w7, axis=1, training=False),
+    }
+    for name, f in cases.items():
+        with no_compute():
+            got = f(DY, X)
+        for g, want in zip(got, f(dy, x)):
+            assert isinstance(g, da.Array), name
+            close(g.compute(), want, dtype)
+    with pytest.raises(TypeError, match="training=True with dask arrays is not supported"):
+        fastnorm.batch_norm_backward(DY, X, np.zeros(5), np.ones(5))

@@ -11,6 +11,8 @@ name, checks its arguments at the call (as that function does) and returns a das
   every block (the C kernel of :func:`fastnorm.moments`), one tree reduction merging them per
   feature (``da.reduction`` with :func:`fastnorm._moments.merge_arrays`), then the NumPy function
   on every block with the statistics of its features (``stats=``, or batch norm's eval mode).
+- Gradients (per-sample ones, and batch norm's with ``training=False``): dx per block, dweight and
+  dbias the sums of the blocks'.
 
 Results equal the NumPy call on the computed array to rounding: the same kernels run on each
 block, and only the statistics of per-feature functions are merged in another order.
@@ -30,7 +32,8 @@ from ._data import scale_to_range
 from ._moments import FIELDS, Moments, merge_arrays
 
 __all__ = ["layer_norm", "rms_norm", "instance_norm", "group_norm", "weight_norm", "batch_norm", "standardize",
-           "min_max_scale", "moments", "block_statistics"]
+           "min_max_scale", "moments", "block_statistics", "layer_norm_backward", "rms_norm_backward",
+           "instance_norm_backward", "group_norm_backward", "batch_norm_backward"]
 
 STATS = np.dtype([(f, np.float64) for f in FIELDS])     # one feature's Moments, as one array element
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -383,3 +386,116 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
         sd = ck.stats_dtype(dtype)
         return y, mean.astype(sd), ck.rstd_from_var(var, eps).astype(sd)
     return y
+
+
+# ---- gradients -----------------------------------------------------------------------------------
+
+class BlockGrads:
+    """``fastnorm.<name>(dy_block, x_block, **kwargs, **{key: block})``: dx, or with ``param_shape``
+    (x's block shape, 1 along the axes summed over) its dweight and dbias in float64, stacked
+    along a new last axis."""
+
+    def __init__(self, name, kwargs, keys, param_shape=None):
+        self.name, self.kwargs, self.keys, self.param_shape = name, kwargs, keys, param_shape
+
+    def __call__(self, dyb, xb, *blocks):
+        dx, dw, db = getattr(fastnorm, self.name)(dyb, xb, **dict(self.kwargs, **dict(zip(self.keys, blocks))))
+        if self.param_shape is None:
+            return dx
+        shape = [xb.shape[a] if n != 1 else 1 for a, n in enumerate(self.param_shape)]
+        return np.stack([dw, db], axis=-1).astype(np.float64).reshape(shape + [2])
+
+
+def _backward(fn, dy, x, whole, stats, weight, param_axes, mask, mask_axes, **kwargs):
+    """dx per block once the axes in `whole` are one chunk each; dweight and dbias as sums of the
+    blocks' (lazy, like dx). stats: {keyword: (checked flat array, its shape, its axes of x or a
+    letter of its own)}."""
+    dtype = _result_dtype(x, fn)
+    if not isinstance(x, da.Array):
+        x = da.from_array(ck.as_input(x, "x", fn), chunks=dy.chunks)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"{fn}: dy has shape {dy.shape}; expected {x.shape}, the shape of x")
+    x = x.rechunk({a: -1 for a in whole})
+    dy = dy.rechunk(x.chunks)
+    idx = LETTERS[:x.ndim]
+    operands, keys = [], []
+    for key, (arr, shape, axes) in stats.items():
+        if isinstance(axes, str):              # group norm's groups: an axis of their own
+            operands += [da.from_array(arr.reshape(shape), chunks=(x.chunks[0], -1)), idx[0] + axes]
+        else:
+            operands += [da.from_array(arr.reshape(shape), chunks=tuple(x.chunks[a] for a in axes)),
+                         _index(axes, idx)]
+        keys.append(key)
+    if weight is not None:
+        operands += _param_operand(weight, x, param_axes)
+        keys.append("weight")
+    if mask is not None:
+        operands += _mask_operand(mask, x, mask_axes, fn)
+        keys.append("mask")
+    dx = da.blockwise(BlockGrads(fn, kwargs, keys), idx, dy, idx, x, idx, *operands, dtype=dtype,
+                      concatenate=True, meta=np.empty((0,) * x.ndim, dtype))
+    summed = tuple(a for a in range(x.ndim) if a not in param_axes)
+    param_shape = [x.shape[a] if a in param_axes else 1 for a in range(x.ndim)]
+    parts = da.blockwise(BlockGrads(fn, kwargs, keys, param_shape), idx + "z", dy, idx, x, idx, *operands,
+                         new_axes={"z": 2}, adjust_chunks={idx[a]: 1 for a in summed}, dtype=np.float64,
+                         concatenate=True, meta=np.empty((0,) * (x.ndim + 1), np.float64))
+    sums = parts.sum(axis=summed).astype(dtype)
+    return dx, sums[..., 0], sums[..., 1]
+
+
+def _layer_backward(fn, dy, x, mean, rstd, weight, axis, mask, out):
+    _no_out(out, fn)
+    plan = F._layer_plan(x.shape, axis, fn)
+    feat = tuple(sorted(plan.feature))
+    others = tuple(a for a in range(x.ndim) if a not in feat)
+    stats = {"rstd": (ck.check_stat(rstd, "rstd", plan.stats_shape, fn), plan.stats_shape, others)}
+    if mean is not None or fn == "layer_norm_backward":
+        stats["mean"] = (ck.check_stat(mean, "mean", plan.stats_shape, fn), plan.stats_shape, others)
+    w = ck.param(weight, "weight", plan.param_shape, fn, f"x.shape along the feature axes {plan.feature}")
+    return _backward(fn, dy, x, feat, stats, w, feat, mask, others, axis=axis)
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
+    return _layer_backward("layer_norm_backward", dy, x, mean, rstd, weight, axis, mask, out)
+
+
+def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None):
+    return _layer_backward("rms_norm_backward", dy, x, None, rstd, weight, axis, mask, out)
+
+
+def _grouped_backward(fn, dy, x, mean, rstd, num_groups, weight, axis, mask, out, min_ndim):
+    _no_out(out, fn)
+    plan = F._grouped_plan(x.shape, axis, num_groups, fn, min_ndim)
+    (ax,) = plan.feature
+    spatial = tuple(a for a in range(1, x.ndim) if a != ax)
+    own = (0, ax) if num_groups is None else "y"         # instance norm: (N, C) along x's axes 0 and ax
+    stats = {name: (ck.check_stat(s, name, plan.stats_shape, fn), plan.stats_shape, own)
+             for name, s in (("mean", mean), ("rstd", rstd))}
+    w = ck.param(weight, "weight", plan.param_shape, fn, f"x.shape along the feature axis {ax}")
+    whole = spatial if num_groups is None else spatial + (ax,)
+    kwargs = {"axis": axis} if num_groups is None else {"axis": axis, "num_groups": num_groups}
+    return _backward(fn, dy, x, whole, stats, w, (ax,), mask, (0,) + spatial, **kwargs)
+
+
+def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
+    return _grouped_backward("instance_norm_backward", dy, x, mean, rstd, None, weight, axis, mask, out, 3)
+
+
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, mask=None, out=None):
+    G = F._check_num_groups(num_groups, "group_norm_backward")
+    return _grouped_backward("group_norm_backward", dy, x, mean, rstd, G, weight, axis, mask, out, 2)
+
+
+def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=True, mask=None, out=None):
+    fn = "batch_norm_backward"
+    ck.check_bool(training, "training", fn)
+    if training:
+        raise TypeError(f"{fn}: training=True with dask arrays is not supported (its dx needs sums over the "
+                        "whole batch); compute dy and x first, or use training=False")
+    _no_out(out, fn)
+    ax = _feature_axis(dy, axis, fn)
+    C = dy.shape[ax]
+    others = tuple(a for a in range(dy.ndim) if a != ax)
+    stats = {name: (ck.check_stat(s, name, (C,), fn), (C,), (ax,)) for name, s in (("mean", mean), ("rstd", rstd))}
+    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}")
+    return _backward(fn, dy, x, (), stats, w, (ax,), mask, others, axis=axis, training=False)

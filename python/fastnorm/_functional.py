@@ -451,6 +451,7 @@ def _group_backward(fn, plan: GroupPlan, dy, arr, mean, rstd, weight, mask, rms,
             dbias.reshape(plan.param_shape).astype(dtype))
 
 
+@dask_aware
 def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`layer_norm`: ``(dx, dweight, dbias)``.
 
@@ -486,6 +487,7 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, o
     return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
+@dask_aware
 def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`rms_norm`: ``(dx, dweight, dbias)``, with ``xhat = x * rstd``::
 
@@ -511,6 +513,7 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None)
     return _group_backward(fn, plan, dy, arr, None, rstd, weight, mask, rms=True, out=out)
 
 
+@dask_aware
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`instance_norm`: ``(dx, dweight, dbias)``; the layer-norm formula
     per (sample, channel), dweight/dbias of shape ``(C,)``.
@@ -529,6 +532,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None
     return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
+@dask_aware
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`group_norm`: ``(dx, dweight, dbias)``; the layer-norm formula per
     (sample, group), dweight/dbias of shape ``(C,)``.
@@ -547,6 +551,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, 
     return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
+@dask_aware
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=True, mask=None, out=None):
     """Gradients of :func:`batch_norm`: ``(dx, dweight, dbias)``, each feature over every other axis.
 
