@@ -49,6 +49,8 @@ def _no_out(out, fn):
 
 def _result_dtype(x, fn) -> np.dtype:
     """The dtype fastnorm gives for x's dtype (and its TypeError for complex, object, ...)."""
+    if x.ndim > len(LETTERS) - 2:           # one letter per axis, and two for the statistics' own axes
+        raise ValueError(f"{fn}: a dask x may have at most {len(LETTERS) - 2} dimensions; got {x.ndim}")
     return ck.as_input(np.zeros(0, dtype=x.dtype), "x", fn).dtype
 
 
