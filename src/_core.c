@@ -306,6 +306,28 @@ static PyObject *py_channel_moments(PyObject *self, PyObject *args)
     return status_to_result(status);
 }
 
+/* channel_summary(count, mean, m2, min, max, x, mask, nthreads): x (O, C, S). */
+static PyObject *py_channel_summary(PyObject *self, PyObject *args)
+{
+    PyObject *o[5], *ox, *om;
+    double *s[5];
+    static const char *const names[5] = {"count", "mean", "m2", "min", "max"};
+    npy_intp sx[3];
+    fn_view x;
+    fn_mask m;
+    int status, nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOOi", &o[0], &o[1], &o[2], &o[3], &o[4], &ox, &om, &nthreads) ||
+        to_view(ox, "x", 3, 0, &x, sx) || to_mask(om, sx[0], sx[2], &m))
+        return NULL;
+    for (int k = 0; k < 5; k++)
+        if (to_doubles(o[k], names[k], sx[1], 0, 1, &s[k])) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    status = channel_summary(s[0], s[1], s[2], s[3], s[4], x, m, sx[0], sx[1], sx[2], nthreads);
+    Py_END_ALLOW_THREADS
+    return status_to_result(status);
+}
+
 /* channel_combine(out, x, center, coef_x, dy, coef_dy, shift, mask, nthreads); dy/coef_dy may be None. */
 static PyObject *py_channel_combine(PyObject *self, PyObject *args)
 {
@@ -754,6 +776,8 @@ static PyMethodDef core_methods[] = {
     {"group_forward", py_group_forward, METH_VARARGS, "Layer/RMS/instance/group norm on an (A, G, K, S) view."},
     {"group_backward", py_group_backward, METH_VARARGS, "Gradients of group_forward."},
     {"channel_moments", py_channel_moments, METH_VARARGS, "Per-channel count, mean, biased var of an (O, C, S) view."},
+    {"channel_summary", py_channel_summary, METH_VARARGS,
+     "Per-channel count, mean, m2, min, max of an (O, C, S) view, in one pass."},
     {"channel_combine", py_channel_combine, METH_VARARGS, "out = coef_x*(x - center) + coef_dy*dy + shift per channel."},
     {"channel_normalize_planes", py_channel_normalize_planes, METH_VARARGS,
      "Batch norm training of float32 planes (O, C, S), channel blocks at a time; writes mean, var."},

@@ -12,16 +12,6 @@
 
 enum { BLOCK_ELEMENTS = 1 << 16 };  /* rows whose column sums share one shift: ~64K elements */
 
-/* Merge (nb, mean_b, m2_b) into the running (n, mean, m2) of one channel. */
-FN_INLINE void merge_moments(double *n, double *mean, double *m2, double nb, double mean_b, double m2_b)
-{
-    if (nb == 0.0) return;
-    double nt = *n + nb, delta = mean_b - *mean;
-    *mean += delta * (nb / nt);
-    *m2 += m2_b + delta * delta * (*n * nb / nt);
-    *n = nt;
-}
-
 FN_INLINE int64_t rows_per_block(int64_t C)
 {
     int64_t rows = BLOCK_ELEMENTS / (C > 0 ? C : 1);

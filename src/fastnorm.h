@@ -151,4 +151,13 @@ int channel_normalize_planes_f32(fn_view out, fn_view x, const double *weight, c
 int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
                       const double *center, fn_mask mask, int64_t O, int64_t C, int64_t S, int nthreads);
 
+/* ---- summary.c: the per-channel statistics of fastnorm.Moments ---- */
+
+/* count, mean, m2, min, max: (C) doubles, written: the number of real elements of channel c of
+ * the (O, C, S) view, their mean, sum of squared deviations from the mean, min and max, in one
+ * pass over x. A channel with no real element gets count 0, m2 0 and NaN mean, min and max; NaN
+ * in a channel makes its mean, m2, min and max NaN. mask: (O, S) or no mask. */
+int channel_summary(double *count, double *mean, double *m2, double *min, double *max, fn_view x, fn_mask mask,
+                    int64_t O, int64_t C, int64_t S, int nthreads);
+
 #endif

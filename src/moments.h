@@ -114,6 +114,17 @@ DEFINE_MOMENTS(moments_of_halves, uint16_t, fn_half_sums, float, fn_half_to_floa
 #undef AS_IS
 #undef DEFINE_MOMENTS
 
+/* Merge (nb, mean_b, m2_b) into the running (n, mean, m2) of one channel
+ * (Chan et al.'s pairwise formula). */
+FN_INLINE void merge_moments(double *n, double *mean, double *m2, double nb, double mean_b, double m2_b)
+{
+    if (nb == 0.0) return;
+    double nt = *n + nb, delta = mean_b - *mean;
+    *mean += delta * (nb / nt);
+    *m2 += m2_b + delta * delta * (*n * nb / nt);
+    *n = nt;
+}
+
 /* mean of x*x for float16 values. */
 FN_INLINE double mean_square_of_halves(const uint16_t *x, int64_t n)
 {

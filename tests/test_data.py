@@ -118,12 +118,13 @@ def test_standardize_matches_reference(rng, shape, axis):
     close(fastnorm.standardize(x, axis=axis, eps=0.5), ref_standardize(x, axis, eps=0.5))
 
 
-def test_standardize_default_axis_is_the_feature_axis_0(rng):
+def test_standardize_default_axis_is_the_last_axis(rng):
     x = rng.standard_normal((4, 6))
-    close(fastnorm.standardize(x), ref_standardize(x, 0))      # one z-score per row (axis 0 is the feature)
+    close(fastnorm.standardize(x), ref_standardize(x, -1))     # one z-score per column, as scikit-learn
     y = fastnorm.standardize(x)
-    close(y.mean(axis=1), np.zeros(4))
-    close(y.std(axis=1), np.ones(4))
+    close(y.mean(axis=0), np.zeros(6))
+    close(y.std(axis=0), np.ones(6))
+    close(fastnorm.min_max_scale(x), ref_min_max(x, -1))
 
 
 def test_standardize_equals_batch_norm(rng):

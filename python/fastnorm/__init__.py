@@ -20,6 +20,7 @@ from ._threads import get_num_threads, set_num_threads
 from ._memory import get_output_cache, set_output_cache
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from ._data import min_max_scale, standardize, weight_norm, weight_norm_backward
+from ._moments import Moments, moments
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,5 @@ __all__ = [
     "group_norm_backward",
     "LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm",
     "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
+    "Moments", "moments",
 ]

@@ -6,12 +6,14 @@ along ``axis``, taken over every other axis.
 ==============================  ==============================  ==================================
 call                            x of shape (N, D)               one statistic per
 ==============================  ==============================  ==================================
-``standardize(x, axis=1)``      each column over its N values   feature (column): a data table
+``standardize(x)`` (axis=-1)    each column over its N values   feature (column): a data table
 ``standardize(x, axis=0)``      each row over its D values      row
 ``weight_norm(v, g, axis=0)``   each row of a (out, in) matrix  output unit (PyTorch's ``dim=0``)
 ==============================  ==============================  ==================================
 
-Note the default ``axis=0``: for a ``(samples, features)`` table pass ``axis=1`` (or ``-1``).
+``standardize`` and ``min_max_scale`` default to ``axis=-1``, as every normalization function, and
+so scale a ``(samples, features)`` table per column as scikit-learn's scalers do. With
+``stats=`` (a :class:`fastnorm.Moments`) they take the statistics from it instead of from x.
 
 ``standardize`` runs on the batch-norm kernels in C (one pass for the statistics, one for the
 output); ``min_max_scale`` and ``weight_norm`` are NumPy, computed in float64.
@@ -24,6 +26,8 @@ import numpy as np
 
 from . import _checks as ck
 from . import _core
+from ._dispatch import dask_aware
+from ._moments import Moments, moments
 from ._threads import get_num_threads
 
 __all__ = ["standardize", "min_max_scale", "weight_norm", "weight_norm_backward"]
@@ -59,7 +63,18 @@ def _finish(y64: np.ndarray, dtype: np.dtype, out) -> np.ndarray:
 
 # ---- standardize ---------------------------------------------------------------------------------
 
-def standardize(x, axis=0, *, eps=0.0, out=None):
+def _check_stats(stats, C: int, ax: int, fn: str) -> Moments | None:
+    if stats is None:
+        return None
+    if not isinstance(stats, Moments):
+        raise TypeError(f"{fn}: stats must be a fastnorm.Moments (from fastnorm.moments); got {type(stats).__name__}")
+    if stats.num_features != C:
+        raise ValueError(f"{fn}: stats has {stats.num_features} features; x has {C} along the feature axis {ax}")
+    return stats
+
+
+@dask_aware
+def standardize(x, axis=-1, *, stats=None, eps=0.0, out=None):
     """Z-score per feature: ``(x - mean) / sqrt(var + eps)``, statistics over every axis but ``axis``.
 
     ``var`` is the biased variance (divide by the count), as in :func:`fastnorm.batch_norm`,
@@ -68,17 +83,21 @@ def standardize(x, axis=0, *, eps=0.0, out=None):
     ====================  ======================================  ==============
     x                     statistics over                         one per
     ====================  ======================================  ==============
-    (N, D), axis=1        each column (its N samples)             feature
+    (N, D), axis=-1       each column (its N samples)             feature
     (N, D), axis=0        each row (its D values)                 row
     (N, C, H, W), axis=1  N, H, W of each channel                 channel
     ====================  ======================================  ==============
 
     Parameters
     ----------
-    x : array_like
-        float16/32/64 keep their dtype; integer and bool become float64. Any layout.
+    x : array_like or dask array
+        float16/32/64 keep their dtype; integer and bool become float64. Any layout. A dask
+        array gives a dask array (statistics by one tree reduction over its chunks).
     axis : int
-        The feature axis (default 0). For a ``(samples, features)`` table pass ``axis=1``.
+        The feature axis (default -1: the columns of a ``(samples, features)`` table).
+    stats : Moments, optional
+        Take mean and variance from these statistics (e.g. of a training set) instead of x:
+        ``(x - stats.mean) / sqrt(stats.var() + eps)``. One entry per feature.
     eps : float
         Added to the variance, >= 0 (default 0: the textbook z-score).
     out : ndarray, optional
@@ -94,9 +113,12 @@ def standardize(x, axis=0, *, eps=0.0, out=None):
     --------
     >>> import numpy as np, fastnorm
     >>> table = np.array([[1.0, 10.0], [3.0, 10.0]])       # 2 samples, 2 features
-    >>> fastnorm.standardize(table, axis=1)
+    >>> fastnorm.standardize(table)
     array([[-1.,  0.],
            [ 1.,  0.]])
+    >>> train = fastnorm.moments(table)                    # scale new data as the training table
+    >>> fastnorm.standardize(np.array([[5.0, 10.0]]), stats=train)
+    array([[3., 0.]])
     """
     fn = "standardize"
     arr = ck.as_input(x, "x", fn)
@@ -109,11 +131,15 @@ def standardize(x, axis=0, *, eps=0.0, out=None):
     view = (ck.count(arr.shape[:ax]), C, ck.count(arr.shape[ax + 1:]))
     identity = tuple(range(arr.ndim))
     target = ck.Output(out, arr, dtype, identity, view)
+    stats = _check_stats(stats, C, ax, fn)
     if arr.size == 0:
         return target.finish()
     xv = ck.input_view(arr, identity, view)
-    count, mean, var = np.empty(C), np.empty(C), np.empty(C)
-    _core.channel_moments(count, mean, var, xv, None, get_num_threads())
+    if stats is None:
+        count, mean, var = np.empty(C), np.empty(C), np.empty(C)
+        _core.channel_moments(count, mean, var, xv, None, get_num_threads())
+    else:
+        mean, var = stats.mean, stats.var()
     rstd = ck.rstd_from_var(var, eps)           # 0 for a constant feature with eps=0: y = 0
     _core.channel_combine(target.view, xv, mean, rstd, None, None, np.zeros(C), None, get_num_threads())
     return target.finish()
@@ -133,7 +159,8 @@ def _check_feature_range(feature_range, fn: str) -> tuple[float, float]:
     return lo, hi
 
 
-def min_max_scale(x, axis=0, *, feature_range=(0, 1), out=None):
+@dask_aware
+def min_max_scale(x, axis=-1, *, stats=None, feature_range=(0, 1), out=None):
     """Min-max scaling per feature: ``low + (x - min) / (max - min) * (high - low)``.
 
     ``min`` and ``max`` are taken over every axis but ``axis`` (the feature axis), so each
@@ -143,16 +170,21 @@ def min_max_scale(x, axis=0, *, feature_range=(0, 1), out=None):
     ===================  =======================================  ==============
     x                    min and max over                         one per
     ===================  =======================================  ==============
-    (N, D), axis=1       each column (its N samples)              feature
+    (N, D), axis=-1      each column (its N samples)              feature
     (N, D), axis=0       each row (its D values)                  row
     ===================  =======================================  ==============
 
     Parameters
     ----------
-    x : array_like
-        float16/32/64 keep their dtype; integer and bool become float64. Any layout.
+    x : array_like or dask array
+        float16/32/64 keep their dtype; integer and bool become float64. Any layout. A dask
+        array gives a dask array (min and max by one tree reduction over its chunks).
     axis : int
-        The feature axis (default 0). For a ``(samples, features)`` table pass ``axis=1``.
+        The feature axis (default -1: the columns of a ``(samples, features)`` table).
+    stats : Moments, optional
+        Take min and max from these statistics (e.g. of a training set) instead of x. Values
+        outside the range they saw map outside ``feature_range`` (not clipped, as scikit-learn's
+        ``MinMaxScaler``).
     feature_range : (float, float)
         Target interval, finite, ``low < high``.
     out : ndarray, optional
@@ -168,7 +200,7 @@ def min_max_scale(x, axis=0, *, feature_range=(0, 1), out=None):
     --------
     >>> import numpy as np, fastnorm
     >>> table = np.array([[1.0, 10.0], [3.0, 10.0], [2.0, 10.0]])
-    >>> fastnorm.min_max_scale(table, axis=1)
+    >>> fastnorm.min_max_scale(table)
     array([[0. , 0. ],
            [1. , 0. ],
            [0.5, 0. ]])
@@ -179,13 +211,24 @@ def min_max_scale(x, axis=0, *, feature_range=(0, 1), out=None):
     lo, hi = _check_feature_range(feature_range, fn)
     dtype = arr.dtype
     ck.check_out(out, arr.shape, dtype, fn)
+    stats = _check_stats(stats, arr.shape[ax], ax, fn)
     if arr.size == 0:
         return _finish(np.empty(arr.shape), dtype, out)
+    if stats is not None:
+        return scale_to_range(arr, ax, stats.min, stats.max, lo, hi, False, out)
+    with np.errstate(invalid="ignore"):
+        mn = np.min(arr, axis=_other_axes(ax, arr.ndim)).astype(np.float64)   # NaN propagates
+        mx = np.max(arr, axis=_other_axes(ax, arr.ndim)).astype(np.float64)
+    return scale_to_range(arr, ax, mn, mx, lo, hi, True, out)
+
+
+def scale_to_range(arr, ax, mn, mx, lo, hi, clip, out):
+    """``lo + (x - mn) / (mx - mn) * (hi - lo)`` per feature along ``ax``, in float64, cast to x's
+    dtype (into ``out``); clipped to [lo, hi] with ``clip`` (rounding, when mn/mx are x's own).
+    NaN where mn or mx is not finite; ``lo`` where mx == mn."""
+    dtype = arr.dtype
     x64 = arr.astype(np.float64)
-    others = _other_axes(ax, arr.ndim)
     with np.errstate(invalid="ignore", over="ignore"):
-        mn = np.min(x64, axis=others)       # NaN propagates: a NaN feature stays NaN
-        mx = np.max(x64, axis=others)
         finite = np.isfinite(mn) & np.isfinite(mx)
         span = mx - mn
         # a span beyond the float64 range: scale both ends by 1/2 (exact) before subtracting
@@ -195,10 +238,13 @@ def min_max_scale(x, axis=0, *, feature_range=(0, 1), out=None):
         pre = np.where(half, 0.5, 1.0)
         # a constant feature has x - min = 0 everywhere: divide by 1 to give 0, i.e. `low`
         span = np.where(finite & (span > 0), span, 1.0)
-        # unit in [0, 1]: (pre * x - shift) / span; a division, not a reciprocal, so subnormal spans work
+        # unit, in [0, 1] for x in [mn, mx]: (pre * x - shift) / span; a division, not a reciprocal,
+        # so subnormal spans work
         unit = (_per_feature(pre, ax, arr.ndim) * x64 - _per_feature(shift, ax, arr.ndim)) \
             / _per_feature(span, ax, arr.ndim)
-        y = np.clip(lo + unit * (hi - lo), lo, hi)
+        y = lo + unit * (hi - lo)
+        if clip:
+            y = np.clip(y, lo, hi)
     y[np.broadcast_to(_per_feature(~finite, ax, arr.ndim), y.shape)] = np.nan
     return _finish(y, dtype, out)
 
@@ -234,6 +280,7 @@ def _directions(v64: np.ndarray, ax: int):
     return u, np.where(ok, big, 1.0), np.where(ok, scaled_norm, 1.0), zero
 
 
+@dask_aware
 def weight_norm(v, g, *, axis=0):
     """Weight normalization (Salimans and Kingma, 2016): ``w = g * v / ||v||``.
 

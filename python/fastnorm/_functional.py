@@ -22,6 +22,7 @@ import numpy as np
 from . import _checks as ck
 from . import _core
 from . import _threads
+from ._dispatch import dask_aware
 from ._threads import get_num_threads
 
 __all__ = [
@@ -157,6 +158,7 @@ def _group_forward(fn, plan: GroupPlan, arr, weight, bias, eps, mask, out, rms):
         return y, mean.reshape(plan.stats_shape).astype(sd), rstd.reshape(plan.stats_shape).astype(sd)
 
 
+@dask_aware
 def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
     """Layer normalization: statistics over the feature axes, one (mean, rstd) per position.
 
@@ -211,6 +213,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=N
 layer_norm = _core.rows_function(layer_norm, _threads, False)
 
 
+@dask_aware
 def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
     """RMS normalization: ``y = x / sqrt(mean(x**2) + eps) * weight (+ bias)``, no centering.
 
@@ -243,6 +246,7 @@ def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=Non
 rms_norm = _core.rows_function(rms_norm, _threads, True)
 
 
+@dask_aware
 def instance_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None, return_stats=False):
     """Instance normalization: one (mean, rstd) per (sample, channel), over the other axes.
 
@@ -272,6 +276,7 @@ def instance_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, ou
     return (y, mean, rstd) if return_stats else y
 
 
+@dask_aware
 def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None,
                return_stats=False):
     """Group normalization: channels split into ``num_groups`` consecutive groups; one
@@ -320,6 +325,7 @@ def _update_running(running_mean, running_var, mean, var, count, momentum):
     running_var[...] = (1 - momentum) * running_var + momentum * unbiased
 
 
+@dask_aware
 def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running_var=None, training=True,
                momentum=0.1, eps=1e-5, mask=None, out=None, return_stats=False):
     """Batch normalization: one (mean, rstd) per feature, over every other axis.
@@ -451,6 +457,7 @@ def _group_backward(fn, plan: GroupPlan, dy, arr, mean, rstd, weight, mask, rms,
             dbias.reshape(plan.param_shape).astype(dtype))
 
 
+@dask_aware
 def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`layer_norm`: ``(dx, dweight, dbias)``.
 
@@ -486,6 +493,7 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, o
     return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
+@dask_aware
 def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`rms_norm`: ``(dx, dweight, dbias)``, with ``xhat = x * rstd``::
 
@@ -511,6 +519,7 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None)
     return _group_backward(fn, plan, dy, arr, None, rstd, weight, mask, rms=True, out=out)
 
 
+@dask_aware
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`instance_norm`: ``(dx, dweight, dbias)``; the layer-norm formula
     per (sample, channel), dweight/dbias of shape ``(C,)``.
@@ -529,6 +538,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None
     return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
+@dask_aware
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`group_norm`: ``(dx, dweight, dbias)``; the layer-norm formula per
     (sample, group), dweight/dbias of shape ``(C,)``.
@@ -547,6 +557,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, 
     return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
+@dask_aware
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=True, mask=None, out=None):
     """Gradients of :func:`batch_norm`: ``(dx, dweight, dbias)``, each feature over every other axis.
 

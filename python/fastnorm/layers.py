@@ -22,6 +22,7 @@ import contextlib
 import numpy as np
 
 from . import _functional as F
+from ._moments import Moments
 
 __all__ = ["LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm"]
 
@@ -191,6 +192,37 @@ class BatchNorm(_Norm):
         grads = F.batch_norm_backward(dy, x, mean, rstd, self.weight, axis=self.axis, training=batch_stats,
                                       mask=mask)
         return self._set_grads(*grads)
+
+    def calibrate(self, batches):
+        """PreciseBN (Wu and Johnson, 2021): set the running statistics to the exact statistics of
+        every real element of ``batches``, instead of their momentum average over training steps.
+
+        ``batches`` is an iterable of arrays (NumPy or dask) or of ``(x, mask)`` pairs. Afterwards
+        ``running_mean`` is their mean per feature and ``running_var`` their unbiased variance
+        (PyTorch's convention). A feature with fewer than two real values is a ValueError, and the
+        running statistics are then left as they were. Returns the layer.
+
+        Examples
+        --------
+        >>> import numpy as np, fastnorm
+        >>> bn = fastnorm.BatchNorm(2)
+        >>> _ = bn.calibrate([np.array([[0.0, 1.0], [2.0, 1.0]]), np.array([[4.0, 1.0]])])
+        >>> bn.running_mean, bn.running_var
+        (array([2., 1.]), array([4., 0.]))
+        """
+        if self.running_mean is None:
+            raise ValueError("BatchNorm.calibrate: this layer has no running statistics (track_running_stats=False)")
+        total = Moments(self.running_mean.shape[0])
+        for batch in batches:
+            x, mask = batch if isinstance(batch, tuple) else (batch, None)
+            total.update(x, axis=self.axis, mask=mask)
+        if (total.count < 2).any():
+            c = int(np.argmin(total.count))
+            raise ValueError(f"BatchNorm.calibrate: the batches give {int(total.count[c])} real values for feature "
+                             f"{c}; the running variance needs at least 2 per feature")
+        self.running_mean[...] = total.mean
+        self.running_var[...] = total.var(ddof=1)
+        return self
 
 
 class GroupNorm(_Norm):
