@@ -349,8 +349,8 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{fn}: running_mean and running_var must be given together")
     if running_mean is not None:
-        F._running_buffer(running_mean, "running_mean", C, fn, writeable=training)
-        F._running_buffer(running_var, "running_var", C, fn, writeable=training)
+        F._running_buffer(running_mean, "running_mean", C, fn, training, x.shape, ax)
+        F._running_buffer(running_var, "running_var", C, fn, training, x.shape, ax)
     elif not training:
         raise ValueError(f"{fn}: training=False needs running_mean and running_var")
     others = tuple(a for a in range(x.ndim) if a != ax)
