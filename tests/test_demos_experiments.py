@@ -1,4 +1,4 @@
-"""The experiment demos (axes, batchsize, groups, affine, transformer, bafig6):
+"""The experiment demos (axes, batchsize, groups, affine, transformer, bafig6) and the digits notebook:
 every number they report against an independent NumPy float64 computation or a number worked out by
 hand from the lecture notes, their figures, and the command line with and without scikit-learn.
 
@@ -17,6 +17,7 @@ import fastnorm
 from fastnorm.demos import _digits, _mlp, affine, axes, bafig6, batchsize, groups, transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "examples", "batch_vs_layer_norm_digits.ipynb")
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 HAVE_SKLEARN = importlib.util.find_spec("sklearn") is not None
 needs_sklearn = pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn is not installed")
@@ -480,3 +481,22 @@ def test_demos_do_not_import_sklearn_or_matplotlib_on_import():
     proc = run_cli(code="import sys, fastnorm.demos; "
                         "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))")
     assert proc.returncode == 0 and proc.stdout.strip() == "[]"
+
+
+# ---- the notebook ----------------------------------------------------------------------------------
+
+@needs_sklearn
+def test_digits_notebook_runs():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("matplotlib")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 3
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "1797 images" in text and "layer norm: max |difference| = 0.0e+00" in text
