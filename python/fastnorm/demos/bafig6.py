@@ -102,7 +102,7 @@ def figures(r: dict) -> dict:
             ax.grid(alpha=0.3)
         axes[0, col].set_title(f"batch size {bs} ({r['config']['train_size'] // bs} steps per epoch)")
         axes[0, col].set_yscale("log")
-        axes[1, col].set_ylim(0, 12)
+        axes[1, col].set_ylim(0, 25)
         axes[1, col].set_xlabel("epochs of training")
     axes[0, 0].set_ylabel("test loss (cross-entropy, log scale)")
     axes[1, 0].set_ylabel("test error (%)")
