@@ -87,7 +87,7 @@ def _over(labels) -> str:
 def figures(r: dict) -> dict:
     """'cubes': the four cubes, the elements sharing element (0, 0, 0, 0)'s statistics shaded."""
     N, C, H, W = r["shape"]
-    fig = new_figure(14, 4.6)
+    fig = new_figure(14, 5.0)
     for k, (key, v) in enumerate(r["norms"].items()):
         ax = fig.add_subplot(1, 4, k + 1, projection="3d")
         # cube axes as Wu and He draw them: x = sample N, y = channel C (depth), z = position H*W
@@ -103,7 +103,7 @@ def figures(r: dict) -> dict:
         ax.set_box_aspect((N, C, H * W), zoom=0.95)
         ax.view_init(elev=20, azim=-60)
         ax.set_title(f"{v['name']}\n{v['groups']} statistics, each over {v['size']} elements\n"
-                     f"({_over(v['labels'])})", fontsize=10)
+                     f"({_over(v['labels'])})", fontsize=10, y=1.0, pad=-14)
     across = [key for key, v in r["norms"].items() if "N" in _over(v["labels"])]
     inside = [key for key, v in r["norms"].items() if "N" not in _over(v["labels"])]
     fig.suptitle("Which elements share one mean and variance, measured by perturbing each element of an "

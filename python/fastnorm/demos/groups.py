@@ -148,11 +148,11 @@ def figures(r: dict) -> dict:
     ax.set_xscale("log")
     ax.set_xlim(floor / 3, 100)
     ax.set_yticks(range(len(keys)), labels=names, fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(len(keys) - 0.5, -2.3)                      # top to bottom, room for the legend above
     ax.axhline(1.5, color=OKABE_ITO["grey"], linewidth=0.8)
     ax.set_xlabel("max |norm(a_i x + b_i) - norm(x)| over all outputs\n(0 drawn at 1e-16)")
     ax.set_title("above the line: on the images (N, 1, 8, 8)\nbelow: on 8 filtered maps (N, 8, 6, 6)", fontsize=9)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
+    ax.legend(fontsize=8, loc="upper right")
     on_images = {k: all(r["image_deviation"][t][k] < INVARIANT for t in TRANSFORMS) for k in ("instance", "batch")}
     fig.suptitle("Each digit with its own contrast a_i and brightness b_i (x -> a_i x + b_i): on the images, instance "
                  f"norm {'cancels' if on_images['instance'] else 'does not cancel'} both, batch norm "
