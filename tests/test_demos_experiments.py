@@ -419,6 +419,27 @@ def test_bafig6_reported_errors_recomputed(results):
 
 
 @needs_sklearn
+def test_bafig6_finding_states_the_paired_differences(results):
+    r = results["bafig6"]
+    text = bafig6.finding(r)
+    for bs in bafig6.BATCH_SIZES:
+        diff = (r["final"][bs]["batch"]["error"] - r["final"][bs]["layer"]["error"]) * 100
+        m, s = diff.mean(), diff.std(ddof=1)
+        verdict = "tie" if abs(m) <= s else ("BN worse" if m > 0 else "BN better")
+        assert f"batch {bs}: {verdict} (BN - LN test error {m:+.1f} \u00b1 {s:.1f} points)" in text
+
+
+def test_transformer_finding_names_the_measured_arms(results):
+    r = results["transformer"]
+    ev = {arm: r["final"][arm]["eval"] * 100 for arm in transformer.ARMS}
+    best = max(ev, key=lambda a: ev[a].mean())
+    widest = max(ev, key=lambda a: ev[a].std(ddof=1))
+    text = transformer.finding(r)
+    assert f"highest test accuracy: {best} norm ({ev[best].mean():.1f}" in text
+    assert f"widest spread over seeds: {widest} norm" in text
+
+
+@needs_sklearn
 def test_digits_split_is_standardized_and_stratified():
     d = _digits.digits_split(0)
     images, target = _digits.digit_images()

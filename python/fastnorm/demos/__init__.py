@@ -65,7 +65,8 @@ def _epilog() -> str:
     lines += [f"  {'all':<{width}}  every demo, one after the other", "",
               "[digits]: needs scikit-learn (pip install \"fastnorm[demos]\")", "",
               "examples:", "  python -m fastnorm demo", "  python -m fastnorm demo ztable",
-              "  python -m fastnorm demo padding --plot figures"]
+              "  python -m fastnorm demo padding --plot figures",
+              "  python -m fastnorm demo transformer --quick"]
     return "\n".join(lines)
 
 

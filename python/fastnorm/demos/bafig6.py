@@ -87,6 +87,16 @@ def finding(r: dict) -> str:
     return "; ".join(parts)
 
 
+def exact_statistics_effect(r: dict) -> str:
+    """How much exact statistics (PreciseBN) change batch norm's final test error, per batch size:
+    whether BN's error comes from its running averages or from training on batch statistics."""
+    parts = []
+    for bs in BATCH_SIZES:
+        m, s = mean_sd((r["final"][bs]["batch_exact"]["error"] - r["final"][bs]["batch"]["error"]) * 100)
+        parts.append(f"batch {bs}: {m:+.2f} +- {s:.2f} points")
+    return "exact statistics instead of running ones change BN's test error by " + ", ".join(parts)
+
+
 def figures(r: dict) -> dict:
     """'curves': test loss and error against epochs, one column per batch size."""
     fig = new_figure(11.5, 7.2)
@@ -124,4 +134,5 @@ def bafig6_demo(verbose: bool = True, plot_dir: str | None = None, quick: bool =
     if verbose:
         _print(result)
         print("\n" + finding(result).replace("\u00b1", "+-"))
+        print(exact_statistics_effect(result))
     return finish(result, figures, plot_dir, "bafig6", verbose)
