@@ -492,6 +492,16 @@ def test_cli_without_sklearn():
     assert "scikit-learn" in proc.stderr and "fastnorm[demos]" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cli_all_without_sklearn_runs_the_others():
+    code = ("import sys; sys.modules['sklearn'] = None; from fastnorm.demos import main; "
+            "sys.exit(main(['demo', 'all', '--quick']))")
+    proc = run_cli(code=code)
+    assert proc.returncode == 2
+    assert "==== transformer" in proc.stdout and "==== affine" in proc.stdout and "Hi Rohan" in proc.stdout
+    assert "not run (scikit-learn missing): batchsize, groups, bafig6" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_cli_quick_transformer():
     proc = run_cli("demo", "transformer", "--quick")
     assert proc.returncode == 0, proc.stderr
