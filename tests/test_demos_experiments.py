@@ -88,19 +88,22 @@ def test_axes_sharing_matches_a_numpy_perturbation():
 def test_batchsize_noise_recomputed(results):
     n = results["batchsize"]["noise"]
     x = n["x"]
-    close(x.mean(axis=0), 0, 1e-12)                       # standardized over the training images
-    close(x.std(axis=0), 1, 1e-12)
+    data = _digits.digits_split(0)
+    W = np.random.default_rng(0).standard_normal((64, 64)) / 8             # the random layer
+    close(x, data["x_train"] @ W, 1e-12)
     for k, B in enumerate(n["batch_sizes"]):
         batches = x[n["batches"][B]]                                           # (R, B, F)
-        close(n["mean_sd"][k], np.mean(batches.mean(axis=1).std(axis=0)), 1e-12)
-        close(n["std_sd"][k], np.mean(batches.std(axis=1).std(axis=0)), 1e-6)
+        pop_sd = x.std(axis=0)                                                  # in population sds
+        close(n["mean_sd"][k], np.sqrt(np.mean(batches.mean(axis=1).var(axis=0) / pop_sd ** 2)), 1e-12)
+        close(n["std_sd"][k], np.sqrt(np.mean(batches.std(axis=1).var(axis=0) / pop_sd ** 2)), 1e-6)
         img = x[n["image_batches"][B]]
         out0 = (img[:, 0] - img.mean(axis=1)) / np.sqrt(img.var(axis=1) + EPS)
-        close(n["image_sd"][k], np.mean(out0.std(axis=0)), 1e-9)
+        close(n["image_sd"][k], np.sqrt(np.mean(out0.var(axis=0))), 1e-9)
         assert n["layer_max_diff"][k] == 0.0
     N = n["population"]
     close(n["formula"][0], np.sqrt((N - 2) / (2 * (N - 1))))
-    # the measured sd of a batch mean follows the formula within sampling error (200 batches: ~10%)
+    # the measured sd of a batch mean follows the formula within the sampling error of 200 batches of
+    # images (measured: 7% low at B = 2, within 5% from B = 4 on)
     np.testing.assert_allclose(n["mean_sd"], n["formula"], rtol=0.15)
 
 

@@ -1,10 +1,11 @@
 """Batch statistics against batch size: noise, a batch of one, running statistics, the notes' second batch.
 
-1. Noise. Batch norm estimates each feature's mean and std from the batch. On the digits (1,347
-   training images, 64 pixels standardized over them), batches of B images drawn without
-   replacement: the batch mean's sd over batches follows sqrt((N - B) / (B (N - 1))) population
-   sds, and one fixed image's normalized pixels move with its batch mates. Layer norm's output for
-   an image is the same in any batch, also alone.
+1. Noise. Batch norm estimates each feature's mean and std from the batch. The features here are
+   what a hidden layer's batch norm sees: the summed inputs of 64 units of a fixed random linear
+   layer applied to the digits (1,347 training images, pixels standardized over them). Over
+   batches of B images drawn without replacement the batch mean's sd follows
+   sqrt((N - B) / (B (N - 1))) population sds, and one fixed image's normalized values move with its
+   batch mates. Layer norm's output for an image is the same in any batch, also alone.
 2. A batch of one in training: x - mean(x) = 0, so batch norm outputs its bias for every input,
    whatever the image (and a running variance cannot be updated from one value).
 3. Running statistics. In training batch norm uses batch statistics; at evaluation the running
@@ -19,7 +20,7 @@
    The notes list four embedding rows for each of "I am Good" and "You?"; we use as many rows as
    the sentence has words (3 and 1) and pad the rest with zeros, as the notes do for "Hi Rohan".
 
-What it does not show: the noise is that of pixels, not of a trained network's hidden units; the
+What it does not show: the noise is that of a random layer's units, not of a trained network's; the
 running-statistics gap is measured on one small MLP and one batch size (128), over a few epochs; how
 large it is depends on the momentum and on how fast the weights still move.
 """
@@ -59,13 +60,24 @@ def _std(rstd, eps=EPS):
 
 # ---- 1. noise -------------------------------------------------------------------------------------
 
+def _rms(values) -> float:
+    """Root mean square: averages sds over features as the root of their mean variance."""
+    return float(np.sqrt(np.mean(np.square(values))))
+
+
+def summed_inputs(x, units: int = 64, seed: int = 0) -> np.ndarray:
+    """x @ W for a fixed W of standard normal entries / sqrt(inputs): a random layer's summed inputs."""
+    W = np.random.default_rng(seed).standard_normal((x.shape[1], units)) / np.sqrt(x.shape[1])
+    return x @ W
+
+
 def noise(x, batch_sizes=BATCH_SIZES, repeats: int = REPEATS, seed: int = 0) -> dict:
     """Batch-statistics noise on the rows of x (population: all rows; features with std > 0).
 
-    For each B: 'mean_sd' and 'std_sd', the sd over batches of the batch mean and batch std,
-    averaged over features, in population sds; 'formula' the sampling-without-replacement sd of
-    a mean; 'image_sd' the sd over batches of row 0's batch-normalized values (row 0 is in every
-    batch with B - 1 random others), averaged over features; 'layer_max_diff' the largest
+    For each B: 'mean_sd' and 'std_sd', the sd over batches of the batch mean and batch std, in
+    population sds; 'formula' the sampling-without-replacement sd of a mean; 'image_sd' the sd over
+    batches of row 0's batch-normalized values (row 0 is in every batch with B - 1 random others).
+    Each is averaged over features as a root mean square (the root of the mean variance); 'layer_max_diff' the largest
     |layer_norm(row 0 in the batch) - layer_norm(row 0 alone)| over every batch. 'batches' and
     'image_batches' hold the row indices used.
     """
@@ -89,9 +101,9 @@ def noise(x, batch_sizes=BATCH_SIZES, repeats: int = REPEATS, seed: int = 0) -> 
             image_out.append(fastnorm.batch_norm(x[idx], eps=EPS)[0])
             ln = fastnorm.layer_norm(x[idx], eps=EPS)[0]
             out["layer_max_diff"][k] = max(out["layer_max_diff"][k], float(np.abs(ln - ln_alone[0]).max()))
-        out["mean_sd"][k] = np.mean(np.std(means, axis=0) / pop_std)
-        out["std_sd"][k] = np.mean(np.std(stds, axis=0) / pop_std)
-        out["image_sd"][k] = np.mean(np.std(image_out, axis=0))
+        out["mean_sd"][k] = _rms(np.std(means, axis=0) / pop_std)
+        out["std_sd"][k] = _rms(np.std(stds, axis=0) / pop_std)
+        out["image_sd"][k] = _rms(np.std(image_out, axis=0))
         out["batches"][B], out["image_batches"][B] = batches, image_batches
     B = np.asarray(batch_sizes, dtype=np.float64)
     out.update(batch_sizes=np.asarray(batch_sizes), formula=np.sqrt((N - B) / (B * (N - 1))), population=N,
@@ -197,15 +209,15 @@ def second_batch() -> dict:
 
 def _print(r: dict) -> None:
     n = r["noise"]
-    print(f"1. Batch statistics of the digits ({n['population']} training images, {n['features']} non-constant "
-          f"pixels, standardized),\n   {REPEATS} random batches per batch size B:\n")
+    print(f"1. Batch statistics of {n['features']} units' summed inputs (a random linear layer on the "
+          f"{n['population']} training digits),\n   {REPEATS} random batches per batch size B:\n")
     rows = [[B, n["mean_sd"][k], n["formula"][k], n["std_sd"][k], n["image_sd"][k], n["layer_max_diff"][k]]
             for k, B in enumerate(n["batch_sizes"])]
     print(table(["B", "sd of batch mean", "sqrt((N-B)/(B(N-1)))", "sd of batch std", "image 0's BN output sd",
                  "LN max |diff|"], rows))
-    print("   (sds in population sds, averaged over pixels; 'image 0's BN output sd': how much one image's\n"
-          "   normalized pixels move with its batch mates; 'LN max |diff|': layer norm of image 0 in the batch\n"
-          "   vs alone)\n")
+    print("   (sds in population sds, root mean square over units; 'image 0's BN output sd': how much one\n"
+          "   image's normalized values move with its batch mates; 'LN max |diff|': layer norm of image 0 in\n"
+          "   the batch vs alone)\n")
     o = r["one"]
     print(f"2. A batch of one in training: for images {o['rows'].tolist()}, whose pixels differ by up to "
           f"{o['input_spread']:.2f}, batch norm's\n   formula with bias 0.5 gives the bias everywhere "
@@ -253,7 +265,7 @@ def figures(r: dict) -> dict:
     ax_stat.loglog(B, n["std_sd"], "s", color=OKABE_ITO["orange"], label="sd of the batch std (measured)")
     ax_stat.set_xlabel("batch size B (images)")
     ax_stat.set_ylabel("sd over batches, in population sds")
-    ax_stat.set_title("batch-norm statistics are noisy estimates:\nsd of a mean falls as 1/sqrt(B)", fontsize=10)
+    ax_stat.set_title("batch statistics of 64 random units on the digits:\nsd of a mean falls as 1/sqrt(B)", fontsize=10)
     ax_stat.legend(fontsize=8)
     ax_stat.grid(alpha=0.3, which="both")
     ticks = [0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
@@ -264,7 +276,7 @@ def figures(r: dict) -> dict:
     ax_img.semilogx(B, n["layer_max_diff"], "s-", color=ARM_COLORS["layer"],
                     label=f"layer norm (max |change| {n['layer_max_diff'].max():.0e})")
     ax_img.set_xlabel("batch size B (image 0 + B - 1 random others)")
-    ax_img.set_ylabel("sd of image 0's normalized pixels over batches")
+    ax_img.set_ylabel("sd of image 0's normalized values over batches")
     ax_img.set_title("one image's batch-norm output moves with its\nbatch mates; its layer-norm output never does",
                      fontsize=10)
     ax_img.legend(fontsize=8)
@@ -342,7 +354,7 @@ def batchsize_demo(verbose: bool = True, plot_dir: str | None = None, quick: boo
     if plot_dir is not None:
         require_matplotlib()
     data = digits_split(0)
-    result = dict(noise=noise(data["x_train"]), one=batch_of_one(data["x_train"]),
+    result = dict(noise=noise(summed_inputs(data["x_train"])), one=batch_of_one(data["x_train"]),
                   running=running_vs_exact(data, **(QUICK if quick else FULL)), second=second_batch())
     if verbose:
         _print(result)
