@@ -265,7 +265,8 @@ def figures(r: dict) -> dict:
     ax_stat.loglog(B, n["std_sd"], "s", color=OKABE_ITO["orange"], label="sd of the batch std (measured)")
     ax_stat.set_xlabel("batch size B (images)")
     ax_stat.set_ylabel("sd over batches, in population sds")
-    ax_stat.set_title("batch statistics of 64 random units on the digits:\nsd of a mean falls as 1/sqrt(B)", fontsize=10)
+    ax_stat.set_title("batch statistics of 64 random units on the digits:\nsd of a mean falls as 1/sqrt(B)",
+                      fontsize=10)
     ax_stat.legend(fontsize=8)
     ax_stat.grid(alpha=0.3, which="both")
     ticks = [0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
