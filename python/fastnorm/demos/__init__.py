@@ -5,20 +5,30 @@
 every number shown (and ``'figures'``, the paths written). Each module also has a ``figures``
 function that returns the matplotlib figures, for notebooks.
 
-From the command line: ``python -m fastnorm demo [NAME] [--plot DIR]``.
+From the command line: ``python -m fastnorm demo [NAME] [--plot DIR] [--quick]``. The demos that
+train on scikit-learn's digits (batchsize, groups, bafig6) need scikit-learn (``fastnorm[demos]``);
+``--quick`` runs those that train with fewer seeds and epochs.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import textwrap
 
 from ._common import PlotUnavailable
+from ._digits import DataUnavailable
+from .affine import affine_demo
+from .axes import axes_demo
+from .bafig6 import bafig6_demo
+from .batchsize import batchsize_demo
 from .data import data_demo
+from .groups import groups_demo
 from .invariance import invariance_demo
 from .padding import padding_demo
 from .rnn import rnn_demo
+from .transformer import transformer_demo
 from .ztable import ztable_demo
 
 DEMOS = {
@@ -29,9 +39,22 @@ DEMOS = {
     "rnn": (rnn_demo, "a layer-normalized RNN trained with fastnorm's gradients vs a plain one; per-time-step "
                       "batch statistics on variable-length sequences"),
     "data": (data_demo, "data normalization: z-score and min-max scaling of a small feature table"),
+    "axes": (axes_demo, "which elements share one statistic in batch, layer, instance and group norm, "
+                        "measured on an (N, C, H, W) tensor"),
+    "batchsize": (batchsize_demo, "batch-statistics noise against batch size, a batch of one, running vs "
+                                  "exact (PreciseBN) statistics, the notes' second batch [digits]"),
+    "groups": (groups_demo, "instance and group norm on the digits: per-image contrast and brightness "
+                            "invariance, and why batch norm does not give it [digits]"),
+    "affine": (affine_demo, "the notes' 0.3 * gamma_1 + beta_1 = p_1; gamma = sigma, beta = mu recovers the "
+                            "input; (x - mu) / (sigma + eps) vs / sqrt(sigma^2 + eps)"),
+    "transformer": (transformer_demo, "why not batch norm in a transformer? a one-block encoder on padded "
+                                      "sequences: batch norm, masked batch norm, layer norm"),
+    "bafig6": (bafig6_demo, "Ba et al.'s figure 6 in small: layer vs batch norm vs none on the digits at "
+                            "batch sizes 128 and 4 [digits]"),
 }
 
-__all__ = ["DEMOS", "main", "padding_demo", "ztable_demo", "invariance_demo", "rnn_demo", "data_demo"]
+__all__ = ["DEMOS", "main", "padding_demo", "ztable_demo", "invariance_demo", "rnn_demo", "data_demo",
+           "axes_demo", "batchsize_demo", "groups_demo", "affine_demo", "transformer_demo", "bafig6_demo"]
 
 
 def _epilog() -> str:
@@ -40,8 +63,10 @@ def _epilog() -> str:
     for name, (_, text) in DEMOS.items():
         lines += textwrap.wrap(text, 96, initial_indent=f"  {name:<{width}}  ", subsequent_indent=" " * (width + 4))
     lines += [f"  {'all':<{width}}  every demo, one after the other", "",
+              "[digits]: needs scikit-learn (pip install \"fastnorm[demos]\")", "",
               "examples:", "  python -m fastnorm demo", "  python -m fastnorm demo ztable",
-              "  python -m fastnorm demo padding --plot figures"]
+              "  python -m fastnorm demo padding --plot figures",
+              "  python -m fastnorm demo transformer --quick"]
     return "\n".join(lines)
 
 
@@ -55,15 +80,24 @@ def main(argv=None) -> int:
     demo.add_argument("name", nargs="?", default="padding", choices=[*DEMOS, "all"], metavar="NAME",
                       help="which demo (default: padding); one of: " + ", ".join([*DEMOS, "all"]))
     demo.add_argument("--plot", metavar="DIR", help="save the figures (PNG) into DIR (needs matplotlib)")
+    demo.add_argument("--quick", action="store_true",
+                      help="demos that train: fewer seeds and epochs (seconds instead of tens of seconds)")
     args = parser.parse_args(argv)
     if args.plot is not None and os.path.exists(args.plot) and not os.path.isdir(args.plot):
         demo.error(f"argument --plot: {args.plot!r} is a file; --plot takes a directory to write the PNGs into")
     names = list(DEMOS) if args.name == "all" else [args.name]
+    missing = []                    # demos that could not run: their data needs scikit-learn
     try:
         for k, name in enumerate(names):
             if len(names) > 1:
                 print(("\n" if k else "") + f"==== {name} " + "=" * (60 - len(name)))
-            DEMOS[name][0](verbose=True, plot_dir=args.plot)
+            fn = DEMOS[name][0]
+            quick = {"quick": True} if args.quick and "quick" in inspect.signature(fn).parameters else {}
+            try:
+                fn(verbose=True, plot_dir=args.plot, **quick)
+            except DataUnavailable as err:          # 'all' goes on with the other demos
+                print(f"python -m fastnorm demo {name}: {err}", file=sys.stderr)
+                missing.append(name)
     except PlotUnavailable as err:
         print(f"python -m fastnorm demo: --plot: {err}", file=sys.stderr)
         return 2
@@ -76,4 +110,6 @@ def main(argv=None) -> int:
     except BrokenPipeError:         # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    return 0
+    if missing and len(names) > 1:
+        print(f"python -m fastnorm demo all: not run (scikit-learn missing): {', '.join(missing)}", file=sys.stderr)
+    return 2 if missing else 0
