@@ -20,8 +20,12 @@ from ._threads import get_num_threads, set_num_threads
 from ._memory import get_output_cache, set_output_cache
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from ._data import min_max_scale, standardize, weight_norm, weight_norm_backward
+from ._config import installed_version as _installed_version, show_config
+from ._bench import bench
+from . import _threadpool
 
-__version__ = "0.1.0"
+__version__ = _installed_version()    # from the installed distribution's metadata (fastnorm-numpy)
+_threadpool.install()                 # threadpoolctl sees fastnorm's threads, once it is imported
 
 __all__ = [
     "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
@@ -29,4 +33,5 @@ __all__ = [
     "group_norm_backward",
     "LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm",
     "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
+    "show_config", "bench",
 ]
