@@ -48,7 +48,10 @@ TARGET_ACCURACY = 0.95
 
 # ---- data ----------------------------------------------------------------------------------------
 
-def first_token_batch(rng, n: int, min_len: int = MIN_LEN, max_len: int = MAX_LEN):
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]     # x, mask, y
+
+
+def first_token_batch(rng, n: int, min_len: int = MIN_LEN, max_len: int = MAX_LEN) -> Batch:
     """n one-hot sequences of random length in [min_len, max_len], zero-padded to max_len.
 
     Returns x (n, max_len, SYMBOLS), mask (n, max_len), y (n,) = the first symbol.
@@ -136,7 +139,8 @@ def _accuracy(logits, y) -> float:
     return float(np.mean(logits.argmax(axis=1) == y))
 
 
-def train(layer_norm: bool, seed: int, steps: int = STEPS, test=None, long_test=None) -> dict:
+def train(layer_norm: bool, seed: int, steps: int = STEPS, test: Batch | None = None,
+          long_test: Batch | None = None) -> dict:
     """Adam with global-norm clipping; the same initial weights and batches for both networks."""
     p = init_params(np.random.default_rng(1000 + seed))
     rng = np.random.default_rng(seed)
@@ -369,7 +373,7 @@ def figures(r: dict) -> dict:
         ax_shift.axvspan(undefined[0] - 0.5, s["t"][-1] + 0.5, color="tab:red", alpha=0.1,
                          label="fewer than 2 real sequences: no batch statistics")
     top = 1.6
-    for k in np.flatnonzero(s["mean_shift"] > top):      # off the scale: mark at the top with the value
+    for k in np.flatnonzero(s["mean_shift"] > top).tolist():      # off the scale: mark at the top with the value
         ax_shift.annotate(f"{s['mean_shift'][k]:.1f}, off the scale", (s["t"][k], top), xytext=(-110, -30),
                           textcoords="offset points", color="tab:red", fontsize=9,
                           arrowprops=dict(arrowstyle="->", color="tab:red"))
