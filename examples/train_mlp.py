@@ -99,7 +99,7 @@ def train(norm: str, steps: int = 300, batch: int = 64, lr: float = 0.05, seed: 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--plot", metavar="FILE", help="save the loss curves as a PNG (needs matplotlib)")
     args = parser.parse_args(argv)
