@@ -73,6 +73,9 @@ def test_show_config_reports_the_cpu_variant_the_cpu_flags_call_for():
 
 def test_show_config_follows_the_thread_and_cache_settings(restore_settings):
     fastnorm.set_num_threads(1)
+    fastnorm.set_output_cache(0)                                      # drops a block kept before
+    assert fastnorm.show_config("dicts")["output_cache"] == {"max_bytes": 0, "kept_bytes": 0,
+                                                             "FASTNORM_OUTPUT_CACHE": os.environ.get("FASTNORM_OUTPUT_CACHE")}
     fastnorm.set_output_cache(8 << 20)
     y = fastnorm.layer_norm(np.ones((512, 1024), np.float32))       # a 2 MiB output, then freed
     del y
