@@ -46,8 +46,8 @@ exclude_patterns = ["_build", "_example_scripts", "_demo_scripts", "**.ipynb_che
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 root_doc = "index"
 
-# Offline: no intersphinx, nothing fetched at build time.
-intersphinx_mapping: dict = {}
+# Offline: no intersphinx (nothing is fetched at build time).
+smartquotes = False                  # keep "--plot" and quotes in prose as written
 
 autosummary_generate = True
 autodoc_typehints = "none"           # the signatures say it; numpydoc's Parameters say the types

@@ -99,7 +99,7 @@ def with_title(source: str, fallback: str) -> str:
     if not found:
         return f'"""\n{fallback}\n{"=" * len(fallback)}\n"""\n' + source
     rest = source[found.end():]
-    if re.match(r"[=\-~^\"#*+]{3,}\s*\n", rest):
+    if re.match(r"[=\-~^#*+]{3,}\s*\n", rest):
         return source
     title = found.group(3).strip()
     return source[:found.end()] + "=" * len(title) + "\n" + rest
