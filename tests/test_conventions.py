@@ -104,8 +104,10 @@ def test_show_config_prints_the_same_values(capsys, restore_settings):
 
 # ---- threadpoolctl ---------------------------------------------------------------------------------
 
-def test_import_fastnorm_does_not_import_threadpoolctl():
-    assert _run("import sys, fastnorm; print('threadpoolctl' in sys.modules)").strip() == "False"
+def test_import_fastnorm_does_not_import_threadpoolctl_or_the_metadata_reader():
+    out = _run("import sys, fastnorm; print('threadpoolctl' in sys.modules, 'importlib.metadata' in sys.modules); "
+               "print(fastnorm.__version__)")
+    assert out.split() == ["False", "False", metadata.version("fastnorm-numpy")]
 
 
 @pytest.mark.parametrize("order", ["import fastnorm, threadpoolctl", "import threadpoolctl, fastnorm"])

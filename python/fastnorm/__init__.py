@@ -20,12 +20,22 @@ from ._threads import get_num_threads, set_num_threads
 from ._memory import get_output_cache, set_output_cache
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from ._data import min_max_scale, standardize, weight_norm, weight_norm_backward
-from ._config import installed_version as _installed_version, show_config
+from ._config import show_config
 from ._bench import bench
 from . import _threadpool
 
-__version__ = _installed_version()    # from the installed distribution's metadata (fastnorm-numpy)
 _threadpool.install()                 # threadpoolctl sees fastnorm's threads, once it is imported
+
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read from the installed distribution's metadata (fastnorm-numpy) on first
+    use: importlib.metadata takes longer to import than the rest of fastnorm."""
+    if name == "__version__":
+        from ._config import installed_version
+
+        globals()["__version__"] = version = installed_version()
+        return version
+    raise AttributeError(f"module 'fastnorm' has no attribute {name!r}")
 
 __all__ = [
     "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",

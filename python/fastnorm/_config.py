@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,8 @@ DISTRIBUTION = "fastnorm-numpy"
 def installed_version() -> str:
     """The version of the installed distribution, or ``"0+unknown"`` when running from a tree that
     was never installed (no metadata to read)."""
+    from importlib import metadata
+
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.abc
 import os
-from importlib import metadata
 import sys
 from types import ModuleType
 from typing import Any
@@ -104,6 +103,8 @@ def status() -> str:
         return f"registered (threadpoolctl {getattr(_registered_with, '__version__', '?')})"
     if "threadpoolctl" in sys.modules:
         return "not registered (threadpoolctl older than 3.2)"
+    from importlib import metadata
+
     try:
         metadata.version("threadpoolctl")
     except metadata.PackageNotFoundError:
