@@ -1,9 +1,9 @@
 """``python -m fastnorm bench``: how much faster than plain NumPy fastnorm is on this machine.
 
-A short run (about 15 s; ``quick=True``: about 3 s) in the spirit of bottleneck's ``bn.bench()``:
-each case times a fastnorm call and the NumPy code a user would write for it, interleaved round
-by round, and reports the ratio. ``benchmarks/run.py`` in the source tree is the full benchmark
-(PyTorch, a memory copy, output reuse, threads).
+A short run (about 6 s on 2 cores; ``quick=True``: about 1 s) in the spirit of bottleneck's
+``bn.bench()``: each case times a fastnorm call and the NumPy code a user would write for it,
+interleaved round by round, and reports the ratio. ``benchmarks/run.py`` in the source tree is
+the full benchmark (PyTorch, a memory copy, output reuse, threads).
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def bench(quick: bool = False, *, file: TextIO | None = None, progress: bool | N
     Parameters
     ----------
     quick : bool, optional
-        Smaller arrays and fewer rounds (about 3 s instead of about 15 s).
+        Smaller arrays and fewer rounds (about 1 s instead of about 6 s on 2 cores).
     file : file-like, optional
         Where the table goes (default ``sys.stdout``).
     progress : bool, optional

@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     demo.add_argument("name", nargs="?", default="padding", choices=[*DEMOS, "all"], metavar="NAME",
                       help="which demo (default: padding); one of: " + ", ".join([*DEMOS, "all"]))
     demo.add_argument("--plot", metavar="DIR", help="save the figures (PNG) into DIR (needs matplotlib)")
-    bench = sub.add_parser("bench", help="time fastnorm against NumPy on this machine (~15 s)",
+    bench = sub.add_parser("bench", help="time fastnorm against NumPy on this machine (a few seconds)",
                            description="Time fastnorm against the equivalent NumPy code and print a table.")
-    bench.add_argument("--quick", action="store_true", help="smaller arrays, fewer rounds (~3 s)")
+    bench.add_argument("--quick", action="store_true", help="smaller arrays, fewer rounds (about a second)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         from .._bench import bench as run_bench
