@@ -309,7 +309,7 @@ def missing(module: str) -> bool:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds, settings and epochs (a few seconds)")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 5, --quick 3)")
     parser.add_argument("--plot", metavar="FILE", help="save the figure as PNG (needs matplotlib)")

@@ -766,6 +766,27 @@ done:
     return result;
 }
 
+/* ---- CPU dispatch, for fastnorm.show_config() ----------------------------------------------------
+ * Which clone of the hot loops the loader picked (FN_VECTOR_CLONES in fastnorm.h: the first of
+ * avx512f, avx2 the CPU has, else the baseline build) and which float16 conversion path convert.c
+ * takes (AVX-512F, else F16C, else scalar), asked of the CPU the way that code asks it. */
+static PyObject *py_cpu_dispatch(PyObject *self, PyObject *unused)
+{
+    (void)self, (void)unused;
+#if FN_X86_DISPATCH
+    __builtin_cpu_init();
+    const int avx512f = __builtin_cpu_supports("avx512f") != 0, avx2 = __builtin_cpu_supports("avx2") != 0;
+    const int f16c = __builtin_cpu_supports("f16c") != 0;
+    return Py_BuildValue("{s:O,s:{s:N,s:N,s:N},s:s,s:s}", "multiversioned", Py_True, "features",
+                         "avx512f", PyBool_FromLong(avx512f), "avx2", PyBool_FromLong(avx2), "f16c",
+                         PyBool_FromLong(f16c), "vector_loops", avx512f ? "avx512f" : avx2 ? "avx2" : "default",
+                         "float16_conversion", avx512f ? "avx512f" : f16c ? "f16c" : "scalar");
+#else
+    return Py_BuildValue("{s:O,s:{},s:s,s:s}", "multiversioned", Py_False, "features", "vector_loops", "default",
+                         "float16_conversion", "scalar");
+#endif
+}
+
 static PyMethodDef core_methods[] = {
     {"rows_function", py_rows_function, METH_VARARGS, "The public layer_norm/rms_norm around its Python function."},
     {"rows_backward_fast", (PyCFunction)(void (*)(void))py_rows_backward_fast, METH_FASTCALL,
@@ -781,6 +802,7 @@ static PyMethodDef core_methods[] = {
     {"channel_combine", py_channel_combine, METH_VARARGS, "out = coef_x*(x - center) + coef_dy*dy + shift per channel."},
     {"channel_normalize_planes", py_channel_normalize_planes, METH_VARARGS,
      "Batch norm training of float32 planes (O, C, S), channel blocks at a time; writes mean, var."},
+    {"cpu_dispatch", py_cpu_dispatch, METH_NOARGS, "CPU features and the kernel variants picked for them."},
     {"channel_grad_sums", py_channel_grad_sums, METH_VARARGS, "Per-channel sums of dy and dy*(x - center)."},
     {NULL, NULL, 0, NULL},
 };

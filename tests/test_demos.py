@@ -478,7 +478,7 @@ def test_cli_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib now fails
     assert main(["demo", "ztable", "--plot", str(tmp_path / "figs")]) == 2
     err = capsys.readouterr().err
-    assert "matplotlib" in err and "fastnorm[plot]" in err
+    assert "matplotlib" in err and "fastnorm-numpy[plot]" in err
     assert not (tmp_path / "figs").exists()
 
 

@@ -481,7 +481,7 @@ def run_cli(*args, code=None):
 def test_cli_help_lists_the_experiments():
     proc = run_cli("demo", "--help")
     assert proc.returncode == 0
-    for name in ("axes", "batchsize", "groups", "affine", "transformer", "bafig6", "--quick", "fastnorm[demos]"):
+    for name in ("axes", "batchsize", "groups", "affine", "transformer", "bafig6", "--quick", "fastnorm-numpy[demos]"):
         assert name in proc.stdout
 
 
@@ -492,7 +492,7 @@ def test_cli_without_sklearn():
     assert "Hi Rohan" in proc.stdout
     proc = run_cli(code=block + "sys.exit(main(['demo', 'groups']))")
     assert proc.returncode == 2
-    assert "scikit-learn" in proc.stderr and "fastnorm[demos]" in proc.stderr and "Traceback" not in proc.stderr
+    assert "scikit-learn" in proc.stderr and "fastnorm-numpy[demos]" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_all_without_sklearn_runs_the_others():

@@ -21,8 +21,22 @@ from ._memory import get_output_cache, set_output_cache
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from ._data import min_max_scale, standardize, weight_norm, weight_norm_backward
 from ._moments import Moments, moments
+from ._config import show_config
+from ._bench import bench
+from . import _threadpool
 
-__version__ = "0.1.0"
+_threadpool.install()                 # threadpoolctl sees fastnorm's threads, once it is imported
+
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read from the installed distribution's metadata (fastnorm-numpy) on first
+    use: importlib.metadata takes longer to import than the rest of fastnorm."""
+    if name == "__version__":
+        from ._config import installed_version
+
+        globals()["__version__"] = version = installed_version()
+        return version
+    raise AttributeError(f"module 'fastnorm' has no attribute {name!r}")
 
 __all__ = [
     "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
@@ -31,4 +45,5 @@ __all__ = [
     "LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm",
     "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
     "Moments", "moments",
+    "show_config", "bench",
 ]

@@ -1,30 +1,38 @@
 # Type stubs for fastnorm's public API (see docs/contract.md).
 from collections.abc import Iterable
-from typing import Literal, overload
+from typing import Any, Literal, TextIO, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-Axis = int | tuple[int, ...]
+_Axis = int | tuple[int, ...]
 _Stats3 = tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]
 _Grads = tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]
 
 __version__: str
+__all__ = [
+    "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
+    "layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
+    "group_norm_backward",
+    "LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm",
+    "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
+    "show_config", "bench",
+]
 
 @overload
-def layer_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: Axis = ...,
+def layer_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: _Axis = ...,
                eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
                return_stats: Literal[False] = ...) -> NDArray[np.floating]: ...
 @overload
-def layer_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: Axis = ...,
+def layer_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: _Axis = ...,
                eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
                return_stats: Literal[True]) -> _Stats3: ...
 @overload
-def rms_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: Axis = ...,
+def rms_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: _Axis = ...,
              eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
              return_stats: Literal[False] = ...) -> NDArray[np.floating]: ...
 @overload
-def rms_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: Axis = ...,
+def rms_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: _Axis = ...,
              eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
              return_stats: Literal[True]) -> tuple[NDArray[np.floating], NDArray[np.floating]]: ...
 @overload
@@ -56,10 +64,10 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = ..., bi
 def mask_from_lengths(lengths: ArrayLike, max_len: int | None = ...) -> NDArray[np.bool_]: ...
 
 def layer_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike,
-                        weight: ArrayLike | None = ..., *, axis: Axis = ..., mask: ArrayLike | None = ...,
+                        weight: ArrayLike | None = ..., *, axis: _Axis = ..., mask: ArrayLike | None = ...,
                         out: NDArray[np.floating] | None = ...) -> _Grads: ...
 def rms_norm_backward(dy: ArrayLike, x: ArrayLike, rstd: ArrayLike, weight: ArrayLike | None = ..., *,
-                      axis: Axis = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...) -> _Grads: ...
+                      axis: _Axis = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...) -> _Grads: ...
 def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike,
                         weight: ArrayLike | None = ..., *, axis: int = ..., training: bool = ...,
                         mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...) -> _Grads: ...
@@ -83,8 +91,8 @@ class _Norm:
 
 class LayerNorm(_Norm):
     normalized_shape: tuple[int, ...]
-    axis: Axis
-    def __init__(self, normalized_shape: int | tuple[int, ...], *, axis: Axis = ..., eps: float = ...,
+    axis: _Axis
+    def __init__(self, normalized_shape: int | tuple[int, ...], *, axis: _Axis = ..., eps: float = ...,
                  affine: bool = ..., dtype: type | np.dtype = ...) -> None: ...
 class RMSNorm(LayerNorm): ...
 class BatchNorm(_Norm):
@@ -137,3 +145,9 @@ def moments(x: ArrayLike, axis: int = ..., *, mask: ArrayLike | None = ...) -> M
 def weight_norm(v: ArrayLike, g: ArrayLike, *, axis: int = ...) -> NDArray[np.floating]: ...
 def weight_norm_backward(dw: ArrayLike, v: ArrayLike, g: ArrayLike, *,
                          axis: int = ...) -> tuple[NDArray[np.floating], NDArray[np.floating]]: ...
+
+@overload
+def show_config(mode: Literal["stdout"] = ...) -> None: ...
+@overload
+def show_config(mode: Literal["dicts"]) -> dict[str, Any]: ...
+def bench(quick: bool = ..., *, file: TextIO | None = ..., progress: bool | None = ...) -> list[dict[str, Any]]: ...

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastnorm demo [NAME] [--plot DIR]``."""
+"""Command line: ``python -m fastnorm demo [NAME] [--plot DIR]`` and ``python -m fastnorm bench [--quick]``."""
 import sys
 
 from .demos import main

@@ -252,12 +252,12 @@ def instance_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, ou
 
     ``axis`` is the channel axis (not 0, the batch axis); x needs at least 3 dimensions.
 
-    ===================  ============================  =================
-    x                    statistics over               mean, rstd shape
-    ===================  ============================  =================
+    ====================  ===========================  ================
+    x                     statistics over              mean, rstd shape
+    ====================  ===========================  ================
     (N, C, H, W), axis=1  H, W of each (n, c)          (N, C)
     (N, L, C), axis=-1    L of each (n, c)             (N, C)
-    ===================  ============================  =================
+    ====================  ===========================  ================
 
     ``weight``/``bias`` have shape ``(C,)``; ``mask`` has x's shape without the channel axis.
 
@@ -282,12 +282,12 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask
     """Group normalization: channels split into ``num_groups`` consecutive groups; one
     (mean, rstd) per (sample, group) over the group's channels and every non-batch axis.
 
-    ====================  ==================================  =================
-    x                     statistics over                     mean, rstd shape
-    ====================  ==================================  =================
-    (N, C, H, W), axis=1   C/G channels x H x W per (n, g)   (N, G)
-    (N, C), axis=-1        C/G channels per (n, g)           (N, G)
-    ====================  ==================================  =================
+    ====================  ================================  ================
+    x                     statistics over                   mean, rstd shape
+    ====================  ================================  ================
+    (N, C, H, W), axis=1  C/G channels x H x W per (n, g)   (N, G)
+    (N, C), axis=-1       C/G channels per (n, g)           (N, G)
+    ====================  ================================  ================
 
     ``C % num_groups`` must be 0; ``weight``/``bias`` are per channel, ``(C,)``.
 
@@ -330,13 +330,13 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
                momentum=0.1, eps=1e-5, mask=None, out=None, return_stats=False):
     """Batch normalization: one (mean, rstd) per feature, over every other axis.
 
-    ===================  ================================  ==========
-    x                    statistics over                   stats shape
-    ===================  ================================  ==========
+    ====================  ===============================  ===========
+    x                     statistics over                  stats shape
+    ====================  ===============================  ===========
     (N, C), axis=-1       each column (N values)           (C,)
     (N, C, H, W), axis=1  N, H, W of each channel          (C,)
     (N, L, D), axis=-1    N, L of each feature             (D,)
-    ===================  ================================  ==========
+    ====================  ===============================  ===========
 
     ``training=True`` uses the batch statistics and, if ``running_mean``/``running_var`` are
     given, updates them in place: ``r = (1 - momentum) * r + momentum * s`` with the unbiased
@@ -495,7 +495,9 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, o
 
 @dask_aware
 def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None):
-    """Gradients of :func:`rms_norm`: ``(dx, dweight, dbias)``, with ``xhat = x * rstd``::
+    """Gradients of :func:`rms_norm`: ``(dx, dweight, dbias)``.
+
+    With ``xhat = x * rstd``::
 
         dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * weight
 

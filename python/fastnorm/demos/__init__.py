@@ -6,7 +6,7 @@ every number shown (and ``'figures'``, the paths written). Each module also has 
 function that returns the matplotlib figures, for notebooks.
 
 From the command line: ``python -m fastnorm demo [NAME] [--plot DIR] [--quick]``. The demos that
-train on scikit-learn's digits (batchsize, groups, bafig6) need scikit-learn (``fastnorm[demos]``);
+train on scikit-learn's digits (batchsize, groups, bafig6) need scikit-learn (``fastnorm-numpy[demos]``);
 ``--quick`` runs those that train with fewer seeds and epochs.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _epilog() -> str:
     for name, (_, text) in DEMOS.items():
         lines += textwrap.wrap(text, 96, initial_indent=f"  {name:<{width}}  ", subsequent_indent=" " * (width + 4))
     lines += [f"  {'all':<{width}}  every demo, one after the other", "",
-              "[digits]: needs scikit-learn (pip install \"fastnorm[demos]\")", "",
+              "[digits]: needs scikit-learn (pip install \"fastnorm-numpy[demos]\")", "",
               "examples:", "  python -m fastnorm demo", "  python -m fastnorm demo ztable",
               "  python -m fastnorm demo padding --plot figures",
               "  python -m fastnorm demo transformer --quick"]
@@ -82,7 +82,14 @@ def main(argv=None) -> int:
     demo.add_argument("--plot", metavar="DIR", help="save the figures (PNG) into DIR (needs matplotlib)")
     demo.add_argument("--quick", action="store_true",
                       help="demos that train: fewer seeds and epochs (seconds instead of tens of seconds)")
+    bench = sub.add_parser("bench", help="time fastnorm against NumPy on this machine (a few seconds)",
+                           description="Time fastnorm against the equivalent NumPy code and print a table.")
+    bench.add_argument("--quick", action="store_true", help="smaller arrays, fewer rounds (about a second)")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .._bench import bench as run_bench
+        run_bench(quick=args.quick)
+        return 0
     if args.plot is not None and os.path.exists(args.plot) and not os.path.isdir(args.plot):
         demo.error(f"argument --plot: {args.plot!r} is a file; --plot takes a directory to write the PNGs into")
     names = list(DEMOS) if args.name == "all" else [args.name]

@@ -1,6 +1,6 @@
 """What every demo shares: plain-text tables and (lazily imported) matplotlib figures.
 
-matplotlib is optional (``pip install "fastnorm[plot]"``): it is imported only when figures are
+matplotlib is optional (``pip install "fastnorm-numpy[plot]"``): it is imported only when figures are
 asked for. Figures are built with the object-oriented API on an Agg canvas, never through
 pyplot, so the demos leave pyplot's global state (and a notebook's backend) alone.
 """
@@ -22,7 +22,7 @@ def require_matplotlib() -> None:
     except ImportError:
         raise PlotUnavailable(
             "figures need matplotlib, which is not installed; install it with "
-            "pip install \"fastnorm[plot]\" (or pip install matplotlib)") from None
+            "pip install \"fastnorm-numpy[plot]\" (or pip install matplotlib)") from None
 
 
 def new_figure(width: float, height: float):

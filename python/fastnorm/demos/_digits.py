@@ -2,7 +2,7 @@
 
 ``sklearn.datasets.load_digits`` ships with scikit-learn (1,797 images of 8x8 pixels, values 0 to
 16, ten classes), so the demos run offline. scikit-learn is optional (``pip install
-"fastnorm[demos]"``); it is imported only when a demo asks for the digits.
+"fastnorm-numpy[demos]"``); it is imported only when a demo asks for the digits.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def require_sklearn() -> None:
     except ImportError:
         raise DataUnavailable(
             "this demo trains on scikit-learn's handwritten digits, and scikit-learn is not installed; "
-            "install it with pip install \"fastnorm[demos]\" (or pip install scikit-learn)") from None
+            "install it with pip install \"fastnorm-numpy[demos]\" (or pip install scikit-learn)") from None
 
 
 @functools.lru_cache(maxsize=1)

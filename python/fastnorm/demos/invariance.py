@@ -108,7 +108,7 @@ def invariance_demo(verbose: bool = True, plot_dir: str | None = None, seed: int
     W = rng.standard_normal((H, D))
     g = rng.uniform(0.5, 2.0, H)
     base = layer_outputs(X, W, g)
-    change = {m: {} for m in METHODS}
+    change: dict[str, dict[str, float]] = {m: {} for m in METHODS}
     transformed = transformations(X, W, rng)
     for name, (X2, W2) in transformed.items():
         after = layer_outputs(X2, W2, g)

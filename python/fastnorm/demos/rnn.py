@@ -53,7 +53,10 @@ TARGET_ACCURACY = 0.95
 
 # ---- data ----------------------------------------------------------------------------------------
 
-def first_token_batch(rng, n: int, min_len: int = MIN_LEN, max_len: int = MAX_LEN):
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]     # x, mask, y
+
+
+def first_token_batch(rng, n: int, min_len: int = MIN_LEN, max_len: int = MAX_LEN) -> Batch:
     """n one-hot sequences of random length in [min_len, max_len], zero-padded to max_len.
 
     Returns x (n, max_len, SYMBOLS), mask (n, max_len), y (n,) = the first symbol.
@@ -141,7 +144,8 @@ def _accuracy(logits, y) -> float:
     return float(np.mean(logits.argmax(axis=1) == y))
 
 
-def train(layer_norm: bool, seed: int, steps: int = STEPS, test=None, long_test=None) -> dict:
+def train(layer_norm: bool, seed: int, steps: int = STEPS, test: Batch | None = None,
+          long_test: Batch | None = None) -> dict:
     """Adam with global-norm clipping; the same initial weights and batches for both networks."""
     p = init_params(np.random.default_rng(1000 + seed))
     rng = np.random.default_rng(seed)
