@@ -133,6 +133,14 @@ def _check_feature_range(feature_range, fn: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _affine_onto(unit: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """lo + unit * (hi - lo), also when hi - lo exceeds the float64 range (e.g. (-1e308, 1e308)):
+    then both ends are halved (exact at that magnitude) and the result doubled."""
+    if math.isinf(hi - lo):
+        return 2.0 * (0.5 * lo + unit * (0.5 * hi - 0.5 * lo))
+    return lo + unit * (hi - lo)
+
+
 def min_max_scale(x, axis=0, *, feature_range=(0, 1), out=None):
     """Min-max scaling per feature: ``low + (x - min) / (max - min) * (high - low)``.
 
@@ -198,7 +206,7 @@ def min_max_scale(x, axis=0, *, feature_range=(0, 1), out=None):
         # unit in [0, 1]: (pre * x - shift) / span; a division, not a reciprocal, so subnormal spans work
         unit = (_per_feature(pre, ax, arr.ndim) * x64 - _per_feature(shift, ax, arr.ndim)) \
             / _per_feature(span, ax, arr.ndim)
-        y = np.clip(lo + unit * (hi - lo), lo, hi)
+        y = np.clip(_affine_onto(unit, lo, hi), lo, hi)
     y[np.broadcast_to(_per_feature(~finite, ax, arr.ndim), y.shape)] = np.nan
     return _finish(y, dtype, out)
 
