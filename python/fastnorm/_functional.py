@@ -299,6 +299,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask
 
 
 def _running_buffer(r, name, C, fn, writeable):
+    ck.refuse_masked(r, name, fn)
     if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
         raise TypeError(f"{fn}: {name} must be a float numpy.ndarray of shape ({C},); got "
                         f"{type(r).__name__ if not isinstance(r, np.ndarray) else r.dtype}")
@@ -411,18 +412,20 @@ def mask_from_lengths(lengths, max_len=None):
            [ True,  True,  True,  True]])
     """
     fn = "mask_from_lengths"
+    ck.refuse_masked(lengths, "lengths", fn)
     arr = np.asarray(lengths)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise TypeError(f"{fn}: lengths must be a 1-d sequence of ints; got {arr.dtype} of shape {arr.shape}")
-    arr = arr.astype(np.int64)
-    if (arr < 0).any():
+    if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
         raise ValueError(f"{fn}: lengths must be >= 0; got {arr.min()}")
-    longest = int(arr.max()) if arr.size else 0
-    if max_len is None:
-        max_len = longest
-    if int(max_len) < longest:
+    longest = int(arr.max()) if arr.size else 0      # a Python int: uint64 lengths stay positive
+    most = np.iinfo(np.intp).max                       # the longest axis an array can have
+    if longest > most:
+        raise ValueError(f"{fn}: lengths must be at most {most}, the longest possible axis; got {longest}")
+    max_len = longest if max_len is None else ck.whole_number(max_len, "max_len", fn, 0, most)
+    if max_len < longest:
         raise ValueError(f"{fn}: max_len={max_len} is shorter than the longest length {longest}")
-    return np.arange(int(max_len)) < arr[:, None]
+    return np.arange(max_len) < arr[:, None]
 
 
 # ---- backward ----------------------------------------------------------------------------------
