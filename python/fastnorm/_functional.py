@@ -579,15 +579,17 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     sum_dy, sum_dy_xc = np.empty(C), np.empty(C)
     _core.channel_grad_sums(sum_dy, sum_dy_xc, gv, xv, mu, m, get_num_threads())
     n = float(O * S if m is None else np.count_nonzero(m))
-    wr = r if w is None else r * w
-    if training and n > 0:
-        # dx = wr*dy - wr*rstd*mean(dy*xhat)/... written as coef_dy*dy + coef_x*(x - mean) + shift
-        coef_x = -wr * r * r * sum_dy_xc / n
-        shift = -wr * sum_dy / n
-    else:
-        coef_x, shift = np.zeros(C), np.zeros(C)
+    with np.errstate(invalid="ignore", over="ignore"):      # NaN/Inf in x or dy: NaN there, as documented
+        wr = r if w is None else r * w
+        if training and n > 0:
+            # dx = wr*dy - wr*rstd*mean(dy*xhat)/... written as coef_dy*dy + coef_x*(x - mean) + shift
+            coef_x = -wr * r * r * sum_dy_xc / n
+            shift = -wr * sum_dy / n
+        else:
+            coef_x, shift = np.zeros(C), np.zeros(C)
     ck.check_out(out, arr.shape, arr.dtype, fn)
     target = ck.Output(out, arr, arr.dtype, identity, view, also_read=(g,))
     _core.channel_combine(target.view, xv, mu, coef_x, gv, wr, shift, m, get_num_threads())
-    dweight = sum_dy_xc * r if n > 0 else np.zeros(C)      # a sum over no element is 0, not 0 * NaN
+    with np.errstate(invalid="ignore", over="ignore"):
+        dweight = sum_dy_xc * r if n > 0 else np.zeros(C)  # a sum over no element is 0, not 0 * NaN
     return target.finish(), dweight.astype(arr.dtype), sum_dy.astype(arr.dtype)
