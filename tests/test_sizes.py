@@ -26,7 +26,7 @@ def run_cases(name):
     env = dict(os.environ)
     env["ASAN_OPTIONS"] = ":".join(filter(None, [env.get("ASAN_OPTIONS"), "allocator_may_return_null=1"]))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "size_cases.py"), name], capture_output=True,
-                          text=True, timeout=300, env=env)
+                          text=True, timeout=120, env=env)
     lines = proc.stdout.splitlines()
     started = [line[len("START "):] for line in lines if line.startswith("START ")]
     assert proc.returncode == 0, (f"{name}: the child died with status {proc.returncode} in case "

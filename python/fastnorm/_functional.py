@@ -413,7 +413,7 @@ def mask_from_lengths(lengths, max_len=None):
     """
     fn = "mask_from_lengths"
     ck.refuse_masked(lengths, "lengths", fn)
-    arr = np.asarray(lengths)
+    arr = np.array(lengths)             # a copy: a zero-stride view of 2**60 lengths fails here, not in max()
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise TypeError(f"{fn}: lengths must be a 1-d sequence of ints; got {arr.dtype} of shape {arr.shape}")
     if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
