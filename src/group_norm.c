@@ -202,6 +202,8 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
     const int use_double_params = !use_wf || p->mask.data;
     const int64_t n_ones = use_double_params && !p->weight ? G * K : 0;
     const int64_t n_zeros = use_double_params && !p->bias ? G * K : 0;
+    /* the counts above, checked (fastnorm.h): a zero-stride x may have more elements than any buffer
+     * could hold. n_group_buf: 2 * n_group doubles for the buffer, else (n_group + 1) / 2 for float16 planes */
     int64_t n_group_buf = use_buffer ? 0 : f16_via_f32 && S > 1 ? (n_group + 1) / 2 : 0, n_buf, n_wf;
     size_t buf_bytes, wf_bytes, m_bytes;
     (void)part;
