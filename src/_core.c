@@ -218,9 +218,19 @@ static int to_doubles(PyObject *obj, const char *name, npy_intp n, int optional,
     return 0;
 }
 
+/* MemoryError for scratch memory a kernel (or the fast path) could not get: more than the machine
+ * has, or a size that overflows (a zero-stride view of 2**60 elements, say). */
+static PyObject *scratch_too_large(void)
+{
+    PyErr_SetString(PyExc_MemoryError,
+                    "fastnorm: cannot allocate the scratch memory this call needs; it grows with the arrays' "
+                    "shapes, also for zero-stride views (np.broadcast_to) that take no memory themselves");
+    return NULL;
+}
+
 static PyObject *status_to_result(int status)
 {
-    if (status == FN_ENOMEM) return PyErr_NoMemory();
+    if (status == FN_ENOMEM) return scratch_too_large();
     if (status != FN_OK) {
         PyErr_SetString(PyExc_ValueError, "_core: invalid sizes");
         return NULL;
@@ -453,8 +463,10 @@ static PyObject *rows_forward_fast(PyObject *ox, PyObject *ow, PyObject *ob, dou
             Py_RETURN_NOTIMPLEMENTED;
     }
     /* mean, rstd (A each): computed by the kernel, not returned here */
-    double stack_stats[128], *stats = A <= 64 ? stack_stats : PyMem_RawMalloc((size_t)(2 * A) * sizeof(double));
-    if (!stats) return PyErr_NoMemory();
+    size_t stats_bytes;
+    if (fn_array_bytes(2, A, 0, sizeof(double), &stats_bytes)) return scratch_too_large();
+    double stack_stats[128], *stats = A <= 64 ? stack_stats : PyMem_RawMalloc(stats_bytes);
+    if (!stats) return scratch_too_large();
     if (oout == Py_None) {
         result = new_output(x, NULL);
         if (!result) goto done;
@@ -728,8 +740,12 @@ static PyObject *py_rows_backward_fast(PyObject *self, PyObject *const *args, Py
     const void *w;
     if (!plain_param(ow, type, D, &w)) Py_RETURN_NOTIMPLEMENTED;
     /* scratch: mean, rstd (A each), weight, dweight, dbias (D each) as doubles */
-    double *scratch = PyMem_RawMalloc((size_t)(2 * A + 3 * D) * sizeof(double));
-    if (!scratch) return PyErr_NoMemory();
+    int64_t n_scratch;
+    size_t scratch_bytes;
+    if (fn_mul_add_size(3, D, 2 * (int64_t)A, &n_scratch) || fn_array_bytes(1, n_scratch, 0, sizeof(double), &scratch_bytes))
+        return scratch_too_large();
+    double *scratch = PyMem_RawMalloc(scratch_bytes);
+    if (!scratch) return scratch_too_large();
     double *mean = scratch, *rstd = mean + A, *wd = rstd + A, *dw = wd + D, *db = dw + D;
     PyObject *dx = NULL, *dwo = NULL, *dbo = NULL, *result = NULL;
     if ((!rms && !plain_stats(omean, x, A, mean)) || !plain_stats(orstd, x, A, rstd)) {

@@ -103,8 +103,12 @@ FN_VECTOR_CLONES static int moments_slice(void *ctx, int64_t begin, int64_t end,
     const channel_args *p = ctx;
     int64_t C = p->C, S = p->S, rows = rows_per_block(C);
     double *count = p->partial + (int64_t)part * 3 * C, *mean = count + C, *m2 = mean + C;
-    double *buf = malloc((size_t)((S == 1 ? 4 * C : 2 * S) + 1) * sizeof(double));
-    unsigned char *m = malloc((size_t)S + 1);
+    size_t buf_bytes, m_bytes;
+    if (fn_array_bytes(S == 1 ? 4 : 2, S == 1 ? C : S, 1, sizeof(double), &buf_bytes) ||
+        fn_array_bytes(1, S, 1, 1, &m_bytes))
+        return FN_ENOMEM;
+    double *buf = malloc(buf_bytes);
+    unsigned char *m = malloc(m_bytes);
     const int f32_planes = S > 1 && p->x.dtype == FN_F32 && p->x.stride[2] == 4;
     if (!buf || !m) {
         free(buf);
@@ -158,7 +162,9 @@ int channel_moments(double *count, double *mean, double *var, fn_view x, fn_mask
 {
     if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
     int parts = channel_parts(nthreads, O, O * C * S);
-    double *partial = malloc((size_t)(parts * 3 * C + 1) * sizeof(double));
+    size_t partial_bytes;
+    if (fn_array_bytes(3 * (int64_t)parts, C, 1, sizeof(double), &partial_bytes)) return FN_ENOMEM;
+    double *partial = malloc(partial_bytes);
     if (!partial) return FN_ENOMEM;
     channel_args p = {.x = x, .mask = mask, .partial = partial, .O = O, .C = C, .S = S};
     int status = fn_parallel_for(parts, O, moments_slice, &p);
@@ -216,15 +222,19 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
 {
     const channel_args *p = ctx;
     int64_t C = p->C, S = p->S, line = S == 1 ? C : S;   /* elements per load: a row, or a plane */
-    double *bx = malloc((size_t)(2 * line + 1) * sizeof(double)), *bdy = bx ? bx + line : NULL;
-    unsigned char *m = malloc((size_t)S + 1);
+    size_t bx_bytes, m_bytes, f_bytes;
+    if (fn_array_bytes(2, line, 1, sizeof(double), &bx_bytes) || fn_array_bytes(1, S, 1, 1, &m_bytes) ||
+        fn_array_bytes(5, C, 1, sizeof(float), &f_bytes))
+        return FN_ENOMEM;
+    double *bx = malloc(bx_bytes), *bdy = bx ? bx + line : NULL;
+    unsigned char *m = malloc(m_bytes);
     const int has_dy = p->dy.data != NULL, line_dim = S == 1 ? 1 : 2;
     /* contiguous float32 lines of x, out (and dy): float arithmetic, no buffer */
     int f32 = p->x.dtype == FN_F32 && p->out.dtype == FN_F32 && p->x.stride[line_dim] == 4 &&
               p->out.stride[line_dim] == 4 && (!has_dy || (p->dy.dtype == FN_F32 && p->dy.stride[line_dim] == 4));
     for (int64_t c = 0; f32 && c < C; c++)
         f32 = channel_fits_float(p->center[c], p->coef_x[c], has_dy ? p->coef_dy[c] : 0.0);
-    float *f = f32 ? malloc((size_t)(5 * C + 1) * sizeof(float)) : NULL;
+    float *f = f32 ? malloc(f_bytes) : NULL;
     (void)part;
     if (!bx || !m || (f32 && !f)) {
         free(bx);
@@ -242,7 +252,8 @@ FN_VECTOR_CLONES static int combine_slice(void *ctx, int64_t begin, int64_t end,
     /* a large output of contiguous rows (and no mask): the whole slice in one streamed pass */
     if (f32 && S == 1 && C >= 16 && !p->mask.data && p->stream && p->x.stride[0] == 4 * C &&
         p->out.stride[0] == 4 * C && (!has_dy || p->dy.stride[0] == 4 * C)) {
-        float *f2 = malloc((size_t)(10 * C) * sizeof(float));
+        size_t f2_bytes;
+        float *f2 = fn_array_bytes(10, C, 0, sizeof(float), &f2_bytes) ? NULL : malloc(f2_bytes);
         if (f2) {
             for (int k = 0; k < 5; k++)
                 for (int64_t c = 0; c < 2 * C; c++) f2[2 * k * C + c] = f[k * C + c % C];
@@ -323,7 +334,7 @@ int channel_combine(fn_view out, fn_view x, const double *center, const double *
     if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
     channel_args p = {.out = out, .x = x, .dy = dy, .mask = mask, .center = center, .coef_x = coef_x,
                       .coef_dy = coef_dy, .shift = shift, .O = O, .C = C, .S = S,
-                      .stream = out.dtype == FN_F32 && fn_streaming_pays(O * C * S * (int64_t)sizeof(float))};
+                      .stream = out.dtype == FN_F32 && fn_streaming_pays(O * C * S, sizeof(float))};
     return fn_parallel_for(channel_parts(nthreads, O, O * C * S), O, combine_slice, &p);
 }
 
@@ -411,13 +422,14 @@ int channel_normalize_planes_f32(fn_view out, fn_view x, const double *weight, c
     if (O < 0 || C < 0 || S < 2 || x.dtype != FN_F32 || out.dtype != FN_F32 || x.stride[2] != 4 ||
         out.stride[2] != 4)
         return FN_EINVAL;
-    const int64_t channel_bytes = O * S * (int64_t)sizeof(float);
+    int64_t channel_bytes;
+    if (fn_mul_add_size(O * S, sizeof(float), 0, &channel_bytes)) channel_bytes = INT64_MAX;
     int64_t block = channel_bytes > 0 ? PLANE_BLOCK_BYTES / channel_bytes : 64;
     block = block < 1 ? 1 : block > 64 ? 64 : block;
     const int64_t blocks = (C + block - 1) / block;
     planes_args p = {.out = out, .x = x, .weight = weight, .bias = bias, .mean = mean, .var = var, .eps = eps,
                      .O = O, .C = C, .S = S, .block = block,
-                     .stream = fn_streaming_pays(O * C * S * (int64_t)sizeof(float))};
+                     .stream = fn_streaming_pays(O * C * S, sizeof(float))};
     int parts = fn_parts(nthreads, O * C * S);
     return fn_parallel_for(parts > blocks ? (blocks > 0 ? (int)blocks : 1) : parts, blocks, normalize_planes_slice, &p);
 }
@@ -428,8 +440,11 @@ FN_VECTOR_CLONES static int grad_sums_slice(void *ctx, int64_t begin, int64_t en
     const channel_args *p = ctx;
     int64_t C = p->C, S = p->S, line = S == 1 ? C : S;
     double *sum_dy = p->partial + (int64_t)part * 2 * C, *sum_dy_xc = sum_dy + C;
-    double *bx = malloc((size_t)(2 * line + 1) * sizeof(double)), *bdy = bx ? bx + line : NULL;
-    unsigned char *m = malloc((size_t)S + 1);
+    size_t bx_bytes, m_bytes;
+    if (fn_array_bytes(2, line, 1, sizeof(double), &bx_bytes) || fn_array_bytes(1, S, 1, 1, &m_bytes))
+        return FN_ENOMEM;
+    double *bx = malloc(bx_bytes), *bdy = bx ? bx + line : NULL;
+    unsigned char *m = malloc(m_bytes);
     if (!bx || !m) {
         free(bx);
         free(m);
@@ -524,7 +539,9 @@ int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
 {
     if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
     int parts = channel_parts(nthreads, O, O * C * S);
-    double *partial = malloc((size_t)(parts * 2 * C + 1) * sizeof(double));
+    size_t partial_bytes;
+    if (fn_array_bytes(2 * (int64_t)parts, C, 1, sizeof(double), &partial_bytes)) return FN_ENOMEM;
+    double *partial = malloc(partial_bytes);
     if (!partial) return FN_ENOMEM;
     channel_args p = {.x = x, .dy = dy, .mask = mask, .center = center, .partial = partial, .O = O, .C = C, .S = S};
     int status = fn_parallel_for(parts, O, grad_sums_slice, &p);

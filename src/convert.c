@@ -395,8 +395,10 @@ FN_VECTOR_CLONES void fn_half_sums(const uint16_t *x, int64_t n, float shift, do
  * normalization (measured: a 2-thread 64 MiB row loop 8.3 -> 6.0 ms). Worth it from half the
  * last-level cache up (the output would not stay in the cache) and with AVX-512F (64-byte
  * stores; elsewhere the rows are written as before). */
-int fn_streaming_pays(int64_t bytes)
+int fn_streaming_pays(int64_t elements, int64_t item)
 {
+    int64_t bytes;
+    if (fn_mul_add_size(elements, item, 0, &bytes)) bytes = INT64_MAX;   /* a zero-stride output */
     if (bytes < ((int64_t)8 << 20)) return 0;           /* at least 8 MiB; smaller calls skip sysconf */
 #ifdef _SC_LEVEL3_CACHE_SIZE
     long cache = sysconf(_SC_LEVEL3_CACHE_SIZE);

@@ -45,6 +45,37 @@
 enum fn_dtype { FN_F16 = 0, FN_F32 = 1, FN_F64 = 2 };
 enum fn_status { FN_OK = 0, FN_ENOMEM = 1, FN_EINVAL = 2 };
 
+/* ---- checked size arithmetic ------------------------------------------------------------------
+ * Scratch sizes come from array shapes, and a zero-stride view (np.broadcast_to) may have 2**60
+ * elements in no memory at all: the product sizing a buffer for it overflows. Every scratch size
+ * and byte count in src/ is computed with these, never with a bare `n * sizeof(T)`:
+ * *out = a * b + c for a, b, c >= 0, or FN_ENOMEM when that exceeds INT64_MAX (= PTRDIFF_MAX, which
+ * no allocation can reach), reported as a failed allocation would be. */
+FN_INLINE int fn_mul_add_size(int64_t a, int64_t b, int64_t c, int64_t *out)
+{
+    int64_t product;
+    if (a < 0 || b < 0 || c < 0) return FN_ENOMEM;
+#if defined(__GNUC__)
+    if (__builtin_mul_overflow(a, b, &product) || __builtin_add_overflow(product, c, out)) return FN_ENOMEM;
+#else
+    if (b != 0 && a > INT64_MAX / b) return FN_ENOMEM;
+    product = a * b;
+    if (product > INT64_MAX - c) return FN_ENOMEM;
+    *out = product + c;
+#endif
+    return FN_OK;
+}
+
+/* The bytes of a scratch array of a * n + extra elements of `item` bytes, checked as above. */
+FN_INLINE int fn_array_bytes(int64_t a, int64_t n, int64_t extra, size_t item, size_t *bytes)
+{
+    int64_t elements, total;
+    if (fn_mul_add_size(a, n, extra, &elements) || fn_mul_add_size(elements, (int64_t)item, 0, &total))
+        return FN_ENOMEM;
+    *bytes = (size_t)total;
+    return FN_OK;
+}
+
 /* A strided view of up to 4 dimensions; `stride` is in bytes. */
 typedef struct {
     char *data;
@@ -89,7 +120,8 @@ typedef struct {
     int64_t valid;                   /* bytes[0, valid) hold the end of a row */
 } fn_line_carry;
 void fn_line_carry_flush(fn_line_carry *carry);
-int fn_streaming_pays(int64_t bytes);
+/* Whether writing `elements` outputs of `item` bytes with non-temporal stores pays off. */
+int fn_streaming_pays(int64_t elements, int64_t item);
 void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3], const float *w, const float *b,
                             const float *next, fn_line_carry *carry);
 void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu, double r, const double *w,

@@ -228,13 +228,20 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
     const int use_double_params = !use_wf || p->mask.data;
     const int64_t n_ones = use_double_params && !p->weight ? G * K : 0;
     const int64_t n_zeros = use_double_params && !p->bias ? G * K : 0;
-    const int64_t n_group_buf = use_buffer ? 2 * n_group : f16_via_f32 && S > 1 ? (n_group + 1) / 2 : 0;
-    const int64_t n_buf = n_group_buf + n_ones + n_zeros;
-    const int64_t n_wf = (G * K + 15) / 16 * 16;         /* bf starts on a 64-byte line too */
-    double *buf = alloc_lines((size_t)(n_buf + 1) * sizeof(double));
-    float *wf = use_wf ? alloc_lines((size_t)(2 * n_wf + 1) * sizeof(float)) : NULL, *bf = wf ? wf + n_wf : NULL;
-    unsigned char *m = malloc((size_t)S + 1);
+    /* the counts above, checked (fastnorm.h): a zero-stride x may have more elements than any buffer
+     * could hold. n_group_buf: 2 * n_group doubles for the buffer, else (n_group + 1) / 2 for float16 planes */
+    int64_t n_group_buf = use_buffer ? 0 : f16_via_f32 && S > 1 ? (n_group + 1) / 2 : 0, n_buf, n_wf;
+    size_t buf_bytes, wf_bytes, m_bytes;
     (void)part;
+    if (fn_mul_add_size(use_buffer ? 2 : 0, n_group, n_group_buf, &n_group_buf) ||
+        fn_mul_add_size((n_ones > 0) + (n_zeros > 0), G * K, n_group_buf, &n_buf) ||
+        fn_array_bytes(1, n_buf, 1, sizeof(double), &buf_bytes) ||
+        fn_mul_add_size((G * K + 15) / 16, 16, 0, &n_wf) ||     /* bf starts on a 64-byte line too */
+        fn_array_bytes(2, n_wf, 1, sizeof(float), &wf_bytes) || fn_array_bytes(1, S, 1, 1, &m_bytes))
+        return FN_ENOMEM;
+    double *buf = alloc_lines(buf_bytes);
+    float *wf = use_wf ? alloc_lines(wf_bytes) : NULL, *bf = wf ? wf + n_wf : NULL;
+    unsigned char *m = malloc(m_bytes);
     if (!buf || !m || (use_wf && !wf)) {
         free(buf);
         free(wf);
@@ -322,7 +329,7 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
     group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .weight = weight, .bias = bias,
                     .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms,
                     .stream = S == 1 && y.dtype != FN_F16 &&
-                              fn_streaming_pays(A * G * K * (int64_t)(y.dtype == FN_F64 ? 8 : 4))};
+                              fn_streaming_pays(A * G * K, y.dtype == FN_F64 ? 8 : 4)};
     return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
 }
 
@@ -345,7 +352,8 @@ FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end
     fn_line_carry carry = {.line = NULL};     /* streamed rows: the line shared with the next one */
     (void)part;
     if (!p->weight || !p->bias) {
-        if (!(ones_zeros = malloc((size_t)(2 * D) * sizeof(float)))) return FN_ENOMEM;
+        size_t bytes;
+        if (fn_array_bytes(2, D, 0, sizeof(float), &bytes) || !(ones_zeros = malloc(bytes))) return FN_ENOMEM;
         for (int64_t k = 0; k < D; k++) ones_zeros[k] = 1.0f, ones_zeros[D + k] = 0.0f;
     }
     const float *w = p->weight ? p->weight : ones_zeros, *b = p->bias ? p->bias : ones_zeros + D;
@@ -383,7 +391,7 @@ int layer_norm_rows_f32(float *y, double *mean, double *rstd, const float *x, co
 {
     if (A < 0 || D < 1) return FN_EINVAL;
     rows_args p = {.y = y, .x = x, .weight = weight, .bias = bias, .mean = mean, .rstd = rstd, .D = D,
-                   .eps = eps, .rms = rms, .stream = fn_streaming_pays(A * D * (int64_t)sizeof(float))};
+                   .eps = eps, .rms = rms, .stream = fn_streaming_pays(A * D, sizeof(float))};
     return fn_parallel_for(fn_parts(nthreads, A * D), A, rows_f32_slice, &p);
 }
 
@@ -602,8 +610,13 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
     const group_args *p = ctx;
     int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
     fn_line_carry carry = {.line = NULL};      /* streamed dx rows: the line shared with the next one */
-    double *bx = malloc((size_t)(2 * n_group + G * K + 1) * sizeof(double));
-    unsigned char *m = malloc((size_t)S + 1);
+    int64_t n_bx;
+    size_t bx_bytes, m_bytes;
+    if (fn_mul_add_size(2, n_group, G * K, &n_bx) || fn_array_bytes(1, n_bx, 1, sizeof(double), &bx_bytes) ||
+        fn_array_bytes(1, S, 1, 1, &m_bytes))
+        return FN_ENOMEM;
+    double *bx = malloc(bx_bytes);
+    unsigned char *m = malloc(m_bytes);
     if (!bx || !m) {
         free(bx);
         free(m);
@@ -621,7 +634,9 @@ FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end
     /* layer norm rows of float32 go two at a time, with float column sums dwf, dbf (K) */
     const int rows_f32 = f32_in_place && G == 1 && S == 1 && !p->mask.data;
     const int64_t n_wf = (G * K + 15) / 16 * 16;        /* each array on its own 64-byte line */
-    float *wf = f32_in_place ? alloc_lines((size_t)((rows_f32 ? 3 : 1) * n_wf + 1) * sizeof(float)) : NULL;
+    size_t wf_bytes = 0;
+    float *wf = f32_in_place && !fn_array_bytes(rows_f32 ? 3 : 1, n_wf, 1, sizeof(float), &wf_bytes)
+                    ? alloc_lines(wf_bytes) : NULL;
     if (f32_in_place && !wf) {
         free(bx);
         free(m);
@@ -697,12 +712,14 @@ int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, 
     if (A < 0 || G < 0 || K < 0 || S < 0 || !dweight || !dbias) return FN_EINVAL;
     int parts = fn_parts(nthreads, A * G * K * S);
     if (parts > A * G) parts = A * G > 0 ? (int)(A * G) : 1;
-    double *partial = malloc((size_t)(parts * 2 * G * K + 1) * sizeof(double));
+    size_t partial_bytes;
+    if (fn_array_bytes(2 * (int64_t)parts, G * K, 1, sizeof(double), &partial_bytes)) return FN_ENOMEM;
+    double *partial = malloc(partial_bytes);
     if (!partial) return FN_ENOMEM;
     group_args p = {.y = dx, .x = x, .dy = dy, .mean = (double *)mean, .rstd = (double *)rstd,
                     .partial = partial, .weight = weight, .mask = mask,
                     .A = A, .G = G, .K = K, .S = S, .rms = rms,
-                    .stream = S == 1 && dx.dtype == FN_F32 && fn_streaming_pays(A * G * K * (int64_t)sizeof(float))};
+                    .stream = S == 1 && dx.dtype == FN_F32 && fn_streaming_pays(A * G * K, sizeof(float))};
     int status = fn_parallel_for(parts, A * G, backward_slice, &p);
     /* dweight, dbias = the slices' sums, added in slice order */
     for (int64_t c = 0; c < G * K; c++) {

@@ -260,6 +260,31 @@ def test_min_max_huge_and_tiny_ranges():
     close(fastnorm.min_max_scale(tiny, axis=1)[:, 0], np.array([0.0, 0.5, 1.0]))
 
 
+def exact_min_max(column, lo, hi):
+    """lo + (x - min) / (max - min) * (hi - lo) in exact rational arithmetic, rounded once."""
+    from fractions import Fraction
+    xs = [Fraction(float(v)) for v in column]
+    mn, mx, flo, fhi = min(xs), max(xs), Fraction(lo), Fraction(hi)
+    span = mx - mn
+    return np.array([float(flo + (v - mn) / span * (fhi - flo)) if span else lo for v in xs])
+
+
+@pytest.mark.parametrize("feature_range", [(-1e308, 1e308), (-np.finfo(np.float64).max, np.finfo(np.float64).max),
+                                           (-1.5e308, 2e307), (0.0, 1e308), (-1e308, -1e300), (-1.0, 1.0)])
+@pytest.mark.parametrize("values", ["small", "huge", "tiny"])
+def test_min_max_ranges_wider_than_float64(rng, feature_range, values):
+    """hi - lo may exceed the largest float64 (the range itself is finite): the result still matches
+    exact arithmetic to a few ulps of the range's ends."""
+    scale = {"small": 1.0, "huge": 1e308, "tiny": 1e-310}[values]
+    x = np.concatenate([[[-0.9], [0.9]], rng.uniform(-0.9, 0.9, (30, 1))]) * scale
+    lo, hi = feature_range
+    y = fastnorm.min_max_scale(x, axis=1, feature_range=feature_range)
+    expected = exact_min_max(x[:, 0], lo, hi)
+    assert np.isfinite(y).all() and lo <= y.min() and y.max() <= hi
+    ulp = 2 * np.spacing(0.5 * max(abs(lo), abs(hi)))       # no overflow at the float64 maximum
+    np.testing.assert_allclose(y[:, 0], expected, rtol=0, atol=4 * ulp)
+
+
 def test_min_max_out_and_in_place(rng):
     x = rng.standard_normal((5, 3)).astype(np.float32)
     expected = ref_min_max(x, 1)

@@ -416,3 +416,142 @@ def test_zero_dimensional_x_too_few_dimensions(name):
     """Too few dimensions for a batch axis: ValueError (AxisError is one too) naming x or axis."""
     with raises(ValueError, names=["x", "axis"]):
         call(name, np.float64(3.0), **extra_for(name, 1))
+
+
+@pytest.mark.parametrize("lengths", [np.array([2**63], np.uint64), np.array([2**64 - 1], np.uint64)])
+def test_mask_from_lengths_beyond_int64(lengths):
+    with pytest.raises(ValueError, match=r"mask_from_lengths: lengths must be at most 9223372036854775807.*"
+                                         + str(int(lengths[0]))):
+        fastnorm.mask_from_lengths(lengths)
+
+
+@pytest.mark.parametrize("max_len, error", [(3.5, TypeError), (4.0, TypeError), ("4", TypeError), (True, TypeError),
+                                            (np.float64(4), TypeError), (2**63, ValueError)])
+def test_mask_from_lengths_max_len_must_be_an_int(max_len, error):
+    with raises(error, names=["max_len"]):
+        fastnorm.mask_from_lengths([1, 3], max_len)
+
+
+@pytest.mark.parametrize("max_len", [np.int64(4), np.uint8(4), 4])
+def test_mask_from_lengths_takes_numpy_ints(max_len):
+    expected = np.array([[True, False, False, False], [True, True, True, False]])
+    np.testing.assert_array_equal(fastnorm.mask_from_lengths(np.array([1, 3], np.uint64), max_len), expected)
+
+
+# --------------------------------------------------------------------------- axis beyond int64
+
+@pytest.mark.parametrize("axis", [2**63, -2**63 - 1, 2**200, (0, 2**63)])
+@pytest.mark.parametrize("name", FUNCS)
+def test_axis_beyond_int64_is_axis_error(name, axis):
+    if isinstance(axis, tuple) and name not in ("layer_norm", "rms_norm"):
+        return
+    with raises(np.exceptions.AxisError, names=["axis"]):
+        call(name, X3, axis=axis, **extra_for(name, 1))
+
+
+@pytest.mark.parametrize("fn", [fastnorm.standardize, fastnorm.min_max_scale, fastnorm.weight_norm])
+def test_axis_beyond_int64_is_axis_error_data(fn):
+    args = (X2, np.ones(4)) if fn is fastnorm.weight_norm else (X2,)
+    with raises(np.exceptions.AxisError, names=["axis"]):
+        fn(*args, axis=2**63)
+
+
+# --------------------------------------------------------------------------- out as np.matrix
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")    # np.matrix itself
+@pytest.mark.parametrize("name", ("layer_norm", "rms_norm", "batch_norm", "group_norm", "layer_norm_backward",
+                                  "batch_norm_backward", "standardize", "min_max_scale"))
+def test_out_matrix_is_refused_by_name(name):
+    """np.matrix is always 2-d (instance norm needs x.ndim >= 3, so it never fits there)."""
+    out = np.asmatrix(np.zeros_like(X2))
+    if name.endswith("_backward"):
+        f = getattr(fastnorm, name)
+        stats = (np.zeros(4), np.ones(4)) if name.startswith("layer") else (np.zeros(6), np.ones(6))
+        call_it = lambda: f(X2, X2, *stats, out=out)  # noqa: E731
+    elif name in ("standardize", "min_max_scale"):
+        call_it = lambda: getattr(fastnorm, name)(X2, out=out)  # noqa: E731
+    else:
+        call_it = lambda: call(name, X2, out=out, **extra_for(name))  # noqa: E731
+    with pytest.raises(TypeError, match=r"out is a numpy.matrix.*np.asarray\(out\)"):
+        call_it()
+    assert not out.any()
+
+
+# --------------------------------------------------------------------------- numpy.ma for every argument
+
+def _masked(a):
+    """a as a numpy.ma array whose mask hides its first element."""
+    m = np.zeros(np.shape(a), bool)
+    m.flat[0] = True
+    return np.ma.array(a, mask=m)
+
+
+_X = np.arange(24.0).reshape(4, 6) % 5
+_X3 = np.arange(48.0).reshape(2, 4, 6) % 7
+_W = np.linspace(0.5, 1.5, 6)
+_ROWS = np.ones(4, bool)
+
+# every public function with every array argument it takes: (call, arguments of a valid call)
+MA_CALLS = {
+    "layer_norm": (lambda a: fastnorm.layer_norm(a["x"], a["weight"], a["bias"], mask=a["mask"], out=a["out"]),
+                   dict(x=_X, weight=_W, bias=_W, mask=_ROWS, out=np.empty_like(_X))),
+    "rms_norm": (lambda a: fastnorm.rms_norm(a["x"], a["weight"], a["bias"], mask=a["mask"], out=a["out"]),
+                 dict(x=_X, weight=_W, bias=_W, mask=_ROWS, out=np.empty_like(_X))),
+    "batch_norm": (lambda a: fastnorm.batch_norm(a["x"], a["weight"], a["bias"], mask=a["mask"], out=a["out"],
+                                                 running_mean=a["running_mean"], running_var=a["running_var"]),
+                   dict(x=_X, weight=_W, bias=_W, mask=_ROWS, out=np.empty_like(_X), running_mean=np.zeros(6),
+                        running_var=np.ones(6))),
+    "instance_norm": (lambda a: fastnorm.instance_norm(a["x"], a["weight"], a["bias"], mask=a["mask"],
+                                                       out=a["out"]),
+                      dict(x=_X3, weight=_W, bias=_W, mask=np.ones((2, 4), bool), out=np.empty_like(_X3))),
+    "group_norm": (lambda a: fastnorm.group_norm(a["x"], 3, a["weight"], a["bias"], mask=a["mask"], out=a["out"]),
+                   dict(x=_X, weight=_W, bias=_W, mask=_ROWS, out=np.empty_like(_X))),
+    "layer_norm_backward": (lambda a: fastnorm.layer_norm_backward(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"],
+                                                                   mask=a["mask"], out=a["out"]),
+                            dict(dy=_X, x=_X, mean=np.zeros(4), rstd=np.ones(4), weight=_W, mask=_ROWS,
+                                 out=np.empty_like(_X))),
+    "rms_norm_backward": (lambda a: fastnorm.rms_norm_backward(a["dy"], a["x"], a["rstd"], a["weight"],
+                                                               mask=a["mask"], out=a["out"]),
+                          dict(dy=_X, x=_X, rstd=np.ones(4), weight=_W, mask=_ROWS, out=np.empty_like(_X))),
+    "batch_norm_backward": (lambda a: fastnorm.batch_norm_backward(a["dy"], a["x"], a["mean"], a["rstd"], a["weight"],
+                                                                   mask=a["mask"], out=a["out"]),
+                            dict(dy=_X, x=_X, mean=np.zeros(6), rstd=np.ones(6), weight=_W, mask=_ROWS,
+                                 out=np.empty_like(_X))),
+    "instance_norm_backward": (lambda a: fastnorm.instance_norm_backward(a["dy"], a["x"], a["mean"], a["rstd"],
+                                                                         a["weight"], mask=a["mask"], out=a["out"]),
+                               dict(dy=_X3, x=_X3, mean=np.zeros((2, 6)), rstd=np.ones((2, 6)), weight=_W,
+                                    mask=np.ones((2, 4), bool), out=np.empty_like(_X3))),
+    "group_norm_backward": (lambda a: fastnorm.group_norm_backward(a["dy"], a["x"], a["mean"], a["rstd"], 3,
+                                                                   a["weight"], mask=a["mask"], out=a["out"]),
+                            dict(dy=_X, x=_X, mean=np.zeros((4, 3)), rstd=np.ones((4, 3)), weight=_W, mask=_ROWS,
+                                 out=np.empty_like(_X))),
+    "standardize": (lambda a: fastnorm.standardize(a["x"], out=a["out"]), dict(x=_X, out=np.empty_like(_X))),
+    "min_max_scale": (lambda a: fastnorm.min_max_scale(a["x"], out=a["out"]), dict(x=_X, out=np.empty_like(_X))),
+    "weight_norm": (lambda a: fastnorm.weight_norm(a["v"], a["g"]), dict(v=_X, g=np.ones(4))),
+    "weight_norm_backward": (lambda a: fastnorm.weight_norm_backward(a["dw"], a["v"], a["g"]),
+                             dict(dw=_X, v=_X, g=np.ones(4))),
+    "mask_from_lengths": (lambda a: fastnorm.mask_from_lengths(a["lengths"]), dict(lengths=np.array([1, 3]))),
+}
+
+
+@pytest.mark.parametrize("name, arg", [(n, a) for n, (_, args) in MA_CALLS.items() for a in args])
+def test_masked_array_refused_for_every_argument(name, arg):
+    f, args = MA_CALLS[name]
+    f({k: v.copy() for k, v in args.items()})           # the valid call works
+    bad = {k: v.copy() for k, v in args.items()}
+    bad[arg] = _masked(bad[arg])
+    with pytest.raises(TypeError, match=rf"{name}: {arg} is a numpy.ma.MaskedArray, whose mask would be ignored"):
+        f(bad)
+
+
+@pytest.mark.parametrize("layer, x", [(lambda: fastnorm.LayerNorm(6), _X), (lambda: fastnorm.BatchNorm(6), _X),
+                                      (lambda: fastnorm.GroupNorm(3, 6), _X)])
+def test_layers_refuse_masked_x_mask_and_dy(layer, x):
+    with pytest.raises(TypeError, match="x is a numpy.ma.MaskedArray"):
+        layer()(_masked(x))
+    with pytest.raises(TypeError, match="mask is a numpy.ma.MaskedArray"):
+        layer()(x, mask=_masked(_ROWS))
+    ln = layer()
+    ln(x)
+    with pytest.raises(TypeError, match="dy is a numpy.ma.MaskedArray"):
+        ln.backward(_masked(x))

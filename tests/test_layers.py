@@ -184,3 +184,136 @@ def test_float32_layers_keep_gradients_accurate_at_a_large_mean_offset(name):
         scale = float(np.max(np.abs(want)))
         err = float(np.max(np.abs(got.astype(np.float64) - want)))
         assert err <= 1e-5 * scale, f"{name} {what}: max error {err:.3g} > 1e-5 * {scale:.3g}"
+
+
+# --------------------------------------------------------------------------- x changed after the call
+
+import grad_reference as gref  # noqa: E402
+
+LAYERS_AND_REFS = [
+    (lambda: fastnorm.LayerNorm(6), "layer_norm", {}),
+    (lambda: fastnorm.RMSNorm(6), "rms_norm", {}),
+    (lambda: fastnorm.BatchNorm(6), "batch_norm", {}),
+    (lambda: fastnorm.InstanceNorm(6, affine=True), "instance_norm", {}),
+    (lambda: fastnorm.GroupNorm(3, 6), "group_norm", {"num_groups": 3}),
+]
+
+
+@pytest.mark.parametrize("make, name, kw", LAYERS_AND_REFS)
+@pytest.mark.parametrize("layout", ["C", "F", "sliced"])
+def test_in_place_residual_gives_the_gradient_at_the_input_the_layer_saw(make, name, kw, layout):
+    """x += f(layer(x)) between the call and backward (a residual stream updated in place): the
+    gradients are those at the x the layer was called with, from the float64 reference."""
+    rng = np.random.default_rng(7)
+    layer = make()
+    layer.weight[...] = rng.uniform(0.5, 1.5, 6)
+    x0 = rng.standard_normal((4, 5, 6)) * 3 + 1
+    x = x0.copy(order="F") if layout == "F" else x0.copy()
+    if layout == "sliced":
+        x = np.repeat(x0, 2, axis=1)[:, ::2]
+    mask = rng.random((4, 5)) < 0.8 if name != "instance_norm" else None
+    mask0 = None if mask is None else mask.copy()
+    y = layer(x, mask=mask)
+    x += 0.5 * y                              # the residual, in place
+    if mask is not None:
+        mask[...] = True                      # the caller reuses its mask buffer too
+    dy = rng.standard_normal(x.shape)
+    dx = layer.backward(dy)
+    dx_ref, dw_ref, db_ref = gref.analytic_grads(name, dy, x0, layer.weight, mask=mask0, **kw)
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-11 * np.abs(dx_ref).max())
+    np.testing.assert_allclose(layer.dweight, dw_ref, rtol=0, atol=1e-11 * np.abs(dw_ref).max())
+    np.testing.assert_allclose(layer.dbias, db_ref, rtol=0, atol=1e-11 * np.abs(db_ref).max())
+
+
+def test_layer_copies_x_once_per_call_and_reuses_its_buffer():
+    """Each call keeps its own x (the next call's x is not the previous one's), the caller's array is
+    neither kept nor changed, and a same-shaped call reuses the copy's memory."""
+    rng = np.random.default_rng(8)
+    ln = fastnorm.LayerNorm(6)
+    a, b = rng.standard_normal((3, 6)), rng.standard_normal((3, 6)) * 2 + 5
+    a_before = a.copy()
+    ln(a)
+    kept = ln._saved[0]
+    assert kept is not a and not np.shares_memory(kept, a)
+    np.testing.assert_array_equal(a, a_before)
+    ln(b)
+    assert ln._saved[0] is kept                              # reused, now holding b
+    a[...] = b                                               # the caller changes a: nothing kept changes
+    dy = rng.standard_normal((3, 6))
+    want = gref.analytic_grads("layer_norm", dy, b.copy(), ln.weight)[0]
+    np.testing.assert_allclose(ln.backward(dy), want, rtol=0, atol=1e-12)
+    ln([[1.0, 2.0, 3.0, 4.0, 5.0, 7.0]])                    # a list: converted, not copied twice
+    assert ln._saved[0].shape == (1, 6)
+
+
+# --------------------------------------------------------------------------- constructors refuse at once
+
+@pytest.mark.parametrize("make, error, words", [
+    (lambda: fastnorm.GroupNorm(3, 4), ValueError, "num_groups=3 does not divide num_channels=4"),
+    (lambda: fastnorm.GroupNorm(0, 4), ValueError, "num_groups"),
+    (lambda: fastnorm.GroupNorm(2.0, 4), TypeError, "num_groups"),
+    (lambda: fastnorm.LayerNorm(4, eps=-1), ValueError, "eps"),
+    (lambda: fastnorm.LayerNorm(4, eps=float("nan")), ValueError, "eps"),
+    (lambda: fastnorm.LayerNorm(4, eps="1e-5"), TypeError, "eps"),
+    (lambda: fastnorm.LayerNorm(4.7), TypeError, "normalized_shape"),
+    (lambda: fastnorm.LayerNorm(True), TypeError, "normalized_shape"),
+    (lambda: fastnorm.LayerNorm(0), ValueError, "normalized_shape"),
+    (lambda: fastnorm.LayerNorm((3, 4.0)), TypeError, "normalized_shape"),
+    (lambda: fastnorm.LayerNorm(()), ValueError, "normalized_shape"),
+    (lambda: fastnorm.RMSNorm(-2), ValueError, "normalized_shape"),
+    (lambda: fastnorm.LayerNorm(4, affine="yes"), TypeError, "affine"),
+    (lambda: fastnorm.LayerNorm(4, dtype=np.int32), TypeError, "dtype"),
+    (lambda: fastnorm.BatchNorm(3.5), TypeError, "num_features"),
+    (lambda: fastnorm.BatchNorm(3, momentum=1.5), ValueError, "momentum"),
+    (lambda: fastnorm.BatchNorm(3, momentum="0.1"), TypeError, "momentum"),
+    (lambda: fastnorm.BatchNorm(3, momentum=True), TypeError, "momentum"),
+    (lambda: fastnorm.BatchNorm(3, track_running_stats=1), TypeError, "track_running_stats"),
+    (lambda: fastnorm.InstanceNorm(0), ValueError, "num_features"),
+    (lambda: fastnorm.LayerNorm(4).train("no"), TypeError, "mode"),
+    (lambda: fastnorm.BatchNorm(4).train(None), TypeError, "mode"),
+])
+def test_constructors_refuse_what_every_call_would(make, error, words):
+    with pytest.raises(error, match=words):
+        make()
+
+
+def test_constructors_take_numpy_ints():
+    assert fastnorm.LayerNorm(np.int64(4)).normalized_shape == (4,)
+    assert fastnorm.LayerNorm((np.int32(2), 3)).weight.shape == (2, 3)
+    g = fastnorm.GroupNorm(np.int64(2), np.uint8(4))
+    assert g.num_groups == 2 and type(g.num_groups) is int and g.weight.shape == (4,)
+    assert fastnorm.BatchNorm(np.int16(3)).running_mean.shape == (3,)
+    assert fastnorm.LayerNorm(4).train(np.True_).training is True
+
+
+# --------------------------------------------------------------------------- momentum=None
+
+def test_batchnorm_momentum_none_is_the_cumulative_average():
+    """PyTorch's momentum=None: after k training batches the running statistics are the plain
+    averages of the k batch means and unbiased variances, by hand; eval calls and empty batches
+    do not count."""
+    rng = np.random.default_rng(9)
+    bn = fastnorm.BatchNorm(3, momentum=None)
+    batches = [rng.standard_normal((n, 3)) * s + m for n, s, m in [(4, 1.0, 0.0), (7, 3.0, 5.0), (5, 0.5, -2.0)]]
+    for k, xb in enumerate(batches, 1):
+        bn(xb)
+        bn.eval()(rng.standard_normal((2, 3)))              # eval: no update, no count
+        bn(np.empty((0, 3)))                                  # eval of nothing
+        bn.train()
+        assert bn.num_batches_tracked == k
+        means = np.array([b.mean(0) for b in batches[:k]])
+        variances = np.array([b.var(0, ddof=1) for b in batches[:k]])
+        np.testing.assert_allclose(bn.running_mean, means.mean(0), rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(bn.running_var, variances.mean(0), rtol=1e-14)
+    bn(np.empty((0, 3)))                                      # an empty training batch: not counted
+    assert bn.num_batches_tracked == 3
+
+
+def test_batchnorm_counts_batches_with_a_momentum_too():
+    bn = fastnorm.BatchNorm(2, momentum=0.5)
+    x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    bn(x)
+    bn(x)
+    assert bn.num_batches_tracked == 2
+    np.testing.assert_allclose(bn.running_mean, [0.75 * 2.0, 0.75 * 4.0])       # 0 -> 1 -> 1.5 (x2)
+    np.testing.assert_allclose(bn.running_var, [0.25 + 0.75 * 2.0, 0.25 + 0.75 * 8.0])

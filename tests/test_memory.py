@@ -195,9 +195,18 @@ def test_a_limit_beyond_any_size_is_taken():
     assert get_handler_name(y) == "fastnorm_output"
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "2", True, None])
-def test_set_output_cache_rejects_bad_limits(bad):
-    with pytest.raises(ValueError, match="set_output_cache: max_bytes must be an int >= 0"):
+def test_set_output_cache_takes_numpy_ints():
+    try:
+        fastnorm.set_output_cache(np.int64(10 * MIB))
+        assert fastnorm.get_output_cache() == 10 * MIB and type(fastnorm.get_output_cache()) is int
+    finally:
+        fastnorm.set_output_cache(256 * MIB)
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), ("2", TypeError), (True, TypeError),
+                                        (None, TypeError)])
+def test_set_output_cache_rejects_bad_limits(bad, error):
+    with pytest.raises(error, match="set_output_cache: max_bytes must be an int"):
         fastnorm.set_output_cache(bad)
     assert fastnorm.get_output_cache() == 256 * MIB
 

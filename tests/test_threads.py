@@ -78,14 +78,35 @@ def test_fork_in_the_middle_of_use_leaves_a_working_child():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
-def test_set_num_threads_rejects_bad_counts(bad):
-    with pytest.raises(ValueError, match="set_num_threads"):
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1, ValueError), (2**31, ValueError), (4097, ValueError),
+                                        (1.5, TypeError), ("2", TypeError), (True, TypeError), (None, TypeError),
+                                        (np.float64(2.0), TypeError)])
+def test_set_num_threads_rejects_bad_counts(bad, error):
+    before = fastnorm.get_num_threads()
+    with pytest.raises(error, match=r"set_num_threads: n must be an int"):
         fastnorm.set_num_threads(bad)
+    assert fastnorm.get_num_threads() == before
+    fastnorm.layer_norm(np.ones((2, 3)))        # later calls still work
 
 
-@pytest.mark.parametrize("value, threads, warns", [("1", 1, False), ("3", 3, False), ("0", None, True),
-                                                   ("many", None, True)])
+@pytest.mark.parametrize("n", [np.int64(2), np.uint8(1), np.int32(4096), 4096])
+def test_set_num_threads_takes_any_int(n):
+    before = fastnorm.get_num_threads()
+    try:
+        fastnorm.set_num_threads(n)
+        assert fastnorm.get_num_threads() == int(n) and type(fastnorm.get_num_threads()) is int
+        x = np.random.default_rng(0).standard_normal((300, 1000))
+        np.testing.assert_allclose(fastnorm.layer_norm(x, axis=0), (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5),
+                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fastnorm.layer_norm(x), ((x.T - x.mean(1)) / np.sqrt(x.var(1) + 1e-5)).T,
+                                   rtol=0, atol=1e-12)
+    finally:
+        fastnorm.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value, threads, warns", [("1", 1, False), ("3", 3, False), ("4096", 4096, False),
+                                                   ("0", None, True), ("4097", None, True),
+                                                   (str(2**31), None, True), ("many", None, True)])
 def test_the_environment_variable_sets_the_thread_count(value, threads, warns):
     import subprocess
     import sys

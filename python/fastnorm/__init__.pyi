@@ -97,11 +97,12 @@ class LayerNorm(_Norm):
 class RMSNorm(LayerNorm): ...
 class BatchNorm(_Norm):
     axis: int
-    momentum: float
+    momentum: float | None
     track_running_stats: bool
     running_mean: NDArray[np.floating] | None
     running_var: NDArray[np.floating] | None
-    def __init__(self, num_features: int, *, axis: int = ..., eps: float = ..., momentum: float = ...,
+    num_batches_tracked: int
+    def __init__(self, num_features: int, *, axis: int = ..., eps: float = ..., momentum: float | None = ...,
                  affine: bool = ..., track_running_stats: bool = ..., dtype: type | np.dtype = ...) -> None: ...
     def calibrate(self, batches: Iterable[ArrayLike | tuple[ArrayLike, ArrayLike | None]]) -> BatchNorm: ...
 class InstanceNorm(_Norm):

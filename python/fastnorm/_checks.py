@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
@@ -21,9 +22,8 @@ def as_input(x, name: str, fn: str) -> np.ndarray:
 
     No copy for arrays that already qualify; byte-swapped or misaligned data is copied.
     """
-    if isinstance(x, np.ma.MaskedArray):
-        raise TypeError(f"{fn}: {name} is a numpy.ma.MaskedArray, whose mask would be ignored; pass "
-                        f"{name}.data and mask=~{name}.mask (fastnorm's mask is True for real elements)")
+    refuse_masked(x, name, fn, hint=f"{name}.data and mask=~{name}.mask (fastnorm's mask is True for real elements)"
+                  if name == "x" else None)
     try:
         arr = np.asarray(x)
     except (TypeError, ValueError) as err:
@@ -41,6 +41,14 @@ def as_input(x, name: str, fn: str) -> np.ndarray:
     )
 
 
+def refuse_masked(a, name: str, fn: str, hint: str | None = None) -> None:
+    """numpy.ma arrays are refused for every argument: the kernels see the data and would ignore
+    the mask (or, for outputs, leave it stale)."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{fn}: {name} is a numpy.ma.MaskedArray, whose mask would be ignored; pass "
+                        f"{hint or name + '.data (or np.ma.filled(' + name + ', value))'}")
+
+
 def stats_dtype(dtype: np.dtype) -> np.dtype:
     """Statistics are float64 for float64 input, float32 otherwise (as the contract says)."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
@@ -56,6 +64,21 @@ def real_number(value, name: str, fn: str) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{fn}: {name} must be a real number; got {value!r}")
     return float(value)
+
+
+def whole_number(value, name: str, fn: str, minimum: int, maximum: int | None = None) -> int:
+    """An int argument: a Python or NumPy int (anything operator.index takes, as NumPy does for
+    axis), not bool, in [minimum, maximum]; TypeError for other types, ValueError out of range."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be an int; got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be an int; got {value!r}") from None
+    if n < minimum or (maximum is not None and n > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{fn}: {name} must be an int {bound}; got {n!r}")
+    return n
 
 
 def check_eps(eps, fn: str) -> float:
@@ -76,8 +99,8 @@ def feature_axes(axis, ndim: int, fn: str, allow_tuple: bool) -> tuple[int, ...]
         raise TypeError(f"{fn}: axis must be an int{' or a tuple of ints' if allow_tuple else ''}; got {axis!r}")
     try:
         axes = normalize_axis_tuple(axis, ndim, argname="axis")
-    except ValueError as err:  # AxisError is a ValueError too: keep its type
-        if isinstance(err, np.exceptions.AxisError):
+    except (ValueError, OverflowError) as err:  # AxisError is a ValueError too: keep its type
+        if isinstance(err, (np.exceptions.AxisError, OverflowError)):   # OverflowError: beyond int64
             raise np.exceptions.AxisError(f"{fn}: axis {axis!r} is out of bounds for x with {ndim} dimensions") from None
         raise ValueError(f"{fn}: axis {axis!r} repeats an axis") from None
     return tuple(sorted(axes))
@@ -114,6 +137,7 @@ def param(p, name: str, shape: tuple[int, ...], fn: str, what: str, x_shape=None
     With `x_shape` and the feature `axes`, a 1-d mismatch says which other axis would fit."""
     if p is None:
         return None
+    refuse_masked(p, name, fn)
     arr = np.asarray(p)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {arr.dtype}")
@@ -127,6 +151,7 @@ def check_mask(mask, shape: tuple[int, ...], fn: str) -> np.ndarray | None:
     """mask: None, or a bool array of exactly `shape` (x.shape without the feature axes)."""
     if mask is None:
         return None
+    refuse_masked(mask, "mask", fn)
     arr = np.asarray(mask)
     if arr.dtype != np.bool_:
         raise TypeError(f"{fn}: mask must be a boolean array (True = real element); got dtype {arr.dtype}")
@@ -140,6 +165,10 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype, fn: str, name: str =
         return None
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray; got {type(out).__name__}")
+    if isinstance(out, np.matrix):
+        raise TypeError(f"{fn}: {name} is a numpy.matrix, which cannot take the kernels' shapes (it is always "
+                        f"2-d); pass np.asarray({name}), a plain view of the same memory")
+    refuse_masked(out, name, fn)
     if out.shape != shape:
         raise ValueError(f"{fn}: {name} has shape {out.shape}; expected {shape}, the shape of x")
     if out.dtype.kind != "f" or out.dtype.itemsize != dtype.itemsize:
@@ -156,6 +185,7 @@ def check_stat(s, name: str, shape: tuple[int, ...], fn: str) -> np.ndarray:
     """mean/rstd given to a backward function: contiguous float64 of `shape`."""
     if s is None:
         raise ValueError(f"{fn}: {name} is required (from return_stats=True of the forward call)")
+    refuse_masked(s, name, fn)
     arr = np.asarray(s)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {arr.dtype}")

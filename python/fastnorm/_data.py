@@ -159,6 +159,14 @@ def _check_feature_range(feature_range, fn: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _affine_onto(unit: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """lo + unit * (hi - lo), also when hi - lo exceeds the float64 range (e.g. (-1e308, 1e308)):
+    then both ends are halved (exact at that magnitude) and the result doubled."""
+    if math.isinf(hi - lo):
+        return 2.0 * (0.5 * lo + unit * (0.5 * hi - 0.5 * lo))
+    return lo + unit * (hi - lo)
+
+
 @dask_aware
 def min_max_scale(x, axis=-1, *, stats=None, feature_range=(0, 1), out=None):
     """Min-max scaling per feature: ``low + (x - min) / (max - min) * (high - low)``.
@@ -242,7 +250,7 @@ def scale_to_range(arr, ax, mn, mx, lo, hi, clip, out):
         # so subnormal spans work
         unit = (_per_feature(pre, ax, arr.ndim) * x64 - _per_feature(shift, ax, arr.ndim)) \
             / _per_feature(span, ax, arr.ndim)
-        y = lo + unit * (hi - lo)
+        y = _affine_onto(unit, lo, hi)
         if clip:
             y = np.clip(y, lo, hi)
     y[np.broadcast_to(_per_feature(~finite, ax, arr.ndim), y.shape)] = np.nan

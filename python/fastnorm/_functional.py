@@ -305,6 +305,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask
 
 
 def _running_buffer(r, name, C, fn, writeable, x_shape, ax):
+    ck.refuse_masked(r, name, fn)
     if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
         raise TypeError(f"{fn}: {name} must be a float numpy.ndarray of shape ({C},); got "
                         f"{type(r).__name__ if not isinstance(r, np.ndarray) else r.dtype}")
@@ -422,18 +423,20 @@ def mask_from_lengths(lengths, max_len=None):
            [ True,  True,  True,  True]])
     """
     fn = "mask_from_lengths"
-    arr = np.asarray(lengths)
+    ck.refuse_masked(lengths, "lengths", fn)
+    arr = np.array(lengths)             # a copy: a zero-stride view of 2**60 lengths fails here, not in max()
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise TypeError(f"{fn}: lengths must be a 1-d sequence of ints; got {arr.dtype} of shape {arr.shape}")
-    arr = arr.astype(np.int64)
-    if (arr < 0).any():
+    if arr.size and arr.dtype.kind == "i" and arr.min() < 0:
         raise ValueError(f"{fn}: lengths must be >= 0; got {arr.min()}")
-    longest = int(arr.max()) if arr.size else 0
-    if max_len is None:
-        max_len = longest
-    if int(max_len) < longest:
+    longest = int(arr.max()) if arr.size else 0      # a Python int: uint64 lengths stay positive
+    most = np.iinfo(np.intp).max                       # the longest axis an array can have
+    if longest > most:
+        raise ValueError(f"{fn}: lengths must be at most {most}, the longest possible axis; got {longest}")
+    max_len = longest if max_len is None else ck.whole_number(max_len, "max_len", fn, 0, most)
+    if max_len < longest:
         raise ValueError(f"{fn}: max_len={max_len} is shorter than the longest length {longest}")
-    return np.arange(int(max_len)) < arr[:, None]
+    return np.arange(max_len) < arr[:, None]
 
 
 # ---- backward ----------------------------------------------------------------------------------
@@ -596,14 +599,16 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     sum_dy, sum_dy_xc = np.empty(C), np.empty(C)
     _core.channel_grad_sums(sum_dy, sum_dy_xc, gv, xv, mu, m, get_num_threads())
     n = float(O * S if m is None else np.count_nonzero(m))
-    wr = r if w is None else r * w
-    if training and n > 0:
-        # dx = wr*dy - wr*rstd*mean(dy*xhat)/... written as coef_dy*dy + coef_x*(x - mean) + shift
-        coef_x = -wr * r * r * sum_dy_xc / n
-        shift = -wr * sum_dy / n
-    else:
-        coef_x, shift = np.zeros(C), np.zeros(C)
+    with np.errstate(invalid="ignore", over="ignore"):      # NaN/Inf in x or dy: NaN there, as documented
+        wr = r if w is None else r * w
+        if training and n > 0:
+            # dx = wr*dy - wr*rstd*mean(dy*xhat)/... written as coef_dy*dy + coef_x*(x - mean) + shift
+            coef_x = -wr * r * r * sum_dy_xc / n
+            shift = -wr * sum_dy / n
+        else:
+            coef_x, shift = np.zeros(C), np.zeros(C)
     target = ck.Output(out, arr, arr.dtype, identity, view, also_read=(g,))
     _core.channel_combine(target.view, xv, mu, coef_x, gv, wr, shift, m, get_num_threads())
-    dweight = sum_dy_xc * r if n > 0 else np.zeros(C)      # a sum over no element is 0, not 0 * NaN
+    with np.errstate(invalid="ignore", over="ignore"):
+        dweight = sum_dy_xc * r if n > 0 else np.zeros(C)  # a sum over no element is 0, not 0 * NaN
     return target.finish(), dweight.astype(arr.dtype), sum_dy.astype(arr.dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from . import _core
+from ._checks import whole_number
 from ._threads import int_from_environment
 
 DEFAULT_LIMIT = 256 * 2**20
@@ -28,8 +29,7 @@ def set_output_cache(max_bytes: int) -> None:
     kept block above it at once.
     """
     global _limit
-    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
-        raise ValueError(f"set_output_cache: max_bytes must be an int >= 0; got {max_bytes!r}")
+    max_bytes = whole_number(max_bytes, "max_bytes", "set_output_cache", 0)
     _core.keep_output_memory(min(max_bytes, sys.maxsize))    # no block is larger anyway
     _limit = max_bytes
 

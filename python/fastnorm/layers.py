@@ -21,6 +21,7 @@ import contextlib
 
 import numpy as np
 
+from . import _checks as ck
 from . import _functional as F
 from ._moments import Moments
 
@@ -44,7 +45,13 @@ class _Norm:
     _default_affine = True
 
     def __init__(self, param_shape, *, eps, affine, dtype):
-        self.eps = eps
+        # what every call would refuse is refused here, at once (checks shared with the functions)
+        fn = type(self).__name__
+        self.eps = ck.check_eps(eps, fn)
+        affine = ck.check_bool(affine, "affine", fn)
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"{fn}: dtype must be a float dtype for weight and bias; got {dtype}")
         self.weight_shape = tuple(param_shape)
         self.training = True
         self.weight = np.ones(param_shape, dtype=dtype) if affine else None
@@ -53,8 +60,22 @@ class _Norm:
         self._saved = None
 
     def train(self, mode: bool = True):
-        self.training = bool(mode)
+        self.training = ck.check_bool(mode, "mode", f"{type(self).__name__}.train")
         return self
+
+    def _input_copy(self, x):
+        """A private copy of x for backward, in x's layout. The caller may change x after the call (the
+        in-place residual ``x += f(layer(x))``): backward gives the gradient at the input the layer saw,
+        as PyTorch does (it refuses instead). Call after the forward function accepted x. The previous
+        call's copy is reused when it fits, so a training loop pays one copy of x per step, no allocation."""
+        arr = np.asarray(x)
+        if not isinstance(x, np.ndarray):
+            return arr                    # made from a list here: no one else holds it
+        kept = self._saved[0] if self._saved is not None else None
+        if kept is not None and kept.shape == arr.shape and kept.dtype == arr.dtype and kept is not arr:
+            np.copyto(kept, arr)
+            return kept
+        return np.array(arr, order="K", copy=True)
 
     def eval(self):
         return self.train(False)
@@ -104,11 +125,24 @@ class _Norm:
                          f"was built for {n}{hint}")
 
 
-def _feature_axis(normalized_shape, axis):
-    shape = (normalized_shape,) if np.ndim(normalized_shape) == 0 else tuple(normalized_shape)
+def _mask_copy(mask):
+    """The mask backward will use: a copy, like x's (masks are small: one byte per position)."""
+    return None if mask is None else np.array(mask, copy=True)
+
+
+def _sizes(value, name: str, fn: str) -> tuple[int, ...]:
+    """A size or a tuple of sizes, each a positive int (NumPy ints too; not 4.7, not True)."""
+    sizes = (value,) if np.ndim(value) == 0 else tuple(value)
+    if not sizes:
+        raise ValueError(f"{fn}: {name} must name at least one size; got {value!r}")
+    return tuple(ck.whole_number(n, name, fn, 1) for n in sizes)
+
+
+def _feature_axis(normalized_shape, axis, fn):
+    shape = _sizes(normalized_shape, "normalized_shape", fn)
     if axis == -1 and len(shape) > 1:      # PyTorch's convention: the trailing len(shape) axes
         axis = tuple(range(-len(shape), 0))
-    return tuple(int(n) for n in shape), axis
+    return shape, axis
 
 
 class LayerNorm(_Norm):
@@ -117,7 +151,7 @@ class LayerNorm(_Norm):
     _rms = False
 
     def __init__(self, normalized_shape, *, axis=-1, eps=1e-5, affine=True, dtype=np.float64):
-        shape, self.axis = _feature_axis(normalized_shape, axis)
+        shape, self.axis = _feature_axis(normalized_shape, axis, type(self).__name__)
         super().__init__(shape, eps=eps, affine=affine, dtype=dtype)
         self.normalized_shape = shape
 
@@ -131,12 +165,12 @@ class LayerNorm(_Norm):
             with _float64_stats():
                 y, rstd = F.rms_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
                                      return_stats=True)
-            self._saved = (x, None, rstd, mask)
+            self._saved = (self._input_copy(x), None, rstd, _mask_copy(mask))
         else:
             with _float64_stats():
                 y, mean, rstd = F.layer_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
                                              return_stats=True)
-            self._saved = (x, mean, rstd, mask)
+            self._saved = (self._input_copy(x), mean, rstd, _mask_copy(mask))
         return y
 
     def backward(self, dy):
@@ -160,19 +194,28 @@ class BatchNorm(_Norm):
     In training the batch statistics normalize and, with ``track_running_stats``, update
     ``running_mean``/``running_var`` (momentum, unbiased variance); in eval the running
     statistics normalize. Without ``track_running_stats`` batch statistics are always used.
+    ``momentum=None`` is PyTorch's cumulative moving average: the running statistics are the plain
+    average of every training batch's (each update uses ``1 / num_batches_tracked``).
     """
 
     def __init__(self, num_features, *, axis=-1, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float64):
-        super().__init__((int(num_features),), eps=eps, affine=affine, dtype=dtype)
+        C = ck.whole_number(num_features, "num_features", "BatchNorm", 1)
+        super().__init__((C,), eps=eps, affine=affine, dtype=dtype)
+        if momentum is not None:
+            value = ck.real_number(momentum, "momentum", "BatchNorm")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"BatchNorm: momentum must be in [0, 1] or None; got {momentum!r}")
         self.axis, self.momentum = axis, momentum
-        self.track_running_stats = track_running_stats
-        self.running_mean = np.zeros(num_features, dtype=dtype) if track_running_stats else None
-        self.running_var = np.ones(num_features, dtype=dtype) if track_running_stats else None
+        self.track_running_stats = ck.check_bool(track_running_stats, "track_running_stats", "BatchNorm")
+        self.running_mean = np.zeros(C, dtype=dtype) if track_running_stats else None
+        self.running_var = np.ones(C, dtype=dtype) if track_running_stats else None
+        self.num_batches_tracked = 0      # training calls that updated the running statistics
 
     def _option_args(self):
         tracking = [] if self.track_running_stats else ["track_running_stats=False"]
-        return [f"momentum={float(self.momentum)!r}", *tracking]
+        momentum = None if self.momentum is None else float(self.momentum)
+        return [f"momentum={momentum!r}", *tracking]
 
     def __repr__(self):
         return f"{super().__repr__()[:-1]}, training={self.training})"
@@ -180,11 +223,17 @@ class BatchNorm(_Norm):
     def __call__(self, x, mask=None):
         self._check_features(x)
         batch_stats = self.training or not self.track_running_stats
+        updates = self.training and self.track_running_stats
+        momentum = self.momentum
+        if momentum is None:              # PyTorch's cumulative moving average: every batch weighs the same
+            momentum = 1.0 / (self.num_batches_tracked + 1)
         with _float64_stats():
             y, mean, rstd = F.batch_norm(x, self.weight, self.bias, axis=self.axis, running_mean=self.running_mean,
                                          running_var=self.running_var, training=batch_stats,
-                                         momentum=self.momentum, eps=self.eps, mask=mask, return_stats=True)
-        self._saved = (x, mean, rstd, mask, batch_stats)
+                                         momentum=momentum, eps=self.eps, mask=mask, return_stats=True)
+        if updates and np.size(y):        # an empty batch leaves the running statistics as they were
+            self.num_batches_tracked += 1
+        self._saved = (self._input_copy(x), mean, rstd, _mask_copy(mask), batch_stats)
         return y
 
     def backward(self, dy):
@@ -229,8 +278,12 @@ class GroupNorm(_Norm):
     """Group norm: ``num_channels`` channels along ``axis`` in ``num_groups`` consecutive groups."""
 
     def __init__(self, num_groups, num_channels, *, axis=-1, eps=1e-5, affine=True, dtype=np.float64):
-        super().__init__((int(num_channels),), eps=eps, affine=affine, dtype=dtype)
-        self.num_groups, self.axis = num_groups, axis
+        C = ck.whole_number(num_channels, "num_channels", "GroupNorm", 1)
+        G = ck.whole_number(num_groups, "num_groups", "GroupNorm", 1)
+        if C % G:
+            raise ValueError(f"GroupNorm: num_groups={G} does not divide num_channels={C}")
+        super().__init__((C,), eps=eps, affine=affine, dtype=dtype)
+        self.num_groups, self.axis = G, axis
 
     def _size_args(self):
         return [str(self.num_groups), str(self.weight_shape[0])]
@@ -240,7 +293,7 @@ class GroupNorm(_Norm):
         with _float64_stats():
             y, mean, rstd = F.group_norm(x, self.num_groups, self.weight, self.bias, axis=self.axis, eps=self.eps,
                                          mask=mask, return_stats=True)
-        self._saved = (x, mean, rstd, mask)
+        self._saved = (self._input_copy(x), mean, rstd, _mask_copy(mask))
         return y
 
     def backward(self, dy):
@@ -253,7 +306,7 @@ class InstanceNorm(_Norm):
     """Instance norm of ``num_features`` channels along ``axis``; no affine parameters by default."""
 
     def __init__(self, num_features, *, axis=-1, eps=1e-5, affine=False, dtype=np.float64):
-        super().__init__((int(num_features),), eps=eps, affine=affine, dtype=dtype)
+        super().__init__((ck.whole_number(num_features, "num_features", "InstanceNorm", 1),), eps=eps, affine=affine, dtype=dtype)
         self.axis = axis
 
     _default_affine = False
@@ -263,7 +316,7 @@ class InstanceNorm(_Norm):
         with _float64_stats():
             y, mean, rstd = F.instance_norm(x, self.weight, self.bias, axis=self.axis, eps=self.eps, mask=mask,
                                             return_stats=True)
-        self._saved = (x, mean, rstd, mask)
+        self._saved = (self._input_copy(x), mean, rstd, _mask_copy(mask))
         return y
 
     def backward(self, dy):

@@ -388,6 +388,53 @@ static void test_streamed_rows(void)
     check_close("streamed channel rows differing", bad, 0, 0);
 }
 
+/* Checked sizes: products past INT64_MAX are FN_ENOMEM; kernels refuse zero-stride views whose
+ * scratch could not exist (2**60 elements in one group, 2**61 in one batch-norm plane) before
+ * touching memory; the thread slices of 2**63 - 1 items cover them exactly, without overflow. */
+typedef struct {
+    int64_t begin[3], end[3];
+} slices_seen;
+
+static int record_slice(void *ctx, int64_t begin, int64_t end, int part)
+{
+    slices_seen *seen = ctx;
+    seen->begin[part] = begin, seen->end[part] = end;
+    return FN_OK;
+}
+
+static void test_size_checks(void)
+{
+    int64_t n = -1;
+    size_t bytes = 0;
+    check_close("size 3 * 5 + 1", fn_mul_add_size(3, 5, 1, &n) == FN_OK && n == 16, 1, 0);
+    check_close("size 2**62 * 2 overflows", fn_mul_add_size((int64_t)1 << 62, 2, 0, &n), FN_ENOMEM, 0);
+    check_close("size INT64_MAX + 1 overflows", fn_mul_add_size(INT64_MAX, 1, 1, &n), FN_ENOMEM, 0);
+    check_close("size negative", fn_mul_add_size(-1, 1, 0, &n), FN_ENOMEM, 0);
+    check_close("bytes (2 * 2**59 + 1) doubles", fn_array_bytes(2, (int64_t)1 << 59, 1, 8, &bytes), FN_ENOMEM, 0);
+    check_close("bytes (2 * 7 + 1) doubles", fn_array_bytes(2, 7, 1, 8, &bytes) == FN_OK && bytes == 120, 1, 0);
+
+    double one = 1.0, sink = 0.0, mean = 0.0, rstd = 0.0, count = 0.0, var = 0.0;
+    fn_mask none = {0};
+    const int64_t big = (int64_t)1 << 60;
+    int st = group_norm_forward(view_f64(&sink, 0, 0, 0, 0), &mean, &rstd, view_f64(&one, 0, 0, 0, 0), NULL, NULL,
+                                none, 1, 1, big, 1, 0.0, 0, 2);
+    check_close("group of 2**60 zero-stride elements", st, FN_ENOMEM, 0);
+    double dw = 0.0, db = 0.0;
+    st = group_norm_backward(view_f64(&sink, 0, 0, 0, 0), &dw, &db, view_f64(&one, 0, 0, 0, 0),
+                             view_f64(&one, 0, 0, 0, 0), &mean, &rstd, NULL, none, 1, 1, 1, big, 0, 2);
+    check_close("backward group of 2**60 elements", st, FN_ENOMEM, 0);
+    st = channel_moments(&count, &mean, &var, view_f64(&one, 0, 0, 0, 0), none, 1, 1, 2 * big, 2);
+    check_close("batch-norm plane of 2**61 elements", st, FN_ENOMEM, 0);
+    check_close("nothing written", sink, 0.0, 0);
+
+    slices_seen seen = {{0}, {0}};
+    st = fn_parallel_for(3, INT64_MAX, record_slice, &seen);
+    int exact = st == FN_OK && seen.begin[0] == 0 && seen.end[2] == INT64_MAX;
+    for (int p = 0; p < 3; p++) exact &= seen.end[p] - seen.begin[p] >= INT64_MAX / 3;
+    for (int p = 0; p < 2; p++) exact &= seen.end[p] == seen.begin[p + 1];
+    check_close("slices of 2**63 - 1 items", exact, 1, 0);
+}
+
 int main(void)
 {
     test_layer_norm_row();
@@ -402,6 +449,7 @@ int main(void)
     test_half_sums();
     test_threads_agree();
     test_streamed_rows();
+    test_size_checks();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }
