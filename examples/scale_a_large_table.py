@@ -16,6 +16,7 @@ the throughput and that peak, and checks the result (every feature: mean 0, std 
 
     python examples/scale_a_large_table.py [--gib 1.5] [--budget-mib 512] [--chunk-mib 64] [--threads 2]
 """
+# gallery arguments: --gib 0.125 --budget-mib 64 --chunk-mib 8
 from __future__ import annotations
 
 import argparse
@@ -124,7 +125,7 @@ def standardize_on_disk(src, dst, chunk_mib=64, threads=2, progress=True):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--gib", type=float, default=1.5, help="table size in GiB (default 1.5)")
     parser.add_argument("--budget-mib", type=float, default=512, help="memory budget in MiB (default 512)")
     parser.add_argument("--features", type=int, default=256)

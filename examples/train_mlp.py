@@ -336,4 +336,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if status := main():        # exit only on failure: the docs gallery runs this file as a script
+        sys.exit(status)

@@ -9,8 +9,9 @@
 - ``scrape_figures``: the demos draw on matplotlib Figures of their own (an Agg canvas, never
   pyplot), which sphinx-gallery's matplotlib scraper does not see; this saves every such Figure
   a script holds in a variable (or in a dict or list in one).
-- ``script_arguments``: the command line a gallery script runs with: ``--plot FILE`` for the
-  examples that save their figure that way (the figure stays open in pyplot for the scraper).
+- ``script_arguments``: the command line a gallery script runs with: what its
+  ``# gallery arguments:`` line asks for (a smaller run), and ``--plot FILE`` for the examples
+  that save their figure that way (the figure stays open in pyplot for the scraper).
 """
 from __future__ import annotations
 
@@ -168,10 +169,17 @@ def scrape_figures(block, block_vars, gallery_conf):
     return rst
 
 
+GALLERY_ARGUMENTS = "# gallery arguments:"
+
+
 def script_arguments(gallery_conf, script_vars):
-    """sys.argv[1:] for a gallery script: ``--plot FILE`` when the script takes that option."""
+    """sys.argv[1:] for a gallery script: the words after a ``# gallery arguments:`` line in it (a
+    smaller run for the docs), and ``--plot FILE`` when the script takes that option."""
     with open(script_vars["src_file"], encoding="utf-8") as f:
-        if '"--plot"' not in f.read():
-            return []
+        text = f.read()
+    args = [word for line in text.splitlines() if line.startswith(GALLERY_ARGUMENTS)
+            for word in line[len(GALLERY_ARGUMENTS):].split()]
+    if '"--plot"' not in text:
+        return args
     name = os.path.splitext(os.path.basename(script_vars["src_file"]))[0]
-    return ["--plot", os.path.join(tempfile.gettempdir(), f"fastnorm-docs-{name}.png")]
+    return [*args, "--plot", os.path.join(tempfile.gettempdir(), f"fastnorm-docs-{name}.png")]

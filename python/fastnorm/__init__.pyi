@@ -16,6 +16,7 @@ __all__ = [
     "group_norm_backward",
     "LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm",
     "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
+    "Moments", "moments",
     "show_config", "bench",
 ]
 

@@ -254,7 +254,8 @@ def shares_memory(a, b) -> bool:
     if not np.may_share_memory(a, b):
         return False
     try:
-        return bool(np.shares_memory(a, b, max_work=1 << 16))
+        # NumPy's stub admits only -1 (exact) and 0 (bounds); the function takes any bound on its work
+        return bool(np.shares_memory(a, b, max_work=1 << 16))  # type: ignore[arg-type]
     except np.exceptions.TooHardError:
         return True
 

@@ -206,6 +206,6 @@ def moments(x, axis=-1, *, mask=None) -> Moments:
     m = ck.check_mask(mask, arr.shape[:ax] + arr.shape[ax + 1:], fn)
     m = None if m is None else m.reshape(view[0], view[2])
     xv = ck.input_view(arr, tuple(range(arr.ndim)), view)
-    out = [np.empty(view[1]) for _ in FIELDS]
-    _core.channel_summary(*out, xv, m, get_num_threads())
-    return Moments._of(*out)
+    count, mean, m2, lo, hi = (np.empty(view[1]) for _ in FIELDS)
+    _core.channel_summary(count, mean, m2, lo, hi, xv, m, get_num_threads())
+    return Moments._of(count, mean, m2, lo, hi)

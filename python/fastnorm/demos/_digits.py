@@ -17,7 +17,7 @@ class DataUnavailable(RuntimeError):
 def require_sklearn() -> None:
     """Raise DataUnavailable with the install command when scikit-learn is missing."""
     try:
-        import sklearn  # noqa: F401
+        import sklearn  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         raise DataUnavailable(
             "this demo trains on scikit-learn's handwritten digits, and scikit-learn is not installed; "
@@ -27,7 +27,7 @@ def require_sklearn() -> None:
 @functools.lru_cache(maxsize=1)
 def _load():
     require_sklearn()
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     digits = load_digits()
     images = digits.images.astype(np.float64)
@@ -49,7 +49,7 @@ def digits_split(seed: int = 0, test_size: int = 450) -> dict:
 
     Returns dict(x_train (n, 64), y_train, x_test (450, 64), y_test, mean, std).
     """
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
 
     images, target = _load()
     x = images.reshape(len(images), -1)

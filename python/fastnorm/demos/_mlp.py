@@ -51,9 +51,10 @@ class MLP:
             n = fastnorm.batch_norm(a, self.gamma[i], self.beta[i], running_mean=self.running_mean[i],
                                     running_var=self.running_var[i], training=False, eps=EPS)
             return n, None, None
-        running = dict(running_mean=self.running_mean[i], running_var=self.running_var[i]) if mode == "train" else {}
+        update = mode == "train"                              # "batch" leaves the running statistics alone
         return fastnorm.batch_norm(a, self.gamma[i], self.beta[i], momentum=self.momentum, eps=EPS,
-                                   return_stats=True, **running)
+                                   running_mean=self.running_mean[i] if update else None,
+                                   running_var=self.running_var[i] if update else None, return_stats=True)
 
     def forward(self, x, mode: str = "train"):
         """Logits of x and what backward needs.
@@ -167,6 +168,8 @@ def evaluate(model: MLP, x, y, mode: str = "eval", batch_size: int | None = None
         finally:
             model.set_running_statistics(saved)
     else:
+        if batch_size is None:
+            raise TypeError(f"evaluate: mode {mode!r} needs batch_size, an int; got None")
         starts = [s for s in range(0, len(x), batch_size) if len(x) - s >= 2]
         logits = np.concatenate([model.forward(x[s:s + batch_size], "batch")[0] for s in starts])
         y = y[:len(logits)]

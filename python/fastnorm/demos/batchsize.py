@@ -26,6 +26,8 @@ large it is depends on the momentum and on how fast the weights still move.
 """
 from __future__ import annotations
 
+from typing import Any, TypedDict
+
 import numpy as np
 
 import fastnorm
@@ -47,8 +49,19 @@ SECOND_EMBEDDINGS = np.array([
 ])
 SECOND_LENGTHS = (3, 1)
 MOMENTUM = 0.1
+
+
+class _RunningSetup(TypedDict):
+    """Settings of the running-vs-exact statistics experiment."""
+    batch_size: int
+    momenta: tuple[float, ...]
+    lr: float
+    hidden: tuple[int, ...]
+    evals_per_epoch: int
+
+
 # running statistics vs exact: an MLP trained with batch norm at batch size 128
-RUNNING = dict(batch_size=128, momenta=(0.1, 0.01), lr=3e-3, hidden=(64, 64), evals_per_epoch=2)
+RUNNING = _RunningSetup(batch_size=128, momenta=(0.1, 0.01), lr=3e-3, hidden=(64, 64), evals_per_epoch=2)
 FULL = dict(seeds=5, epochs=6)
 QUICK = dict(seeds=3, epochs=2)
 
@@ -86,7 +99,7 @@ def noise(x, batch_sizes=BATCH_SIZES, repeats: int = REPEATS, seed: int = 0) -> 
     pop_mean, pop_std = x.mean(axis=0), x.std(axis=0)
     rng = np.random.default_rng(seed)
     ln_alone = fastnorm.layer_norm(x[:1], eps=EPS)
-    out = {k: np.zeros(len(batch_sizes)) for k in ("mean_sd", "std_sd", "image_sd", "layer_max_diff")}
+    out: dict[str, Any] = {k: np.zeros(len(batch_sizes)) for k in ("mean_sd", "std_sd", "image_sd", "layer_max_diff")}
     out["batches"], out["image_batches"] = {}, {}
     for k, B in enumerate(batch_sizes):
         batches = np.stack([rng.choice(N, B, replace=False) for _ in range(repeats)])

@@ -52,7 +52,8 @@ def conv_valid(images, filters) -> np.ndarray:
 def transformed(images, seed: int = 0) -> dict:
     """Per-image a_i, b_i and the three transformed copies of the images."""
     rng = np.random.default_rng(seed)
-    a = np.exp(rng.uniform(*np.log(CONTRAST), len(images)))[:, None, None]
+    log_low, log_high = np.log(CONTRAST)
+    a = np.exp(rng.uniform(log_low, log_high, len(images)))[:, None, None]
     b = rng.uniform(*BRIGHTNESS, len(images))[:, None, None]
     return dict(a=a[:, 0, 0], b=b[:, 0, 0], contrast=a * images, brightness=images + b, both=a * images + b)
 
@@ -86,7 +87,7 @@ def measure(seed: int = 0) -> dict:
 def summary(r: dict) -> str:
     """Which feature-map norms cancel what, read off the measured deviations (< INVARIANT)."""
     dev = r["feature_deviation"]
-    groups = {"both": [], "contrast only": [], "neither": []}
+    groups: dict[str, list[str]] = {"both": [], "contrast only": [], "neither": []}
     for key, (name, _) in FEATURE_NORMS.items():
         c, b = dev["contrast"][key] < INVARIANT, dev["brightness"][key] < INVARIANT
         groups["both" if c and b else "contrast only" if c else "neither" if not b else "brightness only"] \

@@ -144,7 +144,7 @@ def _print(r: dict) -> None:
 
 def _only_invariant(r: dict) -> str:
     """'Only layer norm is invariant to ...; only batch norm to ...', from the measured table."""
-    parts = []
+    parts: list[str] = []
     for m in r["methods"]:
         alone = [t for t in r["transforms"] if r["invariant"][m][t]
                  and not any(r["invariant"][o][t] for o in r["methods"] if o != m)]

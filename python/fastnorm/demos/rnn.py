@@ -468,8 +468,9 @@ def _statistics_figure(r: dict):
     ax_stat.legend(fontsize=8, loc="upper left")
     ax_stat.grid(alpha=0.3)
     ratio = seeds["std_ratio"][:, defined].mean(axis=0)
-    k = int(np.argmin(ratio))
+    lowest = int(np.argmin(ratio))
     fig.suptitle(f"Batch norm per time step over a zero-padded batch: counting the padding shrinks the std of a_t to "
-                 f"{ratio[k]:.2f} of the real\nsequences' (t = {t[k]}), and from t = {undefined[0] if len(undefined) else '-'} "
+                 f"{ratio[lowest]:.2f} of the real\nsequences' (t = {t[lowest]}), "
+                 f"and from t = {undefined[0] if len(undefined) else '-'} "
                  "fewer than 2 sequences remain, so there are no statistics at all")
     return fig

@@ -199,7 +199,7 @@ def train(arm: str, seed: int, steps: int, eval_every: int, test) -> dict:
     keys = list(p)
     opt = _mlp.Adam([p[k] for k in keys], LR)
     rng = np.random.default_rng([seed, 2])
-    curve = dict(step=[], batch=[], eval=[], loss=[])
+    curve: dict[str, list[float]] = dict(step=[], batch=[], eval=[], loss=[])
     for step in range(1, steps + 1):
         tokens, mask, labels = make_batch(rng, BATCH)
         loss, g = loss_and_grads(p, tokens, mask, labels, arm, running)
