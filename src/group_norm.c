@@ -108,13 +108,18 @@ FN_OUT_OF_LINE void affine_group_in_double(void *y, const void *x, int dtype, in
     }
 }
 
-/* The largest |w[k]|, k < n: the float paths' bound for r * w (float_arithmetic_fits). */
+/* The largest |w[k]|, k < n: the float paths' bound for r * w (float_arithmetic_fits). Partial
+ * maxima of 32 lanes are independent, so the scan is not one chain of dependent max operations. */
 FN_INLINE double max_abs_f32(const float *w, int64_t n)
 {
-    float m = 0.0f;
-#pragma omp simd reduction(max : m)
-    for (int64_t k = 0; k < n; k++) m = fabsf(w[k]) > m ? fabsf(w[k]) : m;
-    return (double)m;
+    float part[32] = {0.0f}, m = 0.0f;
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32)
+        for (int j = 0; j < 32; j++) part[j] = fabsf(w[k + j]) > part[j] ? fabsf(w[k + j]) : part[j];
+    for (; k < n; k++) m = fabsf(w[k]) > m ? fabsf(w[k]) : m;
+    for (int half = 16; half > 0; half /= 2)                 /* halving: each step one vector max */
+        for (int j = 0; j < half; j++) part[j] = part[j + half] > part[j] ? part[j + half] : part[j];
+    return (double)(part[0] > m ? part[0] : m);
 }
 
 /* affine_group_f32 of a row, as a function of its own: inlined into the loop of rows_f32_slice,

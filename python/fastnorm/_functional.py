@@ -22,7 +22,7 @@ import numpy as np
 from . import _checks as ck
 from . import _core
 from . import _threads
-from ._dispatch import dask_aware
+from ._dispatch import dask_aware, dask_function, is_dask
 from ._threads import get_num_threads
 
 __all__ = [
@@ -460,7 +460,6 @@ def _group_backward(fn, plan: GroupPlan, dy, arr, mean, rstd, weight, mask, rms,
             dbias.reshape(plan.param_shape).astype(dtype))
 
 
-@dask_aware
 def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`layer_norm`: ``(dx, dweight, dbias)``.
 
@@ -490,13 +489,14 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, mask=None, o
         grads = _core.rows_backward_fast(dy, x, mean, rstd, weight, out, False, _threads.num_threads)
         if grads is not NotImplemented:
             return grads
+    if is_dask(dy):
+        return dask_function("layer_norm_backward")(dy, x, mean, rstd, weight, axis=axis, mask=mask, out=out)
     fn = "layer_norm_backward"
     arr = ck.as_input(x, "x", fn)
     plan = _layer_plan(arr.shape, axis, fn)
     return _group_backward(fn, plan, dy, arr, mean, rstd, weight, mask, rms=False, out=out)
 
 
-@dask_aware
 def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None):
     """Gradients of :func:`rms_norm`: ``(dx, dweight, dbias)``.
 
@@ -518,6 +518,8 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None)
         grads = _core.rows_backward_fast(dy, x, None, rstd, weight, out, True, _threads.num_threads)
         if grads is not NotImplemented:
             return grads
+    if is_dask(dy):
+        return dask_function("rms_norm_backward")(dy, x, rstd, weight, axis=axis, mask=mask, out=out)
     fn = "rms_norm_backward"
     arr = ck.as_input(x, "x", fn)
     plan = _layer_plan(arr.shape, axis, fn)
