@@ -202,10 +202,7 @@ def _ort_session(node, opsets, x, w, b, threads):
     model = h.make_model(graph, opset_imports=[h.make_opsetid(d, v) for d, v in opsets.items()])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or os.cpu_count()
-    opts.inter_op_num_threads = 1
-    # ORT's idle workers spin after each run by default, taking cores from the implementation
-    # timed next in the round; with spinning off they sleep, as fastnorm's and torch's do.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.inter_op_num_threads = 1       # ORT's defaults otherwise (its workers spin while idle)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -228,14 +225,14 @@ def ort_forward(case, x, w, b, threads):
         PEER_NOTES.setdefault(("ort", f"ran {what}"), []).append(f"{case.label} {x.dtype.name}")
         binding = sess.io_binding()
         binding.bind_cpu_input("X", x)
+        # ORT writes into these arrays' memory: run() holds them as long as the binding lives
         outputs = {name: np.empty_like(x if name == "Y" else w) for name in node.output}
         for name, a in outputs.items():
             binding.bind_output(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
-        y = outputs["Y"]
 
         def run():
             sess.run_with_iobinding(binding)
-            return y
+            return outputs["Y"]
         return run
     return "onnxruntime refuses " + "; ".join(refusals)
 
