@@ -5,8 +5,8 @@ Build (offline, warnings are errors):  python -m sphinx -W -b html docs docs/_bu
 Pages: the landing page, the "Batch norm vs layer norm" tutorial (a MyST notebook executed at
 build), the API reference (numpydoc, from the docstrings of the installed fastnorm), the gallery
 (sphinx-gallery runs every script in examples/ and one generated script per teaching demo), the
-notebooks of examples/ (executed at build by myst-nb), the benchmark table, and the contract,
-decisions and robustness pages (docs/*.md as they are).
+notebooks of examples/ (executed at build by myst-nb), the benchmark table, and the performance,
+contract, decisions and robustness pages (docs/*.md as they are).
 """
 import os
 import sys

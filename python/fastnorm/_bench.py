@@ -3,7 +3,7 @@
 A short run (about 6 s on 2 cores; ``quick=True``: about 1 s) in the spirit of bottleneck's
 ``bn.bench()``: each case times a fastnorm call and the NumPy code a user would write for it,
 interleaved round by round, and reports the ratio. ``benchmarks/run.py`` in the source tree is
-the full benchmark (PyTorch, a memory copy, output reuse, threads).
+the full benchmark (PyTorch, ONNX Runtime, JAX, a memory copy, output reuse, threads).
 """
 from __future__ import annotations
 
