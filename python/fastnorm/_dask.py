@@ -483,13 +483,11 @@ def _batch_norm_backward(dy, x, mean, rstd, weight, axis, training, mask, out):
     _no_out(out, fn)
     dtype = _result_dtype(x, fn)
     ax = _feature_axis(dy, axis, fn)
-    C = dy.shape[ax]
     dy, x = _grad_inputs(fn, dy, x, ())
     others = tuple(a for a in range(x.ndim) if a != ax)
     idx = LETTERS[:x.ndim]
-    operands = {name: _param_operand(ck.check_stat(s, name, (C,), fn), x, (ax,))
-                for name, s in (("mean", mean), ("rstd", rstd))}
-    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}", x.shape, (ax,))
+    mu, r, w = F._batch_grad_args(x.shape, ax, mean, rstd, weight, fn)
+    operands = {"mean": _param_operand(mu, x, (ax,)), "rstd": _param_operand(r, x, (ax,))}
     if w is not None:
         operands["weight"] = _param_operand(w, x, (ax,))
     if mask is not None:

@@ -597,9 +597,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     ck.same_shape(g, arr, fn)
     ax, view = _channel_plan(arr.shape, axis, fn)
     O, C, S = view
-    mu = ck.check_stat(mean, "mean", (C,), fn)
-    r = ck.check_stat(rstd, "rstd", (C,), fn)
-    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}", arr.shape, (ax,))
+    mu, r, w = _batch_grad_args(arr.shape, ax, mean, rstd, weight, fn)
     ck.check_out(out, arr.shape, arr.dtype, fn)
     m = ck.detach(_mask_2d(mask, arr.shape[:ax] + arr.shape[ax + 1:], O, S, fn), (out,))
     identity = tuple(range(arr.ndim))
@@ -615,6 +613,14 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
 # Batch norm's gradients in two steps, so that a chunked x (fastnorm._dask) can sum over all its
 # blocks before any dx is written: the per-feature sums over the batch (sums of parts add up to the
 # sums of the whole), then dx, dweight and dbias from those sums.
+
+def _batch_grad_args(shape, ax, mean, rstd, weight, fn):
+    """batch_norm_backward's mean, rstd and weight checked for x of `shape` with the features
+    along `ax`, as float64 copies."""
+    C = shape[ax]
+    return (ck.check_stat(mean, "mean", (C,), fn), ck.check_stat(rstd, "rstd", (C,), fn),
+            ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}", shape, (ax,)))
+
 
 def _channel_grad_sums(gv, xv, mean, mask):
     """``(sum(dy), sum(dy * (x - mean)), n)`` per feature of the (O, C, S) views dy and x, over
