@@ -176,6 +176,11 @@ def test_distributed_local_cluster(rng):
         close(fastnorm.layer_norm(X).compute(), fastnorm.layer_norm(x), np.float32)
         got = fastnorm.moments(X)
         np.testing.assert_allclose(got.var(), fastnorm.moments(x).var(), rtol=1e-12)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        _, mean, rstd = fastnorm.batch_norm(x, mask=mask, return_stats=True)
+        grads = fastnorm.batch_norm_backward(da.from_array(dy, chunks=(30, 2)), X, mean, rstd, mask=mask)
+        for g, want in zip(dask.compute(*grads), fastnorm.batch_norm_backward(dy, x, mean, rstd, mask=mask)):
+            close(g, want, np.float32)
         parts = client.gather(client.map(fastnorm.moments, np.array_split(x, 4)))   # Moments pickled back
         np.testing.assert_allclose(fastnorm.Moments.merge(*parts).mean, got.mean, rtol=1e-14)
 
@@ -198,6 +203,8 @@ def test_gradients_of_dask(rng, chunks, dtype):
             d, v, *fastnorm.group_norm(x, 5, return_stats=True)[1:], 5),
         "batch_norm_eval": lambda d, v: fastnorm.batch_norm_backward(
             d, v, *fastnorm.batch_norm(x, axis=1, return_stats=True)[1:], w7, axis=1, training=False),
+        "batch_norm": lambda d, v: fastnorm.batch_norm_backward(
+            d, v, *fastnorm.batch_norm(x, return_stats=True)[1:], w5),
     }
     for name, f in cases.items():
         with no_compute():
@@ -205,5 +212,89 @@ def test_gradients_of_dask(rng, chunks, dtype):
         for g, want in zip(got, f(dy, x)):
             assert isinstance(g, da.Array), name
             close(g.compute(), want, dtype)
-    with pytest.raises(TypeError, match="training=True with dask arrays is not supported"):
-        fastnorm.batch_norm_backward(DY, X, np.zeros(5), np.ones(5))
+
+
+# chunkings of a (60, 7, 5) array: batch axis split or whole, feature axis (1 or -1) split or whole
+BN_CHUNKINGS = [(13, 7, 5), (7, 3, 2), (60, 2, 5), (60, 7, 5), (1, 7, 1), (25, 4, 3)]
+
+
+@pytest.mark.parametrize("chunks", BN_CHUNKINGS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_batch_norm_backward_training(rng, chunks, dtype, axis):
+    """dx needs sums over the whole batch: one reduction of the blocks' sums, then dx per block.
+    Against the in-memory call, with NumPy and dask masks, and against a float64 NumPy reference."""
+    x = (rng.standard_normal((60, 7, 5)) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal((60, 7, 5)).astype(dtype)
+    ax = axis % 3
+    mask_shape = tuple(n for a, n in enumerate(x.shape) if a != ax)
+    mask = rng.random(mask_shape) > 0.3
+    C = x.shape[ax]
+    weight = rng.standard_normal(C)
+    X, DY = da.from_array(x, chunks=chunks), da.from_array(dy, chunks=chunks)
+    M = da.from_array(mask, chunks=tuple(max(1, n // 3) for n in mask_shape))   # not x's chunks
+    for m, dask_m, w in ((None, None, weight), (mask, M, None), (mask, mask, weight)):
+        _, mean, rstd = fastnorm.batch_norm(x, axis=axis, mask=m, return_stats=True)
+        with no_compute():
+            got = fastnorm.batch_norm_backward(DY, X, mean, rstd, w, axis=axis, mask=dask_m)
+        want = fastnorm.batch_norm_backward(dy, x, mean, rstd, w, axis=axis, mask=m)
+        for g, v in zip(got, want):
+            assert isinstance(g, da.Array) and g.dtype == dtype
+            close(g.compute(scheduler="threads"), v, dtype)
+    # the formula itself, in float64 (mask and weight as in the last case)
+    xm = np.moveaxis(x.astype(np.float64), ax, -1)[mask]          # (n, C): the real rows
+    gm = np.moveaxis(dy.astype(np.float64), ax, -1)[mask]
+    xhat = (xm - xm.mean(0)) / np.sqrt(xm.var(0) + 1e-5)
+    wr = weight / np.sqrt(xm.var(0) + 1e-5)
+    dx = wr * (gm - gm.mean(0) - xhat * (gm * xhat).mean(0))
+    got_dx = np.moveaxis(got[0].compute().astype(np.float64), ax, -1)
+    tol = {np.float64: 1e-10, np.float32: 1e-4, np.float16: 5e-2}[dtype]
+    np.testing.assert_allclose(got_dx[mask], dx, rtol=0, atol=tol * max(1.0, np.abs(dx).max()))
+    assert not got_dx[~mask].any()                                 # padding gets dx = 0
+    np.testing.assert_allclose(got[1].compute(), (gm * xhat).sum(0), rtol=0, atol=tol * 60 * 7)
+    np.testing.assert_allclose(got[2].compute(), gm.sum(0), rtol=0, atol=tol * 60 * 7)
+
+
+def test_batch_norm_backward_dask_awkward(rng):
+    """A NumPy x with a dask dy, integer x, Fortran-ordered and strided blocks, an empty batch,
+    a mask with no real element, NaN in one feature; and the errors at the call."""
+    x = np.asfortranarray(rng.standard_normal((40, 6)) * 1e-3 + 1e4)[:, ::-1]
+    dy = rng.standard_normal((40, 6))
+    _, mean, rstd = fastnorm.batch_norm(x, return_stats=True)
+    DY = da.from_array(dy, chunks=(9, 4))
+    for got, want in ((fastnorm.batch_norm_backward(DY, x, mean, rstd),
+                       fastnorm.batch_norm_backward(dy, x, mean, rstd)),
+                      (fastnorm.batch_norm_backward(DY, da.from_array(x, chunks=(7, 6)), mean, rstd),
+                       fastnorm.batch_norm_backward(dy, x, mean, rstd))):
+        for g, v in zip(got, want):
+            close(g.compute(), v, np.float64)
+    xi = rng.integers(-5, 5, (30, 3))
+    _, mean, rstd = fastnorm.batch_norm(xi, return_stats=True)
+    got = fastnorm.batch_norm_backward(da.from_array(dy[:30, :3], chunks=7), da.from_array(xi, chunks=7), mean, rstd)
+    for g, v in zip(got, fastnorm.batch_norm_backward(dy[:30, :3], xi, mean, rstd)):
+        close(g.compute(), v, np.float64)
+    empty = np.zeros((0, 3))
+    got = fastnorm.batch_norm_backward(da.from_array(empty), da.from_array(empty), np.zeros(3), np.ones(3))
+    for g, v in zip(got, fastnorm.batch_norm_backward(empty, empty, np.zeros(3), np.ones(3))):
+        close(g.compute(), v, np.float64)
+    none_real = np.zeros(40, bool)
+    got = fastnorm.batch_norm_backward(DY, x, mean[:1].repeat(6), rstd[:1].repeat(6), mask=none_real)
+    for g, v in zip(got, fastnorm.batch_norm_backward(dy, x, mean[:1].repeat(6), rstd[:1].repeat(6),
+                                                      mask=none_real)):
+        close(g.compute(), v, np.float64)
+    xn = x.copy()
+    xn[3, 2] = np.nan
+    _, mean, rstd = fastnorm.batch_norm(xn, return_stats=True)
+    got = fastnorm.batch_norm_backward(DY, da.from_array(xn, chunks=(9, 4)), mean, rstd)
+    for g, v in zip(got, fastnorm.batch_norm_backward(dy, xn, mean, rstd)):
+        close(g.compute(), v, np.float64)
+    with pytest.raises(TypeError, match="out= cannot be used with a dask array"):
+        fastnorm.batch_norm_backward(DY, x, mean, rstd, out=np.empty((40, 6)))
+    with pytest.raises(ValueError, match="dy has shape"):
+        fastnorm.batch_norm_backward(DY[:20], x, mean, rstd)
+    with pytest.raises(ValueError, match="rstd has shape"):
+        fastnorm.batch_norm_backward(DY, x, mean, rstd[:5])
+    with pytest.raises(ValueError, match="mask has shape"):
+        fastnorm.batch_norm_backward(DY, x, mean, rstd, mask=np.ones(6, bool))
+    with pytest.raises(TypeError, match="training"):
+        fastnorm.batch_norm_backward(DY, x, mean, rstd, training="yes")

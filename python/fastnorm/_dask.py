@@ -11,8 +11,9 @@ name, checks its arguments at the call (as that function does) and returns a das
   every block (the C kernel of :func:`fastnorm.moments`), one tree reduction merging them per
   feature (``da.reduction`` with :func:`fastnorm._moments.merge_arrays`), then the NumPy function
   on every block with the statistics of its features (``stats=``, or batch norm's eval mode).
-- Gradients (per-sample ones, and batch norm's with ``training=False``): dx per block, dweight and
-  dbias the sums of the blocks'.
+- Gradients of per-sample functions: dx per block, dweight and dbias the sums of the blocks'.
+  Batch norm's: the per-feature sums dx needs (sum(dy), sum(dy * (x - mean)), the count), of
+  every block, added up over the blocks; then dx per block, and dweight and dbias, from them.
 
 Results equal the NumPy call on the computed array to rounding: the same kernels run on each
 block, and only the statistics of per-feature functions are merged in another order.
@@ -28,6 +29,7 @@ import fastnorm
 
 from . import _checks as ck
 from . import _functional as F
+from . import _data as D
 from ._data import scale_to_range
 from ._moments import FIELDS, Moments, merge_arrays
 
@@ -79,6 +81,22 @@ def _param_operand(p, x, axes):
 
 # ---- per-sample functions ------------------------------------------------------------------------
 
+def _layer_axes(fn, x, axis, out):
+    """Layer/RMS norm's plan for x, its feature axes (sorted) and the other axes."""
+    _no_out(out, fn)
+    plan = F._layer_plan(x.shape, axis, fn)
+    feat = tuple(sorted(plan.feature))
+    return plan, feat, tuple(a for a in range(x.ndim) if a not in feat)
+
+
+def _grouped_axes(fn, x, axis, num_groups, out, min_ndim):
+    """Instance/group norm's plan for x, its channel axis and its spatial axes (neither 0 nor the channels)."""
+    _no_out(out, fn)
+    plan = F._grouped_plan(x.shape, axis, num_groups, fn, min_ndim)
+    (ax,) = plan.feature
+    return plan, ax, tuple(a for a in range(1, x.ndim) if a != ax)
+
+
 class BlockCall:
     """``fastnorm.<name>(x_block, *args, **kwargs, **{key: block})``: its output, or with
     ``stats`` its statistics stacked along a new last axis (``return_stats=True``)."""
@@ -125,10 +143,7 @@ def _per_sample(fn, x, whole, params, mask, mask_axes, stats_axes, return_stats,
 
 
 def _layer(fn, x, weight, bias, axis, eps, mask, out, return_stats):
-    _no_out(out, fn)
-    plan = F._layer_plan(x.shape, axis, fn)
-    feat = tuple(sorted(plan.feature))
-    others = tuple(a for a in range(x.ndim) if a not in feat)
+    plan, feat, others = _layer_axes(fn, x, axis, out)
     what = f"x.shape along the feature axes {plan.feature}"
     params = {"weight": (ck.param(weight, "weight", plan.param_shape, fn, what), feat),
               "bias": (ck.param(bias, "bias", plan.param_shape, fn, what), feat)}
@@ -144,10 +159,7 @@ def rms_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=Non
 
 
 def _grouped(fn, x, num_groups, weight, bias, axis, eps, mask, out, return_stats, min_ndim):
-    _no_out(out, fn)
-    plan = F._grouped_plan(x.shape, axis, num_groups, fn, min_ndim)
-    (ax,) = plan.feature
-    spatial = tuple(a for a in range(1, x.ndim) if a != ax)
+    plan, ax, spatial = _grouped_axes(fn, x, axis, num_groups, out, min_ndim)
     what = f"x.shape along the feature axis {ax}"
     params = {"weight": (ck.param(weight, "weight", plan.param_shape, fn, what), (ax,)),
               "bias": (ck.param(bias, "bias", plan.param_shape, fn, what), (ax,))}
@@ -171,13 +183,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask
 
 def weight_norm(v, g, *, axis=0):
     fn = "weight_norm"
-    if v.ndim == 0:
-        raise ValueError(f"{fn}: x is a 0-d array (a scalar); it needs at least one axis, the feature axis")
-    (ax,) = ck.feature_axes(axis, v.ndim, fn, allow_tuple=False)
-    C = v.shape[ax]
-    if g is None:
-        raise TypeError(f"{fn}: g is required: an array of shape ({C},), one gain per position along axis {ax}")
-    gains = ck.param(g, "g", (C,), fn, f"v.shape[{ax}], one gain per position along the feature axis")
+    ax, gains = D._weight_gains(v.shape, g, axis, fn)
     others = tuple(a for a in range(v.ndim) if a != ax)
     return _per_sample(fn, v, others, {"g": (gains, (ax,))}, None, (), (), False, axis=axis)
 
@@ -244,10 +250,7 @@ def block_statistics(x, ax, mask=None, fn="moments"):
 
 
 def _feature_axis(x, axis, fn) -> int:
-    if x.ndim == 0:
-        raise ValueError(f"{fn}: x is a 0-d array (a scalar); it needs at least one axis, the feature axis")
-    (ax,) = ck.feature_axes(axis, x.ndim, fn, allow_tuple=False)
-    return ax
+    return D._feature_axis(axis, x.ndim, fn)
 
 
 def moments(x, axis=-1, *, mask=None) -> Moments:
@@ -275,13 +278,9 @@ class BlockWithStats:
 def _with_stats(fn, x, axis, stats, kwargs, clip=False):
     dtype = _result_dtype(x, fn)
     ax = _feature_axis(x, axis, fn)
-    if stats is None:
+    if D._check_stats(stats, x.shape[ax], ax, fn) is None:
         s = block_statistics(x, ax, None, fn)
     else:
-        if not isinstance(stats, Moments):
-            raise TypeError(f"{fn}: stats must be a fastnorm.Moments; got {type(stats).__name__}")
-        if stats.num_features != x.shape[ax]:
-            raise ValueError(f"{fn}: stats has {stats.num_features} features; x has {x.shape[ax]} along axis {ax}")
         s = da.from_array(_as_stats(stats), chunks=(x.chunks[ax],))
         clip = False
     idx = LETTERS[:x.ndim]
@@ -300,8 +299,7 @@ def standardize(x, axis=-1, *, stats=None, eps=0.0, out=None):
 def min_max_scale(x, axis=-1, *, stats=None, feature_range=(0, 1), out=None):
     fn = "min_max_scale"
     _no_out(out, fn)
-    from ._data import _check_feature_range
-    return _with_stats(fn, x, axis, stats, {"feature_range": _check_feature_range(feature_range, fn)}, clip=True)
+    return _with_stats(fn, x, axis, stats, {"feature_range": D._check_feature_range(feature_range, fn)}, clip=True)
 
 
 class BlockBatchNorm:
@@ -338,21 +336,8 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     dtype = _result_dtype(x, fn)
     ck.check_bool(training, "training", fn)
     ax = _feature_axis(x, axis, fn)
-    C = x.shape[ax]
-    what = f"x.shape along the feature axis {ax}"
-    w = ck.param(weight, "weight", (C,), fn, what)
-    b = ck.param(bias, "bias", (C,), fn, what)
-    eps = ck.check_eps(eps, fn)
-    momentum = ck.real_number(momentum, "momentum", fn)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"{fn}: momentum must be in [0, 1]; got {momentum!r}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: running_mean and running_var must be given together")
-    if running_mean is not None:
-        F._running_buffer(running_mean, "running_mean", C, fn, training, x.shape, ax)
-        F._running_buffer(running_var, "running_var", C, fn, training, x.shape, ax)
-    elif not training:
-        raise ValueError(f"{fn}: training=False needs running_mean and running_var")
+    w, b, eps, momentum = F._batch_norm_args(x.shape, ax, weight, bias, running_mean, running_var, training,
+                                             momentum, eps, fn)
     others = tuple(a for a in range(x.ndim) if a != ax)
     mask_operands = _mask_operand(mask, x, others, fn)
     idx = LETTERS[:x.ndim]
@@ -408,17 +393,25 @@ class BlockGrads:
         return np.stack([dw, db], axis=-1).astype(np.float64).reshape(shape + [2])
 
 
+def _grad_inputs(fn, dy, x, whole):
+    """dy (a dask array) and x (dask or NumPy) as dask arrays of the same chunks, the axes in
+    `whole` one chunk each."""
+    if not isinstance(x, da.Array):
+        x = ck.as_input(x, "x", fn)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"{fn}: dy has shape {dy.shape}; expected {x.shape}, the shape of x")
+    if not isinstance(x, da.Array):
+        x = da.from_array(x, chunks=dy.chunks)
+    x = x.rechunk({a: -1 for a in whole})
+    return dy.rechunk(x.chunks), x
+
+
 def _backward(fn, dy, x, whole, stats, weight, param_axes, mask, mask_axes, **kwargs):
     """dx per block once the axes in `whole` are one chunk each; dweight and dbias as sums of the
     blocks' (lazy, like dx). stats: {keyword: (checked flat array, its shape, its axes of x or a
     letter of its own)}."""
     dtype = _result_dtype(x, fn)
-    if not isinstance(x, da.Array):
-        x = da.from_array(ck.as_input(x, "x", fn), chunks=dy.chunks)
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"{fn}: dy has shape {dy.shape}; expected {x.shape}, the shape of x")
-    x = x.rechunk({a: -1 for a in whole})
-    dy = dy.rechunk(x.chunks)
+    dy, x = _grad_inputs(fn, dy, x, whole)
     idx = LETTERS[:x.ndim]
     operands, keys = [], []
     for key, (arr, shape, axes) in stats.items():
@@ -445,11 +438,80 @@ def _backward(fn, dy, x, whole, stats, weight, param_axes, mask, mask_axes, **kw
     return dx, sums[..., 0], sums[..., 1]
 
 
-def _layer_backward(fn, dy, x, mean, rstd, weight, axis, mask, out):
+class BlockBatchNormGrad:
+    """One block of batch_norm_backward's two steps (fastnorm._functional): with ``sums=True``
+    the block's (sum(dy), sum(dy * (x - mean)), n) per feature along a new last axis, length 1
+    along the other axes (added up over the blocks); else the block's dx, from the whole batch's
+    sums when a ``sums`` block is given (training), from mean and rstd alone when not.
+    ``keys`` name the blocks after dy and x (mean, rstd, weight, mask, sums)."""
+
+    def __init__(self, ax, keys, sums=False):
+        self.ax, self.keys, self.sums = ax, keys, sums
+
+    def __call__(self, dyb, xb, *blocks):
+        fn = "batch_norm_backward"
+        # per-feature blocks as the kernels take them (from a worker they may arrive misaligned)
+        b = {k: v if k == "mask" else np.require(v, np.float64, "CA") for k, v in zip(self.keys, blocks)}
+        g, arr = ck.as_input(dyb, "dy", fn), ck.as_input(xb, "x", fn)
+        O, C, S = view = F._channel_plan(arr.shape, self.ax, fn)[1]
+        identity = tuple(range(arr.ndim))
+        xv, gv = ck.input_view(arr, identity, view), ck.input_view(g, identity, view)
+        m = b["mask"].reshape(O, S) if "mask" in b else None
+        if self.sums:
+            sum_dy, sum_dy_xc, n = F._channel_grad_sums(gv, xv, b["mean"], m)
+            shape = [1] * arr.ndim + [3]
+            shape[self.ax] = C
+            return np.stack([sum_dy, sum_dy_xc, np.full(C, n)], axis=-1).reshape(shape)
+        s = b.get("sums")
+        sums = None if s is None else (s[:, 0], s[:, 1], float(s[0, 2]) if C else 0.0)
+        target = ck.Output(None, arr, arr.dtype, identity, view)
+        F._channel_dx(target.view, gv, xv, b["mean"], b["rstd"], b.get("weight"), m, sums)
+        return target.finish()
+
+
+def param_grads_from_sums(s, rstd):
+    """(dweight, dbias) along a new last axis from a block of the batch's (C, 3) sums."""
+    return np.stack(F._channel_param_grads((s[:, 0], s[:, 1], s[:, 2]), rstd), axis=-1)
+
+
+def _batch_norm_backward(dy, x, mean, rstd, weight, axis, training, mask, out):
+    """batch_norm_backward of dask arrays: the per-feature sums of every block, added up over the
+    blocks (one reduction), then dx block by block with them (training; dx needs no sums with
+    constant statistics), and dweight, dbias from them."""
+    fn = "batch_norm_backward"
+    ck.check_bool(training, "training", fn)
     _no_out(out, fn)
-    plan = F._layer_plan(x.shape, axis, fn)
-    feat = tuple(sorted(plan.feature))
-    others = tuple(a for a in range(x.ndim) if a not in feat)
+    dtype = _result_dtype(x, fn)
+    ax = _feature_axis(dy, axis, fn)
+    dy, x = _grad_inputs(fn, dy, x, ())
+    others = tuple(a for a in range(x.ndim) if a != ax)
+    idx = LETTERS[:x.ndim]
+    mu, r, w = F._batch_grad_args(x.shape, ax, mean, rstd, weight, fn)
+    operands = {"mean": _param_operand(mu, x, (ax,)), "rstd": _param_operand(r, x, (ax,))}
+    if w is not None:
+        operands["weight"] = _param_operand(w, x, (ax,))
+    if mask is not None:
+        operands["mask"] = _mask_operand(mask, x, others, fn)
+    for_sums = [k for k in operands if k in ("mean", "mask")]
+    parts = da.blockwise(BlockBatchNormGrad(ax, for_sums, sums=True), idx + "z", dy, idx, x, idx,
+                         *(o for k in for_sums for o in operands[k]), new_axes={"z": 3},
+                         adjust_chunks={idx[a]: 1 for a in others}, dtype=np.float64, concatenate=True,
+                         meta=np.empty((0,) * (x.ndim + 1), np.float64))
+    sums = parts.sum(axis=others)                           # (C, 3), chunked as x along ax
+    if training:
+        operands["sums"] = (sums, idx[ax] + "z")
+        dy, x = after((dy, x), sums)
+    dx = da.blockwise(BlockBatchNormGrad(ax, list(operands)), idx, dy, idx, x, idx,
+                      *(o for pair in operands.values() for o in pair), dtype=dtype, concatenate=True,
+                      meta=np.empty((0,) * x.ndim, dtype))
+    grads = da.blockwise(param_grads_from_sums, "cz", sums, "cz", operands["rstd"][0], "c",
+                         adjust_chunks={"z": 2}, dtype=np.float64, meta=np.empty((0, 0), np.float64))
+    grads = grads.astype(dtype)
+    return dx, grads[:, 0], grads[:, 1]
+
+
+def _layer_backward(fn, dy, x, mean, rstd, weight, axis, mask, out):
+    plan, feat, others = _layer_axes(fn, x, axis, out)
     stats = {"rstd": (ck.check_stat(rstd, "rstd", plan.stats_shape, fn), plan.stats_shape, others)}
     if mean is not None or fn == "layer_norm_backward":
         stats["mean"] = (ck.check_stat(mean, "mean", plan.stats_shape, fn), plan.stats_shape, others)
@@ -466,10 +528,7 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, mask=None, out=None)
 
 
 def _grouped_backward(fn, dy, x, mean, rstd, num_groups, weight, axis, mask, out, min_ndim):
-    _no_out(out, fn)
-    plan = F._grouped_plan(x.shape, axis, num_groups, fn, min_ndim)
-    (ax,) = plan.feature
-    spatial = tuple(a for a in range(1, x.ndim) if a != ax)
+    plan, ax, spatial = _grouped_axes(fn, x, axis, num_groups, out, min_ndim)
     own = (0, ax) if num_groups is None else "y"         # instance norm: (N, C) along x's axes 0 and ax
     stats = {name: (ck.check_stat(s, name, plan.stats_shape, fn), plan.stats_shape, own)
              for name, s in (("mean", mean), ("rstd", rstd))}
@@ -489,15 +548,4 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, 
 
 
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=True, mask=None, out=None):
-    fn = "batch_norm_backward"
-    ck.check_bool(training, "training", fn)
-    if training:
-        raise TypeError(f"{fn}: training=True with dask arrays is not supported (its dx needs sums over the "
-                        "whole batch); compute dy and x first, or use training=False")
-    _no_out(out, fn)
-    ax = _feature_axis(dy, axis, fn)
-    C = dy.shape[ax]
-    others = tuple(a for a in range(dy.ndim) if a != ax)
-    stats = {name: (ck.check_stat(s, name, (C,), fn), (C,), (ax,)) for name, s in (("mean", mean), ("rstd", rstd))}
-    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}")
-    return _backward(fn, dy, x, (), stats, w, (ax,), mask, others, axis=axis, training=False)
+    return _batch_norm_backward(dy, x, mean, rstd, weight, axis, training, mask, out)

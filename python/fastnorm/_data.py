@@ -261,12 +261,16 @@ def scale_to_range(arr, ax, mn, mx, lo, hi, clip, out):
 
 def _weight_args(v, g, axis, fn):
     arr = ck.as_input(v, "v", fn)
-    ax = _feature_axis(axis, arr.ndim, fn)
-    C = arr.shape[ax]
+    return (arr,) + _weight_gains(arr.shape, g, axis, fn)
+
+
+def _weight_gains(shape, g, axis, fn):
+    """(feature axis, g checked as float64) for v of `shape`."""
+    ax = _feature_axis(axis, len(shape), fn)
+    C = shape[ax]
     if g is None:
         raise TypeError(f"{fn}: g is required: an array of shape ({C},), one gain per position along axis {ax}")
-    gains = ck.param(g, "g", (C,), fn, f"v.shape[{ax}], one gain per position along the feature axis")
-    return arr, ax, gains
+    return ax, ck.param(g, "g", (C,), fn, f"v.shape[{ax}], one gain per position along the feature axis")
 
 
 def _directions(v64: np.ndarray, ax: int):

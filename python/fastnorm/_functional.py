@@ -326,6 +326,27 @@ def _update_running(running_mean, running_var, mean, var, count, momentum):
     running_var[...] = (1 - momentum) * running_var + momentum * unbiased
 
 
+def _batch_norm_args(shape, ax, weight, bias, running_mean, running_var, training, momentum, eps, fn):
+    """batch_norm's arguments besides x, mask and out, checked for x of `shape` with the
+    features along `ax`: (weight, bias, eps, momentum), the parameters as float64 copies."""
+    C = shape[ax]
+    what = f"x.shape along the feature axis {ax}"
+    w = ck.param(weight, "weight", (C,), fn, what, shape, (ax,))
+    b = ck.param(bias, "bias", (C,), fn, what, shape, (ax,))
+    eps = ck.check_eps(eps, fn)
+    momentum_value = ck.real_number(momentum, "momentum", fn)
+    if not 0.0 <= momentum_value <= 1.0:
+        raise ValueError(f"{fn}: momentum must be in [0, 1]; got {momentum!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: running_mean and running_var must be given together")
+    if running_mean is not None:
+        _running_buffer(running_mean, "running_mean", C, fn, training, shape, ax)
+        _running_buffer(running_var, "running_var", C, fn, training, shape, ax)
+    elif not training:
+        raise ValueError(f"{fn}: training=False needs running_mean and running_var")
+    return w, b, eps, momentum_value
+
+
 @dask_aware
 def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running_var=None, training=True,
                momentum=0.1, eps=1e-5, mask=None, out=None, return_stats=False):
@@ -357,20 +378,8 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     ax, view = _channel_plan(arr.shape, axis, fn)
     O, C, S = view
     dtype = arr.dtype
-    what = f"x.shape along the feature axis {ax}"
-    w = ck.param(weight, "weight", (C,), fn, what, arr.shape, (ax,))
-    b = ck.param(bias, "bias", (C,), fn, what, arr.shape, (ax,))
-    eps = ck.check_eps(eps, fn)
-    momentum_value = ck.real_number(momentum, "momentum", fn)
-    if not 0.0 <= momentum_value <= 1.0:
-        raise ValueError(f"{fn}: momentum must be in [0, 1]; got {momentum!r}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: running_mean and running_var must be given together")
-    if running_mean is not None:
-        _running_buffer(running_mean, "running_mean", C, fn, training, arr.shape, ax)
-        _running_buffer(running_var, "running_var", C, fn, training, arr.shape, ax)
-    elif not training:
-        raise ValueError(f"{fn}: training=False needs running_mean and running_var")
+    w, b, eps, momentum_value = _batch_norm_args(arr.shape, ax, weight, bias, running_mean, running_var, training,
+                                                 momentum, eps, fn)
     ck.check_out(out, arr.shape, dtype, fn)
     updated = (running_mean, running_var) if training else (None, None)
     ck.check_outputs_apart(fn, out=out, running_mean=updated[0], running_var=updated[1])
@@ -590,27 +599,61 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     ck.same_shape(g, arr, fn)
     ax, view = _channel_plan(arr.shape, axis, fn)
     O, C, S = view
-    mu = ck.check_stat(mean, "mean", (C,), fn)
-    r = ck.check_stat(rstd, "rstd", (C,), fn)
-    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}", arr.shape, (ax,))
+    mu, r, w = _batch_grad_args(arr.shape, ax, mean, rstd, weight, fn)
     ck.check_out(out, arr.shape, arr.dtype, fn)
     m = ck.detach(_mask_2d(mask, arr.shape[:ax] + arr.shape[ax + 1:], O, S, fn), (out,))
     identity = tuple(range(arr.ndim))
     xv, gv = ck.input_view(arr, identity, view), ck.input_view(g, identity, view)
 
+    sums = _channel_grad_sums(gv, xv, mu, m)
+    target = ck.Output(out, arr, arr.dtype, identity, view, also_read=(g,))
+    _channel_dx(target.view, gv, xv, mu, r, w, m, sums if training else None)
+    dweight, dbias = _channel_param_grads(sums, r)
+    return target.finish(), dweight.astype(arr.dtype), dbias.astype(arr.dtype)
+
+
+# Batch norm's gradients in two steps, so that a chunked x (fastnorm._dask) can sum over all its
+# blocks before any dx is written: the per-feature sums over the batch (sums of parts add up to the
+# sums of the whole), then dx, dweight and dbias from those sums.
+
+def _batch_grad_args(shape, ax, mean, rstd, weight, fn):
+    """batch_norm_backward's mean, rstd and weight checked for x of `shape` with the features
+    along `ax`, as float64 copies."""
+    C = shape[ax]
+    return (ck.check_stat(mean, "mean", (C,), fn), ck.check_stat(rstd, "rstd", (C,), fn),
+            ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}", shape, (ax,)))
+
+
+def _channel_grad_sums(gv, xv, mean, mask):
+    """``(sum(dy), sum(dy * (x - mean)), n)`` per feature of the (O, C, S) views dy and x, over
+    the real values (mask (O, S) or None); n is their number, the same for every feature."""
+    C = xv.shape[1]
     sum_dy, sum_dy_xc = np.empty(C), np.empty(C)
-    _core.channel_grad_sums(sum_dy, sum_dy_xc, gv, xv, mu, m, get_num_threads())
-    n = float(O * S if m is None else np.count_nonzero(m))
+    _core.channel_grad_sums(sum_dy, sum_dy_xc, gv, xv, mean, mask, get_num_threads())
+    n = float(xv.shape[0] * xv.shape[2] if mask is None else np.count_nonzero(mask))
+    return sum_dy, sum_dy_xc, n
+
+
+def _channel_dx(target, gv, xv, mean, rstd, weight, mask, sums):
+    """dx into the (O, C, S) view `target`: with the whole batch's `sums` (training),
+    ``wr * (dy - sum(dy)/n - xhat * sum(dy * xhat)/n)`` with ``wr = weight * rstd``; with
+    ``sums=None`` (constant statistics), ``wr * dy``."""
+    C = xv.shape[1]
     with np.errstate(invalid="ignore", over="ignore"):      # NaN/Inf in x or dy: NaN there, as documented
-        wr = r if w is None else r * w
-        if training and n > 0:
-            # dx = wr*dy - wr*rstd*mean(dy*xhat)/... written as coef_dy*dy + coef_x*(x - mean) + shift
-            coef_x = -wr * r * r * sum_dy_xc / n
+        wr = rstd if weight is None else rstd * weight
+        if sums is not None and sums[2] > 0:
+            sum_dy, sum_dy_xc, n = sums
+            # written as coef_dy*dy + coef_x*(x - mean) + shift
+            coef_x = -wr * rstd * rstd * sum_dy_xc / n
             shift = -wr * sum_dy / n
         else:
             coef_x, shift = np.zeros(C), np.zeros(C)
-    target = ck.Output(out, arr, arr.dtype, identity, view, also_read=(g,))
-    _core.channel_combine(target.view, xv, mu, coef_x, gv, wr, shift, m, get_num_threads())
+    _core.channel_combine(target, xv, mean, coef_x, gv, wr, shift, mask, get_num_threads())
+
+
+def _channel_param_grads(sums, rstd):
+    """(dweight, dbias) in float64 from the whole batch's sums; n may be one number or one per feature."""
+    sum_dy, sum_dy_xc, n = sums
     with np.errstate(invalid="ignore", over="ignore"):
-        dweight = sum_dy_xc * r if n > 0 else np.zeros(C)  # a sum over no element is 0, not 0 * NaN
-    return target.finish(), dweight.astype(arr.dtype), sum_dy.astype(arr.dtype)
+        dweight = np.where(n > 0, sum_dy_xc * rstd, 0.0)   # a sum over no element is 0, not 0 * NaN
+    return dweight, sum_dy
