@@ -287,8 +287,8 @@ class BatchRenorm(BatchNorm):
     cumulative average). Eval is batch norm's eval. ``r_max`` and ``d_max`` may be set between
     steps: Ioffe starts at 1 and 0 (batch norm) and widens them once the running statistics settle.
 
-    Example
-    -------
+    Examples
+    --------
     >>> import numpy as np, fastnorm
     >>> layer = fastnorm.BatchRenorm(2, r_max=1.0, d_max=0.0)      # batch norm, at first
     >>> for step in range(3):
@@ -302,7 +302,7 @@ class BatchRenorm(BatchNorm):
                  dtype=np.float64):
         super().__init__(num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=True, dtype=dtype)
-        self.r_max, self.d_max = r_max, d_max
+        self._limits = F._renorm_limits(r_max, d_max, "BatchRenorm")
 
     @property
     def r_max(self) -> float:
@@ -311,7 +311,7 @@ class BatchRenorm(BatchNorm):
 
     @r_max.setter
     def r_max(self, value):
-        self._limits = F._renorm_limits(value, getattr(self, "_limits", (1.0, 0.0))[1], "BatchRenorm")
+        self._limits = F._renorm_limits(value, self.d_max, "BatchRenorm")
 
     @property
     def d_max(self) -> float:
@@ -320,7 +320,7 @@ class BatchRenorm(BatchNorm):
 
     @d_max.setter
     def d_max(self, value):
-        self._limits = F._renorm_limits(self._limits[0], value, "BatchRenorm")
+        self._limits = F._renorm_limits(self.r_max, value, "BatchRenorm")
 
     def _option_args(self):
         return [*super()._option_args(), f"r_max={self.r_max!r}", f"d_max={self.d_max!r}"]
