@@ -517,7 +517,8 @@ def batch_renorm(x, weight=None, bias=None, *, axis=-1, running_mean, running_va
                  training=True, momentum=0.1, eps=1e-5, mask=None, out=None, return_stats=False):
     fn = "batch_renorm"
     _no_out(out, fn)
-    limits = F._renorm_limits(r_max, d_max, fn, running_mean, running_var)
+    F._renorm_needs_running(running_mean, running_var, fn)
+    limits = F._renorm_limits(r_max, d_max, fn)
     dtype = _result_dtype(x, fn)
     ck.check_bool(training, "training", fn)
     ax = _feature_axis(x, axis, fn)

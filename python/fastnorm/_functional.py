@@ -436,12 +436,15 @@ def _batch_norm(fn, x, weight, bias, axis, running_mean, running_var, training, 
         return y, mean.astype(sd), rstd.astype(sd), correction
 
 
-def _renorm_limits(r_max, d_max, fn, running_mean=0.0, running_var=0.0):
-    """(r_max, d_max) as floats: r_max >= 1, d_max >= 0, either inf for no clipping; and the
-    running statistics (checked further by batch norm) must be given."""
+def _renorm_needs_running(running_mean, running_var, fn):
+    """Batch renorm's running statistics may not be None (batch norm checks them further)."""
     if running_mean is None or running_var is None:
         raise ValueError(f"{fn}: running_mean and running_var are required: r and d compare the batch "
                          "statistics with them")
+
+
+def _renorm_limits(r_max, d_max, fn):
+    """(r_max, d_max) as floats: r_max >= 1, d_max >= 0, either inf for no clipping."""
     r_value, d_value = ck.real_number(r_max, "r_max", fn), ck.real_number(d_max, "d_max", fn)
     if not r_value >= 1.0:
         raise ValueError(f"{fn}: r_max must be a number >= 1 (r is clipped to [1/r_max, r_max]); got {r_max!r}")
@@ -526,7 +529,8 @@ def batch_renorm(x, weight=None, bias=None, *, axis=-1, running_mean, running_va
     (array([1.]), array([2.5]))
     """
     fn = "batch_renorm"
-    limits = _renorm_limits(r_max, d_max, fn, running_mean, running_var)
+    _renorm_needs_running(running_mean, running_var, fn)
+    limits = _renorm_limits(r_max, d_max, fn)
     y, mean, rstd, correction = _batch_norm(fn, x, weight, bias, axis, running_mean, running_var, training,
                                             momentum, eps, mask, out, limits)
     if not return_stats:
