@@ -6,6 +6,8 @@ only in which axes the statistics are taken over (see the contract in the README
 from ._functional import (
     batch_norm,
     batch_norm_backward,
+    batch_renorm,
+    batch_renorm_backward,
     group_norm,
     group_norm_backward,
     instance_norm,
@@ -18,7 +20,7 @@ from ._functional import (
 )
 from ._threads import get_num_threads, set_num_threads
 from ._memory import get_output_cache, set_output_cache
-from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .layers import BatchNorm, BatchRenorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from ._data import min_max_scale, standardize, weight_norm, weight_norm_backward
 from ._moments import Moments, moments
 from ._config import show_config
@@ -42,6 +44,7 @@ __all__ = [
     "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
     "layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
     "group_norm_backward",
+    "batch_renorm", "batch_renorm_backward", "BatchRenorm",
     "LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm",
     "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
     "Moments", "moments",

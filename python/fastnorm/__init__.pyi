@@ -8,12 +8,15 @@ from numpy.typing import ArrayLike, NDArray
 _Axis = int | tuple[int, ...]
 _Stats3 = tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]
 _Grads = tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]
+_Stats5 = tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating], NDArray[np.floating],
+                NDArray[np.floating]]
 
 __version__: str
 __all__ = [
     "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
     "layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
     "group_norm_backward",
+    "batch_renorm", "batch_renorm_backward", "BatchRenorm",
     "LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm",
     "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
     "Moments", "moments",
@@ -47,6 +50,18 @@ def batch_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | N
                training: bool = ..., momentum: float = ..., eps: float = ..., mask: ArrayLike | None = ...,
                out: NDArray[np.floating] | None = ..., return_stats: Literal[True]) -> _Stats3: ...
 @overload
+def batch_renorm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: int = ...,
+                 running_mean: NDArray[np.floating], running_var: NDArray[np.floating], r_max: float = ...,
+                 d_max: float = ..., training: bool = ..., momentum: float = ..., eps: float = ...,
+                 mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
+                 return_stats: Literal[False] = ...) -> NDArray[np.floating]: ...
+@overload
+def batch_renorm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: int = ...,
+                 running_mean: NDArray[np.floating], running_var: NDArray[np.floating], r_max: float = ...,
+                 d_max: float = ..., training: bool = ..., momentum: float = ..., eps: float = ...,
+                 mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
+                 return_stats: Literal[True]) -> _Stats5: ...
+@overload
 def instance_norm(x: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *, axis: int = ...,
                   eps: float = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...,
                   return_stats: Literal[False] = ...) -> NDArray[np.floating]: ...
@@ -72,6 +87,9 @@ def rms_norm_backward(dy: ArrayLike, x: ArrayLike, rstd: ArrayLike, weight: Arra
 def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike,
                         weight: ArrayLike | None = ..., *, axis: int = ..., training: bool = ...,
                         mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...) -> _Grads: ...
+def batch_renorm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike, r: ArrayLike, d: ArrayLike,
+                          weight: ArrayLike | None = ..., *, axis: int = ..., training: bool = ...,
+                          mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...) -> _Grads: ...
 def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike,
                            weight: ArrayLike | None = ..., *, axis: int = ..., mask: ArrayLike | None = ..., out: NDArray[np.floating] | None = ...) -> _Grads: ...
 def group_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike, num_groups: int,
@@ -106,6 +124,11 @@ class BatchNorm(_Norm):
     def __init__(self, num_features: int, *, axis: int = ..., eps: float = ..., momentum: float | None = ...,
                  affine: bool = ..., track_running_stats: bool = ..., dtype: type | np.dtype = ...) -> None: ...
     def calibrate(self, batches: Iterable[ArrayLike | tuple[ArrayLike, ArrayLike | None]]) -> BatchNorm: ...
+class BatchRenorm(BatchNorm):
+    r_max: float
+    d_max: float
+    def __init__(self, num_features: int, *, axis: int = ..., eps: float = ..., momentum: float | None = ...,
+                 r_max: float = ..., d_max: float = ..., affine: bool = ..., dtype: type | np.dtype = ...) -> None: ...
 class InstanceNorm(_Norm):
     axis: int
     def __init__(self, num_features: int, *, axis: int = ..., eps: float = ..., affine: bool = ...,

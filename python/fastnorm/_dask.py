@@ -549,3 +549,54 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=-1, 
 
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=True, mask=None, out=None):
     return _batch_norm_backward(dy, x, mean, rstd, weight, axis, training, mask, out)
+
+
+# ---- batch renorm --------------------------------------------------------------------------------
+#
+# In training, r and d compare the batch statistics with the running statistics, which the call then
+# updates: the statistics are computed at the call (one tree reduction, as batch_norm's with running
+# statistics), and y is batch_norm's eval mode on every block with those statistics and the weight and
+# bias that fold r and d in. Gradients: batch_norm_backward's with the weight r * weight.
+
+__all__ += ["batch_renorm", "batch_renorm_backward"]
+
+
+def batch_renorm(x, weight=None, bias=None, *, axis=-1, running_mean, running_var, r_max=3.0, d_max=5.0,
+                 training=True, momentum=0.1, eps=1e-5, mask=None, out=None, return_stats=False):
+    fn = "batch_renorm"
+    _no_out(out, fn)
+    F._renorm_needs_running(running_mean, running_var, fn)
+    limits = F._renorm_limits(r_max, d_max, fn)
+    dtype = _result_dtype(x, fn)
+    ck.check_bool(training, "training", fn)
+    ax = _feature_axis(x, axis, fn)
+    w, b, eps, momentum = F._batch_norm_args(x.shape, ax, weight, bias, running_mean, running_var, training,
+                                             momentum, eps, fn)
+    mean, var = np.array(running_mean, dtype=np.float64), np.array(running_var, dtype=np.float64)
+    r, d = np.ones_like(mean), np.zeros_like(mean)
+    if training:
+        m = _as_moments(block_statistics(x, ax, mask, fn).compute())
+        if x.size:
+            _need_two(m.count, fn)
+        r, d = F._renorm_correction(m.mean, m.var(), mean, var, eps, *limits)
+        if x.size:
+            F._update_running(running_mean, running_var, m.mean, m.var(), m.count, momentum)
+        mean, var = m.mean, m.var()
+        w, b = F._renorm_affine(w, b, r, d)
+    y = batch_norm(x, w, b, axis=ax, running_mean=mean, running_var=var, training=False, eps=eps, mask=mask)
+    if return_stats:
+        sd = ck.stats_dtype(dtype)
+        return (y, *(s.astype(sd) for s in (mean, ck.rstd_from_var(var, eps), r, d)))
+    return y
+
+
+def batch_renorm_backward(dy, x, mean, rstd, r, d, weight=None, *, axis=-1, training=True, mask=None, out=None):
+    fn = "batch_renorm_backward"
+    _no_out(out, fn)
+    ax = _feature_axis(dy, axis, fn)
+    C = dy.shape[ax]
+    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}")
+    r, d = ck.check_stat(r, "r", (C,), fn), ck.check_stat(d, "d", (C,), fn)
+    scaled, _ = F._renorm_affine(w, None, r, d)
+    dx, dweight, dbias = batch_norm_backward(dy, x, mean, rstd, scaled, axis=axis, training=training, mask=mask)
+    return dx, F._renorm_dweight(r, d, dweight, dbias).astype(dbias.dtype), dbias

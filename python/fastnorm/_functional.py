@@ -29,6 +29,7 @@ __all__ = [
     "layer_norm", "rms_norm", "batch_norm", "instance_norm", "group_norm", "mask_from_lengths",
     "layer_norm_backward", "rms_norm_backward", "batch_norm_backward", "instance_norm_backward",
     "group_norm_backward",
+    "batch_renorm", "batch_renorm_backward",
 ]
 
 
@@ -372,7 +373,15 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     array([[-1., -1.],
            [ 1.,  1.]])
     """
-    fn = "batch_norm"
+    y, mean, rstd, _ = _batch_norm("batch_norm", x, weight, bias, axis, running_mean, running_var, training,
+                                   momentum, eps, mask, out)
+    return (y, mean, rstd) if return_stats else y
+
+
+def _batch_norm(fn, x, weight, bias, axis, running_mean, running_var, training, momentum, eps, mask, out,
+                limits=None):
+    """batch_norm, or with limits = (r_max, d_max) in training batch_renorm: (y, mean, rstd,
+    correction), the statistics in the contract's dtype, correction (r, d) in that dtype or None."""
     arr = ck.as_input(x, "x", fn)
     ck.check_bool(training, "training", fn)
     ax, view = _channel_plan(arr.shape, axis, fn)
@@ -380,6 +389,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     dtype = arr.dtype
     w, b, eps, momentum_value = _batch_norm_args(arr.shape, ax, weight, bias, running_mean, running_var, training,
                                                  momentum, eps, fn)
+    renorm = limits is not None and training
     ck.check_out(out, arr.shape, dtype, fn)
     updated = (running_mean, running_var) if training else (None, None)
     ck.check_outputs_apart(fn, out=out, running_mean=updated[0], running_var=updated[1])
@@ -389,7 +399,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     target = ck.Output(out, arr, dtype, tuple(range(arr.ndim)), view)
     # float32 planes (the (N, C, H, W) axis=1 case), no mask: statistics and output a block of
     # channels at a time, reading x from memory once (src/batch_norm.c)
-    planes = (training and m is None and dtype == np.float32 and S > 1 and O * S >= 2 and C > 0
+    planes = (training and not renorm and m is None and dtype == np.float32 and S > 1 and O * S >= 2 and C > 0
               and xv.strides[2] == 4 and target.view.strides[2] == 4)
     count = O * S
     if planes:
@@ -407,6 +417,10 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
         mean = np.array(running_mean, dtype=np.float64)
         var = np.array(running_var, dtype=np.float64)
     rstd = ck.rstd_from_var(var, eps)
+    correction = None
+    if renorm:              # read before the update below, which may change running_mean and running_var
+        correction = _renorm_correction(mean, var, running_mean, running_var, eps, *limits)
+        w, b = _renorm_affine(w, b, *correction)
     if not planes:
         scale = rstd if w is None else rstd * w
         shift = np.zeros(C) if b is None else b
@@ -415,10 +429,114 @@ def batch_norm(x, weight=None, bias=None, *, axis=-1, running_mean=None, running
     # after every read of x and the mask, which may share memory with the running statistics
     if training and arr.size and running_mean is not None:
         _update_running(running_mean, running_var, mean, var, count, momentum_value)
-    if return_stats:
-        sd = _stats_dtype(dtype)
-        return y, mean.astype(sd), rstd.astype(sd)
-    return y
+    sd = _stats_dtype(dtype)
+    with np.errstate(over="ignore"):        # an rstd beyond float32's range (subnormal x, eps=0) is inf
+        if correction is not None:
+            correction = tuple(c.astype(sd) for c in correction)
+        return y, mean.astype(sd), rstd.astype(sd), correction
+
+
+def _renorm_needs_running(running_mean, running_var, fn):
+    """Batch renorm's running statistics may not be None (batch norm checks them further)."""
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{fn}: running_mean and running_var are required: r and d compare the batch "
+                         "statistics with them")
+
+
+def _renorm_limits(r_max, d_max, fn):
+    """(r_max, d_max) as floats: r_max >= 1, d_max >= 0, either inf for no clipping."""
+    r_value, d_value = ck.real_number(r_max, "r_max", fn), ck.real_number(d_max, "d_max", fn)
+    if not r_value >= 1.0:
+        raise ValueError(f"{fn}: r_max must be a number >= 1 (r is clipped to [1/r_max, r_max]); got {r_max!r}")
+    if not d_value >= 0.0:
+        raise ValueError(f"{fn}: d_max must be a number >= 0 (d is clipped to [-d_max, d_max]); got {d_max!r}")
+    return r_value, d_value
+
+
+def _renorm_correction(mean, var, running_mean, running_var, eps, r_max, d_max):
+    """Batch renorm's (r, d) per feature, float64, from the batch's mean and biased variance and
+    the running statistics, with s = sqrt(running_var + eps)::
+
+        r = clip(sqrt(var + eps) / s, 1/r_max, r_max)
+        d = clip((mean - running_mean) / s, -d_max, d_max)
+
+    With s = 0 (running_var + eps == 0), v/0 is +-inf and clipped, and 0/0 gives r = 1 and d = 0
+    (batch norm's normalization). NaN in either statistics gives NaN."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):    # NaN and inf: see above
+        s = np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+        spread = np.sqrt(var + eps)
+        offset = mean - np.asarray(running_mean, dtype=np.float64)
+        r = np.where((spread == 0) & (s == 0), 1.0, spread / s)
+        d = np.where((offset == 0) & (s == 0), 0.0, offset / s)
+    return np.clip(r, 1.0 / r_max, r_max), np.clip(d, -d_max, d_max)
+
+
+def _renorm_dweight(r, d, dweight, dbias):
+    """Batch renorm's dweight, sum(dy * (xhat * r + d)), from batch norm's dweight = sum(dy * xhat)
+    and dbias = sum(dy)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return r * dweight + d * dbias
+
+
+def _renorm_affine(w, b, r, d):
+    """The weight and bias with which batch norm's ``xhat * weight + bias`` is batch renorm's
+    ``(xhat * r + d) * weight + bias`` (weight None means 1, bias None 0)."""
+    if w is None:
+        return r, (d if b is None else d + b)
+    return r * w, (d * w if b is None else d * w + b)
+
+
+@dask_aware
+def batch_renorm(x, weight=None, bias=None, *, axis=-1, running_mean, running_var, r_max=3.0, d_max=5.0,
+                 training=True, momentum=0.1, eps=1e-5, mask=None, out=None, return_stats=False):
+    """Batch renormalization (Ioffe, 2017): batch norm whose output in training is corrected
+    toward the running statistics, so that training and inference normalize alike.
+
+    With the batch's ``mean`` and biased ``var`` per feature (as :func:`batch_norm`) and
+    ``s = sqrt(running_var + eps)`` (PyTorch's running-statistics convention)::
+
+        y = ((x - mean) / sqrt(var + eps) * r + d) * weight + bias
+        r = clip(sqrt(var + eps) / s, 1/r_max, r_max)
+        d = clip((mean - running_mean) / s, -d_max, d_max)
+
+    r and d are constants for the gradient (:func:`batch_renorm_backward`). Unclipped, y is
+    ``(x - running_mean) / s * weight + bias``; with ``r_max=1, d_max=0`` it is batch norm's.
+    ``r_max`` >= 1 and ``d_max`` >= 0 (``inf``: no clipping); Ioffe starts them at 1 and 0 and
+    widens them during training (the :class:`~fastnorm.BatchRenorm` layer's attributes).
+
+    ``running_mean``/``running_var`` (writeable float arrays of shape ``(C,)``) are required;
+    training updates them in place after reading them, as :func:`batch_norm` does (momentum,
+    unbiased batch variance; an empty batch leaves them as they are). ``training=False`` is
+    :func:`batch_norm`'s eval mode. Masks, dtypes, ``out`` and shared memory as batch_norm.
+
+    Returns
+    -------
+    y, or with ``return_stats=True`` ``(y, mean, rstd, r, d)``, each statistic of shape ``(C,)``
+    (float32, or float64 for float64 x): the batch's mean and rstd = 1/sqrt(var + eps) and the
+    clipped r and d in training; in eval the running mean, 1/s, r = 1 and d = 0. They are the
+    arguments :func:`batch_renorm_backward` takes.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.array([[0.0], [2.0], [4.0]])
+    >>> rm, rv = np.zeros(1), np.ones(1)
+    >>> fastnorm.batch_renorm(x, running_mean=rm, running_var=rv, d_max=1.0, eps=0.0, momentum=0.5)
+    array([[-1.],
+           [ 1.],
+           [ 3.]])
+    >>> rm, rv        # halfway to the batch's mean 2 and unbiased variance 4
+    (array([1.]), array([2.5]))
+    """
+    fn = "batch_renorm"
+    _renorm_needs_running(running_mean, running_var, fn)
+    limits = _renorm_limits(r_max, d_max, fn)
+    y, mean, rstd, correction = _batch_norm(fn, x, weight, bias, axis, running_mean, running_var, training,
+                                            momentum, eps, mask, out, limits)
+    if not return_stats:
+        return y
+    r, d = correction if correction is not None else (np.ones_like(rstd), np.zeros_like(rstd))
+    return y, mean, rstd, r, d
 
 
 def mask_from_lengths(lengths, max_len=None):
@@ -594,6 +712,12 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     """
     fn = "batch_norm_backward"
     arr = ck.as_input(x, "x", fn)
+    dx, dweight, dbias = _batch_norm_backward(fn, dy, arr, mean, rstd, weight, axis, training, mask, out)
+    return dx, dweight.astype(arr.dtype), dbias.astype(arr.dtype)
+
+
+def _batch_norm_backward(fn, dy, arr, mean, rstd, weight, axis, training, mask, out):
+    """batch_norm_backward for x already through ck.as_input; dweight and dbias in float64."""
     ck.check_bool(training, "training", fn)
     g = ck.as_input(dy, "dy", fn)
     ck.same_shape(g, arr, fn)
@@ -609,7 +733,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, training=Tru
     target = ck.Output(out, arr, arr.dtype, identity, view, also_read=(g,))
     _channel_dx(target.view, gv, xv, mu, r, w, m, sums if training else None)
     dweight, dbias = _channel_param_grads(sums, r)
-    return target.finish(), dweight.astype(arr.dtype), dbias.astype(arr.dtype)
+    return target.finish(), dweight, dbias
 
 
 # Batch norm's gradients in two steps, so that a chunked x (fastnorm._dask) can sum over all its
@@ -657,3 +781,36 @@ def _channel_param_grads(sums, rstd):
     with np.errstate(invalid="ignore", over="ignore"):
         dweight = np.where(n > 0, sum_dy_xc * rstd, 0.0)   # a sum over no element is 0, not 0 * NaN
     return dweight, sum_dy
+
+
+@dask_aware
+def batch_renorm_backward(dy, x, mean, rstd, r, d, weight=None, *, axis=-1, training=True, mask=None, out=None):
+    """Gradients of :func:`batch_renorm`: ``(dx, dweight, dbias)``, with r and d constants.
+
+    ``mean, rstd, r, d`` are what ``return_stats=True`` returned. Batch renorm is batch norm with
+    weight ``r * weight`` and bias ``d * weight + bias``, so dx is :func:`batch_norm_backward`'s
+    with weight ``r * weight`` (d does not enter it); with ``xhat = (x - mean) * rstd``::
+
+        dweight = sum(dy * (xhat * r + d)),  dbias = sum(dy)      (over every axis but axis)
+
+    ``training=False`` (the eval forward's running statistics, r = 1, d = 0) is batch norm's eval
+    gradient: ``dx = dy * weight * r * rstd``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.array([[0.0], [2.0], [4.0]])
+    >>> y, mean, rstd, r, d = fastnorm.batch_renorm(x, running_mean=np.zeros(1), running_var=np.ones(1),
+    ...                                            d_max=1.0, eps=0.0, return_stats=True)
+    >>> dx, dweight, dbias = fastnorm.batch_renorm_backward(np.ones_like(x), x, mean, rstd, r, d)
+    >>> dx.ravel(), dweight, dbias      # dweight = sum(xhat * r + d) = 3 * d
+    (array([0., 0., 0.]), array([3.]), array([3.]))
+    """
+    fn = "batch_renorm_backward"
+    arr = ck.as_input(x, "x", fn)
+    ax, (_, C, _) = _channel_plan(arr.shape, axis, fn)
+    w = ck.param(weight, "weight", (C,), fn, f"x.shape along the feature axis {ax}", arr.shape, (ax,))
+    r, d = ck.check_stat(r, "r", (C,), fn), ck.check_stat(d, "d", (C,), fn)
+    scaled, _ = _renorm_affine(w, None, r, d)
+    dx, dweight, dbias = _batch_norm_backward(fn, dy, arr, mean, rstd, scaled, axis, training, mask, out)
+    return dx, _renorm_dweight(r, d, dweight, dbias).astype(arr.dtype), dbias.astype(arr.dtype)

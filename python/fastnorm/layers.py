@@ -25,7 +25,7 @@ from . import _checks as ck
 from . import _functional as F
 from ._moments import Moments
 
-__all__ = ["LayerNorm", "RMSNorm", "BatchNorm", "InstanceNorm", "GroupNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "BatchNorm", "BatchRenorm", "InstanceNorm", "GroupNorm"]
 
 
 @contextlib.contextmanager
@@ -220,19 +220,23 @@ class BatchNorm(_Norm):
     def __repr__(self):
         return f"{super().__repr__()[:-1]}, training={self.training})"
 
+    def _step_momentum(self) -> float:
+        """The momentum of this training step: PyTorch's cumulative moving average for
+        ``momentum=None`` (every batch weighs the same), else ``momentum``."""
+        return 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+
+    def _count_batch(self, y):
+        if self.training and self.track_running_stats and np.size(y):   # an empty batch updates nothing
+            self.num_batches_tracked += 1
+
     def __call__(self, x, mask=None):
         self._check_features(x)
         batch_stats = self.training or not self.track_running_stats
-        updates = self.training and self.track_running_stats
-        momentum = self.momentum
-        if momentum is None:              # PyTorch's cumulative moving average: every batch weighs the same
-            momentum = 1.0 / (self.num_batches_tracked + 1)
         with _float64_stats():
             y, mean, rstd = F.batch_norm(x, self.weight, self.bias, axis=self.axis, running_mean=self.running_mean,
                                          running_var=self.running_var, training=batch_stats,
-                                         momentum=momentum, eps=self.eps, mask=mask, return_stats=True)
-        if updates and np.size(y):        # an empty batch leaves the running statistics as they were
-            self.num_batches_tracked += 1
+                                         momentum=self._step_momentum(), eps=self.eps, mask=mask, return_stats=True)
+        self._count_batch(y)
         self._saved = (self._input_copy(x), mean, rstd, _mask_copy(mask), batch_stats)
         return y
 
@@ -272,6 +276,71 @@ class BatchNorm(_Norm):
         self.running_mean[...] = total.mean
         self.running_var[...] = total.var(ddof=1)
         return self
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe, 2017) of ``num_features`` features along ``axis``.
+
+    Training normalizes with the batch statistics corrected toward the running ones by r and d,
+    clipped to ``[1/r_max, r_max]`` and ``[-d_max, d_max]`` (:func:`fastnorm.batch_renorm`), and
+    updates ``running_mean``/``running_var`` as :class:`BatchNorm` does (``momentum=None``: the
+    cumulative average). Eval is batch norm's eval. ``r_max`` and ``d_max`` may be set between
+    steps: Ioffe starts at 1 and 0 (batch norm) and widens them once the running statistics settle.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> layer = fastnorm.BatchRenorm(2, r_max=1.0, d_max=0.0)      # batch norm, at first
+    >>> for step in range(3):
+    ...     layer.r_max, layer.d_max = 1.0 + step, 2.5 * step        # the ramp, here in 3 steps
+    ...     y = layer(np.random.default_rng(step).standard_normal((8, 2)))
+    >>> layer
+    BatchRenorm(2, eps=1e-05, momentum=0.1, r_max=3.0, d_max=5.0, axis=-1, training=True)
+    """
+
+    def __init__(self, num_features, *, axis=-1, eps=1e-5, momentum=0.1, r_max=3.0, d_max=5.0, affine=True,
+                 dtype=np.float64):
+        super().__init__(num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=True, dtype=dtype)
+        self._limits = F._renorm_limits(r_max, d_max, "BatchRenorm")
+
+    @property
+    def r_max(self) -> float:
+        """r is clipped to ``[1/r_max, r_max]``; >= 1, ``inf`` for no clipping."""
+        return self._limits[0]
+
+    @r_max.setter
+    def r_max(self, value):
+        self._limits = F._renorm_limits(value, self.d_max, "BatchRenorm")
+
+    @property
+    def d_max(self) -> float:
+        """d is clipped to ``[-d_max, d_max]``; >= 0, ``inf`` for no clipping."""
+        return self._limits[1]
+
+    @d_max.setter
+    def d_max(self, value):
+        self._limits = F._renorm_limits(self.r_max, value, "BatchRenorm")
+
+    def _option_args(self):
+        return [*super()._option_args(), f"r_max={self.r_max!r}", f"d_max={self.d_max!r}"]
+
+    def __call__(self, x, mask=None):
+        self._check_features(x)
+        with _float64_stats():
+            y, *stats = F.batch_renorm(x, self.weight, self.bias, axis=self.axis, running_mean=self.running_mean,
+                                       running_var=self.running_var, r_max=self.r_max, d_max=self.d_max,
+                                       training=self.training, momentum=self._step_momentum(), eps=self.eps,
+                                       mask=mask, return_stats=True)
+        self._count_batch(y)
+        self._saved = (self._input_copy(x), *stats, _mask_copy(mask), self.training)
+        return y
+
+    def backward(self, dy):
+        x, mean, rstd, r, d, mask, training = self._need_saved()
+        grads = F.batch_renorm_backward(dy, x, mean, rstd, r, d, self.weight, axis=self.axis, training=training,
+                                        mask=mask)
+        return self._set_grads(*grads)
 
 
 class GroupNorm(_Norm):
