@@ -29,8 +29,15 @@ def _as_residual(residual, arr: np.ndarray, fn: str) -> np.ndarray:
     return res
 
 
-def _add_norm(fn, x, residual, weight, bias, axis, eps, mask, out, residual_out, return_stats, rms):
-    """The general path: every argument checked before anything is written, then two steps."""
+def _add_norm(fn, rms, x, residual, weight, bias, axis, eps, mask, out, residual_out, return_stats):
+    """The C entry when it takes the call (NotImplemented otherwise: a dask array is never a plain
+    ndarray), else the general path: every argument checked before anything is written, then two
+    steps."""
+    if type(axis) is int and axis == -1 and mask is None:
+        result = _core.add_rows_fast(x, residual, weight, bias, eps, out, residual_out, rms, return_stats,
+                                     _threads.num_threads)
+        if result is not NotImplemented:
+            return result
     if is_dask(x) or is_dask(residual):
         from . import _dask
         return getattr(_dask, fn)(x, residual, weight, bias, axis=axis, eps=eps, mask=mask, out=out,
@@ -55,10 +62,6 @@ def _add_norm(fn, x, residual, weight, bias, axis, eps, mask, out, residual_out,
               "bias": None if b is None else b.reshape(plan.param_shape)}
     y, *stats = norm(h, **params, axis=axis, eps=eps, mask=m, out=out, return_stats=True)
     return (y, h, *stats) if return_stats else (y, h)
-
-
-# The fast path is tried first: a dask array is never a plain ndarray, so dask arrays (x or residual)
-# reach _add_norm, which sends them to fastnorm._dask.
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None,
@@ -95,13 +98,8 @@ def add_layer_norm(x, residual, weight=None, bias=None, *, axis=-1, eps=1e-5, ma
     >>> h, y.round(4)
     (array([[1., 2., 6.]]), array([[-0.9258, -0.4629,  1.3887]]))
     """
-    if type(axis) is int and axis == -1 and mask is None:
-        result = _core.add_rows_fast(x, residual, weight, bias, eps, out, residual_out, False, return_stats,
-                                     _threads.num_threads)
-        if result is not NotImplemented:
-            return result
-    return _add_norm("add_layer_norm", x, residual, weight, bias, axis, eps, mask, out, residual_out,
-                     return_stats, rms=False)
+    return _add_norm("add_layer_norm", False, x, residual, weight, bias, axis, eps, mask, out, residual_out,
+                     return_stats)
 
 
 def add_rms_norm(x, residual, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None,
@@ -118,10 +116,5 @@ def add_rms_norm(x, residual, weight=None, bias=None, *, axis=-1, eps=1e-5, mask
     >>> h, y.round(4)
     (array([[3., 4.]]), array([[0.8485, 1.1314]]))
     """
-    if type(axis) is int and axis == -1 and mask is None:
-        result = _core.add_rows_fast(x, residual, weight, bias, eps, out, residual_out, True, return_stats,
-                                     _threads.num_threads)
-        if result is not NotImplemented:
-            return result
-    return _add_norm("add_rms_norm", x, residual, weight, bias, axis, eps, mask, out, residual_out,
-                     return_stats, rms=True)
+    return _add_norm("add_rms_norm", True, x, residual, weight, bias, axis, eps, mask, out, residual_out,
+                     return_stats)
