@@ -8,7 +8,10 @@ arrays, last axis, no mask) and the two-step general path, which must give the s
 from __future__ import annotations
 
 import doctest
+import shutil
+import subprocess
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,6 +326,24 @@ def test_gradient_of_h_composes():
             minus[arg][i] -= step
             numeric[i] = (loss(*plus) - loss(*minus)) / (2 * step)
         np.testing.assert_allclose(dh, numeric, rtol=1e-6, atol=1e-7)
+
+
+# ---- the kernel alone ----------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+@pytest.mark.parametrize("defines", [[], ["-DFASTNORM_NO_CLONES"]], ids=["dispatch", "portable"])
+def test_c_kernel_on_strided_views(tmp_path, defines):
+    """tests/c/test_add_norm.c: add_norm_rows on the strided views the Python entry never passes."""
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "test_add_norm"
+    sources = [root / "tests/c/test_add_norm.c",
+               *(root / "src" / f for f in ("add_norm.c", "convert.c", "parallel.c", "group_norm.c", "batch_norm.c"))]
+    build = subprocess.run(["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fopenmp-simd", "-pthread",
+                            *defines, f"-I{root / 'src'}", *map(str, sources), "-lm", "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith(" 0 failed"), run.stdout
 
 
 # ---- dask and docstrings -----------------------------------------------------------------------
