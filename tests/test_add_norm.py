@@ -371,6 +371,12 @@ def test_dask_equals_in_memory(kind, dtype, chunks):
         assert_close(s, e, {np.float32: 1e-6, np.float64: 1e-12}[dtype])
     with pytest.raises(TypeError, match="residual_out= cannot be used with dask arrays"):
         FUNCS[kind](X, R, residual_out=np.zeros_like(x))
+    with pytest.raises(ValueError, match=r"residual has shape \(60, 7\); expected \(60, 7, 5\)"):
+        FUNCS[kind](X, r[..., 0])
+    with pytest.raises(ValueError, match=r"residual has shape \(60, 5, 7\)"):
+        FUNCS[kind](x, R.transpose(0, 2, 1))
+    with pytest.raises(TypeError, match="residual has dtype"):
+        FUNCS[kind](X, R.astype(np.float16))
 
 
 def test_docstring_examples():

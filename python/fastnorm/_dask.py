@@ -513,12 +513,16 @@ def _add_norm(fn, x, residual, weight, bias, axis, eps, mask, out, residual_out,
         raise TypeError(f"{fn}: residual_out= cannot be used with dask arrays (h is a lazy dask array); "
                         "write it with dask.array.store, to_zarr or to_npy_stack")
     if not isinstance(x, da.Array):
-        x = da.from_array(ck.as_input(x, "x", fn), chunks=residual.chunks)
-    dtype = _result_dtype(x, fn)
+        x = ck.as_input(x, "x", fn)
     if not isinstance(residual, da.Array):
-        residual = da.from_array(ck.as_input(residual, "residual", fn), chunks=x.chunks)
+        residual = ck.as_input(residual, "residual", fn)
     if tuple(residual.shape) != tuple(x.shape):
         raise ValueError(f"{fn}: residual has shape {residual.shape}; expected {x.shape}, the shape of x")
+    if not isinstance(x, da.Array):
+        x = da.from_array(x, chunks=residual.chunks)
+    dtype = _result_dtype(x, fn)
+    if not isinstance(residual, da.Array):
+        residual = da.from_array(residual, chunks=x.chunks)
     res_dtype = ck.as_input(np.zeros(0, dtype=residual.dtype), "residual", fn).dtype
     if res_dtype != dtype:
         raise TypeError(f"{fn}: residual has dtype {res_dtype}; expected {dtype}, the dtype of x "
