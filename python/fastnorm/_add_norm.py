@@ -85,10 +85,16 @@ def add_layer_norm(x, residual, weight=None, bias=None, *, axis=-1, eps=1e-5, ma
         Where to write h. It may be ``residual`` (or ``x``) itself: the residual stream updated in
         place.
     return_stats : bool
-        Also return mean and rstd of h: ``(y, h, mean, rstd)``.
+        Also return mean and rstd of h (as :func:`layer_norm` returns them).
 
-    Gradients: h's gradient is ``layer_norm_backward(dy, h, mean, rstd, weight)[0]`` plus whatever
-    reaches h along the residual stream; x and residual both receive it.
+    Returns
+    -------
+    (y, h), or (y, h, mean, rstd)
+
+    Notes
+    -----
+    h's gradient is ``layer_norm_backward(dy, h, mean, rstd, weight)[0]`` plus whatever reaches h
+    along the residual stream; x and residual both receive it (README, "Add & Norm").
 
     Examples
     --------
