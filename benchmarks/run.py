@@ -412,9 +412,9 @@ def _max_diff(a, b):
     return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a)))))
 
 
-def measure(case, fns, cfg):
+def measure(case, fns, cfg, impls=IMPLS):
     """Interleaved timing of one case: {impl: [seconds per call, one per round]}, numbers, diffs."""
-    impls = [i for i in IMPLS if i in fns]
+    impls = [i for i in impls if i in fns]
     # Warm-up (first-touch page faults, lazy init, caches), then the agreement check.
     ref = fns["fastnorm"]()
     diffs = {}
@@ -672,6 +672,141 @@ def print_table(rows, info, quick):
         print(f"{peer}: {note}: {', '.join(labels)}")
 
 
+# ---- Add & Norm: add_layer_norm / add_rms_norm (h = x + residual, y = norm(h)) ---------------------
+#
+# Their own table: fastnorm (the call as written, allocating y and h), fastnorm out= (into
+# preallocated y and h), two calls (np.add, then fastnorm's norm of h, both into preallocated
+# arrays: the same work unfused), numpy (x + r, then the NumPy norm above), torch (xt + rt, then
+# F.layer_norm / F.rms_norm), ort (ONNX Runtime's fused SkipLayerNormalization /
+# SkipSimplifiedLayerNormalization, com.microsoft domain, CPU provider, fastnorm's thread count,
+# returning y and the sum, output 3), copy (np.copyto of x and of r: 2 reads and 2 writes, the
+# bytes the fused call moves). Targets: ort/fastnorm >= 1.3, out/copy <= 1.2.
+
+ADD_IMPLS = ("fastnorm", "fastnorm out=", "two calls", "numpy", "torch", "ort", "copy")
+ADD_ORT_TARGET, ADD_COPY_TARGET = 1.3, 1.2
+
+
+def _ort_skip_session(rms, D, dtype):
+    """An ONNX Runtime session of one Skip(Simplified)LayerNormalization node, or None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:  # pragma: no cover - optional
+        return None
+    elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}.get(dtype)
+    if elem is None:
+        return None
+    names = ["input", "skip", "gamma"] + ([] if rms else ["beta"])
+    inputs = [helper.make_tensor_value_info(n, elem, ["N", D] if n in ("input", "skip") else [D]) for n in names]
+    outputs = [helper.make_tensor_value_info(n, elem, ["N", D]) for n in ("y", "h")]
+    op = "SkipSimplifiedLayerNormalization" if rms else "SkipLayerNormalization"
+    node = helper.make_node(op, names, ["y", "", "", "h"], domain="com.microsoft", epsilon=EPS)
+    model = helper.make_model(helper.make_graph([node], "add_norm", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = fastnorm.get_num_threads()
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+class AddNormCase(Case):
+    def build(self, rng):
+        rms = self.op == "add_rms_norm"
+        x = (rng.standard_normal(self.shape, dtype=np.float32) * 1.5 + 0.25).astype(self.dtype)
+        r = rng.standard_normal(self.shape, dtype=np.float32).astype(self.dtype)
+        D = self.shape[-1]
+        w = (1.0 + 0.1 * rng.standard_normal(D)).astype(self.dtype)
+        b = None if rms else (0.1 * rng.standard_normal(D)).astype(self.dtype)
+        y, h, a, c = (np.empty_like(x) for _ in range(4))
+        fn = getattr(fastnorm, self.op)
+        norm = fastnorm.rms_norm if rms else fastnorm.layer_norm
+
+        def two_calls():
+            np.add(x, r, out=h)
+            return norm(h, w, b, out=y), h
+
+        def numpy_two_steps():
+            s = x + r
+            return (np_rms_norm(s, w) if rms else np_layer_norm(s, w, b)), s
+
+        fns = {"fastnorm": lambda: fn(x, r, w, b), "fastnorm out=": lambda: fn(x, r, w, b, out=y, residual_out=h),
+               "two calls": two_calls, "numpy": numpy_two_steps,
+               "copy": lambda: (np.copyto(a, x), np.copyto(c, r))}
+        if torch is not None and (not rms or hasattr(F, "rms_norm")):
+            xt, rt, wt = torch.from_numpy(x), torch.from_numpy(r), torch.from_numpy(w)
+            bt = None if rms else torch.from_numpy(b)
+
+            def torch_two_steps():
+                s = xt + rt
+                return (F.rms_norm(s, (D,), wt, EPS) if rms else F.layer_norm(s, (D,), wt, bt, EPS)), s
+            fns["torch"] = torch_two_steps
+        session = _ort_skip_session(rms, D, self.dtype)
+        if session is not None:
+            feed = {"input": x, "skip": r, "gamma": w, **({} if rms else {"beta": b})}
+            fns["ort"] = lambda: tuple(session.run(None, feed))
+        return fns
+
+
+def add_norm_cases(quick):
+    big = (2048 if quick else 16384, 1024)
+    cases = [AddNormCase(op, op, shape, large=shape == big)
+             for op in ("add_layer_norm", "add_rms_norm") for shape in ((8, 768), big)]
+    for c in cases:
+        c.label = f"{c.name} {'x'.join(map(str, c.shape))}"
+    return cases
+
+
+def run_add_norm(cases, cfg, rng):
+    """Time the Add & Norm cases, print their table, return their results (for --json)."""
+    rows, results = [], []
+    for case in cases:
+        print(f"  {case.label} {case.dtype.name} ...", end="", flush=True, file=sys.stderr)
+        fns = case.build(rng)
+        agree = {impl: _max_diff(fns["fastnorm"](), fns[impl]()) for impl in ("two calls", "numpy", "torch", "ort")
+                 if impl in fns}
+        gc.collect()
+        gc.disable()
+        try:
+            samples, numbers, _ = measure(case, fns, cfg, ADD_IMPLS)
+        finally:
+            gc.enable()
+        del fns
+        med = {k: float(np.median(v)) for k, v in samples.items()}
+        # ratios of the paired rounds' samples, then their median
+        paired = lambda a, b: float(np.median(np.array(samples[a]) / np.array(samples[b])))  # noqa: E731
+        ratios = {"ort/fastnorm": paired("ort", "fastnorm") if "ort" in med else None,
+                  "ort/fn out=": paired("ort", "fastnorm out=") if "ort" in med else None,
+                  "out/copy": paired("fastnorm out=", "copy"),
+                  "two calls/out": paired("two calls", "fastnorm out="),
+                  "numpy/fastnorm": paired("numpy", "fastnorm"),
+                  "torch/fastnorm": paired("torch", "fastnorm") if "torch" in med else None}
+        print(f" {_fmt_t(med['fastnorm'])}", file=sys.stderr)
+        rows.append((case, med, ratios, len(samples["fastnorm"])))
+        results.append({"label": case.label, "dtype": case.dtype.name, "median_s": med, "samples_s": samples,
+                        "number": numbers, "ratios": ratios, "max_rel_diff_vs_fastnorm": agree})
+    head = ["case", *ADD_IMPLS, "ort/fn", "ort/out=", "out/copy", "2calls/out", "numpy/fn", "torch/fn", "rounds"]
+    lines = []
+    for case, med, ratios, rounds in rows:
+        ok = {"ort/fastnorm": lambda v: v >= ADD_ORT_TARGET, "ort/fn out=": lambda v: v >= ADD_ORT_TARGET,
+              "out/copy": lambda v: v <= ADD_COPY_TARGET or not case.large}
+        lines.append([case.label, *(_fmt_t(med.get(i)) for i in ADD_IMPLS),
+                      *(_fmt_r(ratios[k], ok[k](ratios[k]) if k in ok and ratios[k] is not None else None)
+                        for k in ("ort/fastnorm", "ort/fn out=", "out/copy", "two calls/out", "numpy/fastnorm",
+                                  "torch/fastnorm")), str(rounds)])
+    widths = [max(len(hd), *(len(l[i]) for l in lines)) for i, hd in enumerate(head)]
+    print("\nAdd & Norm (float32): h = x + residual, y = layer/RMS norm of h; median time per call, and the "
+          "median over rounds of each round's ratio.\n")
+    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(head, widths))))
+    for l in lines:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
+    print(f"\n! = misses a target: ort/fastnorm and ort/out= >= {ADD_ORT_TARGET} (every case); out/copy <= "
+          f"{ADD_COPY_TARGET} (large cases; copy = np.copyto of x and of r).")
+    for res in results:
+        for impl, d in res["max_rel_diff_vs_fastnorm"].items():
+            if not d <= 1e-3:
+                print(f"WARNING: {res['label']}: {impl} differs from fastnorm by {d:.3g}")
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -703,10 +838,12 @@ def main(argv=None):
         result["memory"] = mem
 
     cases = make_cases(args.quick)
+    add_cases = add_norm_cases(args.quick)
     if args.cases:
         pat = re.compile(args.cases, re.IGNORECASE)
         cases = [c for c in cases if pat.search(c.label + " " + c.dtype.name)]
-        if not cases:
+        add_cases = [c for c in add_cases if pat.search(c.label + " " + c.dtype.name)]
+        if not cases and not add_cases:
             sys.exit(f"no case matches {args.cases!r}")
 
     torch_default_threads = torch.get_num_threads() if torch is not None else None
@@ -752,7 +889,10 @@ def main(argv=None):
                         for n, v, t, ok, s in checks],
         })
 
-    print_table(rows, info, args.quick)
+    if rows:
+        print_table(rows, info, args.quick)
+    if add_cases:
+        result["add_norm"] = run_add_norm(add_cases, cfg, rng)
     if mismatches:
         print("\nWARNING: results disagree (the timings of these rows compare different computations):")
         for m in mismatches:

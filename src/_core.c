@@ -803,6 +803,98 @@ static PyObject *py_cpu_dispatch(PyObject *self, PyObject *unused)
 #endif
 }
 
+/* ---- fastnorm.add_layer_norm and add_rms_norm: the common call -----------------------------------
+ * add_rows_fast(x, residual, weight, bias, eps, out, residual_out, rms, return_stats, nthreads):
+ * h = x + residual and y = layer (RMS) norm of h along the last axis of plain C-contiguous
+ * float16/32/64 arrays of one dtype, weight/bias None or plain (D) arrays of that dtype, eps a
+ * float. Returns (y, h), with return_stats (y, h, mean, rstd) ((y, h, rstd) for RMS), or
+ * NotImplemented when any argument needs the general path (which also owns the errors). */
+
+/* An output of add_rows_fast: None, or a plain writeable array of x's shape that is x or residual
+ * itself (the kernel reads each element before writing it) or meets neither, nor weight or bias. */
+static int add_output_fits(PyObject *obj, PyArrayObject *x, PyArrayObject *r, const void *w, const void *b)
+{
+    if (obj == Py_None) return 1;
+    PyArrayObject *o = (PyArrayObject *)obj;
+    if (!is_plain(obj, PyArray_TYPE(x)) || !PyArray_ISWRITEABLE(o) || !PyArray_SAMESHAPE(o, x)) return 0;
+    const npy_intp n = PyArray_NBYTES(x), pn = PyArray_DIM(x, PyArray_NDIM(x) - 1) * PyArray_ITEMSIZE(x);
+    const char *ob = PyArray_BYTES(o), *xb = PyArray_BYTES(x), *rb = PyArray_BYTES(r);
+    return (ob == xb || !bytes_overlap(ob, n, xb, n)) && (ob == rb || !bytes_overlap(ob, n, rb, n)) &&
+           !bytes_overlap(ob, n, w, pn) && !bytes_overlap(ob, n, b, pn);
+}
+
+/* The statistics as an array of x's shape without its last axis: float64 for float64 x, else float32. */
+static PyObject *add_stats_array(PyArrayObject *x, const double *s, npy_intp A)
+{
+    const int type = PyArray_TYPE(x) == NPY_DOUBLE ? NPY_DOUBLE : NPY_FLOAT;
+    PyObject *a = PyArray_SimpleNew(PyArray_NDIM(x) - 1, PyArray_DIMS(x), type);
+    if (a) fn_store(PyArray_BYTES((PyArrayObject *)a), s, A, type == NPY_DOUBLE ? 8 : 4, type == NPY_DOUBLE ? FN_F64 : FN_F32);
+    return a;
+}
+
+static PyObject *py_add_rows_fast(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "_core.add_rows_fast takes 10 arguments");
+        return NULL;
+    }
+    PyObject *ox = args[0], *ores = args[1], *ow = args[2], *ob = args[3], *oout = args[5], *ohout = args[6];
+    if (!PyArray_CheckExact(ox) || !PyArray_CheckExact(ores) || !PyFloat_CheckExact(args[4]) ||
+        (args[8] != Py_True && args[8] != Py_False) || !PyLong_CheckExact(args[9]))
+        Py_RETURN_NOTIMPLEMENTED;
+    const int rms = PyObject_IsTrue(args[7]), with_stats = PyObject_IsTrue(args[8]);
+    const long nthreads = PyLong_AsLong(args[9]);
+    const double eps = PyFloat_AS_DOUBLE(args[4]);
+    if (rms < 0 || with_stats < 0 || (nthreads == -1 && PyErr_Occurred())) return NULL;
+    PyArrayObject *x = (PyArrayObject *)ox, *res = (PyArrayObject *)ores;
+    const int type = PyArray_TYPE(x), nd = PyArray_NDIM(x);
+    if ((type != NPY_HALF && type != NPY_FLOAT && type != NPY_DOUBLE) || !is_plain(ox, type) || nd < 1 ||
+        PyArray_DIM(x, nd - 1) == 0 || !is_plain(ores, type) || !PyArray_SAMESHAPE(x, res) || !(eps >= 0.0) ||
+        eps == HUGE_VAL || nthreads < 1 || nthreads > 4096)
+        Py_RETURN_NOTIMPLEMENTED;
+    const npy_intp D = PyArray_DIM(x, nd - 1), A = PyArray_SIZE(x) / D, nbytes = PyArray_NBYTES(x);
+    const void *w, *b;
+    if (!plain_param(ow, type, D, &w) || !plain_param(ob, type, D, &b) || !add_output_fits(oout, x, res, w, b) ||
+        !add_output_fits(ohout, x, res, w, b) ||
+        (oout != Py_None && ohout != Py_None &&
+         bytes_overlap(PyArray_BYTES((PyArrayObject *)oout), nbytes, PyArray_BYTES((PyArrayObject *)ohout), nbytes)))
+        Py_RETURN_NOTIMPLEMENTED;
+    /* mean, rstd (A each); weight and bias are read in place, so no output may meet them */
+    size_t stats_bytes;
+    if (fn_array_bytes(2, A, 0, sizeof(double), &stats_bytes)) return scratch_too_large();
+    double stack_stats[128], *mean = A <= 64 ? stack_stats : PyMem_RawMalloc(stats_bytes), *rstd = mean + A;
+    if (!mean) return scratch_too_large();
+    const ptrdiff_t item = PyArray_ITEMSIZE(x);
+    const int dt = type == NPY_HALF ? FN_F16 : type == NPY_FLOAT ? FN_F32 : FN_F64;
+    PyObject *y = oout == Py_None ? new_output(x, NULL) : Py_NewRef(oout);
+    PyObject *h = ohout == Py_None ? new_output(x, NULL) : Py_NewRef(ohout), *result = NULL;
+    if (!y || !h) goto done;
+    fn_view vx = {PyArray_BYTES(x), dt, {D * item, item, 0, 0}}, vr = {PyArray_BYTES(res), dt, {D * item, item, 0, 0}};
+    fn_view vy = {PyArray_BYTES((PyArrayObject *)y), dt, {D * item, item, 0, 0}};
+    fn_view vh = {PyArray_BYTES((PyArrayObject *)h), dt, {D * item, item, 0, 0}};
+    PyThreadState *save = A * D < FAST_KEEP_GIL_ELEMENTS ? NULL : PyEval_SaveThread();
+    int status = add_norm_rows(vy, vh, mean, rstd, vx, vr, w, b, A, D, eps, rms, (int)nthreads);
+    if (save) PyEval_RestoreThread(save);
+    if (status != FN_OK) {
+        status_to_result(status);
+        goto done;
+    }
+    if (!with_stats) {
+        result = PyTuple_Pack(2, y, h);
+    } else {
+        PyObject *m = rms ? NULL : add_stats_array(x, mean, A), *r = add_stats_array(x, rstd, A);
+        if (r && (rms || m)) result = rms ? PyTuple_Pack(3, y, h, r) : PyTuple_Pack(4, y, h, m, r);
+        Py_XDECREF(m);
+        Py_XDECREF(r);
+    }
+done:
+    Py_XDECREF(y);
+    Py_XDECREF(h);
+    if (mean != stack_stats) PyMem_RawFree(mean);
+    return result;
+}
+
 static PyMethodDef core_methods[] = {
     {"rows_function", py_rows_function, METH_VARARGS, "The public layer_norm/rms_norm around its Python function."},
     {"rows_backward_fast", (PyCFunction)(void (*)(void))py_rows_backward_fast, METH_FASTCALL,
@@ -820,6 +912,8 @@ static PyMethodDef core_methods[] = {
      "Batch norm training of float32 planes (O, C, S), channel blocks at a time; writes mean, var."},
     {"cpu_dispatch", py_cpu_dispatch, METH_NOARGS, "CPU features and the kernel variants picked for them."},
     {"channel_grad_sums", py_channel_grad_sums, METH_VARARGS, "Per-channel sums of dy and dy*(x - center)."},
+    {"add_rows_fast", (PyCFunction)(void (*)(void))py_add_rows_fast, METH_FASTCALL,
+     "h = x + residual and layer/RMS norm of h along the last axis of plain arrays, or NotImplemented."},
     {NULL, NULL, 0, NULL},
 };
 

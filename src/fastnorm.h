@@ -192,4 +192,15 @@ int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
 int channel_summary(double *count, double *mean, double *m2, double *min, double *max, fn_view x, fn_mask mask,
                     int64_t O, int64_t C, int64_t S, int nthreads);
 
+/* ---- add_norm.c: the residual add of a transformer block with its layer/RMS norm ---- */
+
+/* h = x + residual, rounded once in the dtype (NumPy's add), then y = group_norm_forward of h as
+ * (A, 1, D, 1): layer norm, or RMS norm when rms != 0. x, residual, h, y: (A, D) views of one dtype
+ * (stride[0] between rows, stride[1] between elements); weight, bias: (D) contiguous elements of
+ * x's dtype, or NULL;
+ * mean, rstd: (A) doubles, written. h may be x or residual; y may be x or residual; y and h may
+ * not overlap. A block of rows sized to the L2 cache at a time: h is normalized while cached. */
+int add_norm_rows(fn_view y, fn_view h, double *mean, double *rstd, fn_view x, fn_view residual,
+                  const void *weight, const void *bias, int64_t A, int64_t D, double eps, int rms, int nthreads);
+
 #endif

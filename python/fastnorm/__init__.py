@@ -25,6 +25,7 @@ from ._data import min_max_scale, standardize, weight_norm, weight_norm_backward
 from ._moments import Moments, moments
 from ._config import show_config
 from ._bench import bench
+from ._add_norm import add_layer_norm, add_rms_norm
 from . import _threadpool
 
 _threadpool.install()                 # threadpoolctl sees fastnorm's threads, once it is imported
@@ -49,4 +50,5 @@ __all__ = [
     "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
     "Moments", "moments",
     "show_config", "bench",
+    "add_layer_norm", "add_rms_norm",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "standardize", "min_max_scale", "weight_norm", "weight_norm_backward",
     "Moments", "moments",
     "show_config", "bench",
+    "add_layer_norm", "add_rms_norm",
 ]
 
 @overload
@@ -77,6 +78,27 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = ..., bi
 def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *,
                axis: int = ..., eps: float = ..., mask: ArrayLike | None = ...,
                out: NDArray[np.floating] | None = ..., return_stats: Literal[True]) -> _Stats3: ...
+@overload
+def add_layer_norm(x: ArrayLike, residual: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *,
+                   axis: _Axis = ..., eps: float = ..., mask: ArrayLike | None = ...,
+                   out: NDArray[np.floating] | None = ..., residual_out: NDArray[np.floating] | None = ...,
+                   return_stats: Literal[False] = ...) -> tuple[NDArray[np.floating], NDArray[np.floating]]: ...
+@overload
+def add_layer_norm(x: ArrayLike, residual: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *,
+                   axis: _Axis = ..., eps: float = ..., mask: ArrayLike | None = ...,
+                   out: NDArray[np.floating] | None = ..., residual_out: NDArray[np.floating] | None = ...,
+                   return_stats: Literal[True]) -> tuple[NDArray[np.floating], NDArray[np.floating],
+                                                         NDArray[np.floating], NDArray[np.floating]]: ...
+@overload
+def add_rms_norm(x: ArrayLike, residual: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *,
+                 axis: _Axis = ..., eps: float = ..., mask: ArrayLike | None = ...,
+                 out: NDArray[np.floating] | None = ..., residual_out: NDArray[np.floating] | None = ...,
+                 return_stats: Literal[False] = ...) -> tuple[NDArray[np.floating], NDArray[np.floating]]: ...
+@overload
+def add_rms_norm(x: ArrayLike, residual: ArrayLike, weight: ArrayLike | None = ..., bias: ArrayLike | None = ..., *,
+                 axis: _Axis = ..., eps: float = ..., mask: ArrayLike | None = ...,
+                 out: NDArray[np.floating] | None = ..., residual_out: NDArray[np.floating] | None = ...,
+                 return_stats: Literal[True]) -> _Stats3: ...
 def mask_from_lengths(lengths: ArrayLike, max_len: int | None = ...) -> NDArray[np.bool_]: ...
 
 def layer_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, rstd: ArrayLike,

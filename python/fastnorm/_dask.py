@@ -600,3 +600,43 @@ def batch_renorm_backward(dy, x, mean, rstd, r, d, weight=None, *, axis=-1, trai
     scaled, _ = F._renorm_affine(w, None, r, d)
     dx, dweight, dbias = batch_norm_backward(dy, x, mean, rstd, scaled, axis=axis, training=training, mask=mask)
     return dx, F._renorm_dweight(r, d, dweight, dbias).astype(dbias.dtype), dbias
+
+
+# ---- the residual add with layer/RMS norm ------------------------------------------------------------
+
+def _add_norm(fn, x, residual, weight, bias, axis, eps, mask, out, residual_out, return_stats):
+    """h = x + residual lazily (NumPy's add on each block: the same rounding), then the dask layer or
+    RMS norm of h. residual may be a NumPy array (chunked as x). Returns (y, h[, stats])."""
+    _no_out(out, fn)
+    if residual_out is not None:
+        raise TypeError(f"{fn}: residual_out= cannot be used with dask arrays (h is a lazy dask array); "
+                        "write it with dask.array.store, to_zarr or to_npy_stack")
+    if not isinstance(x, da.Array):
+        x = ck.as_input(x, "x", fn)
+    if not isinstance(residual, da.Array):
+        residual = ck.as_input(residual, "residual", fn)
+    if tuple(residual.shape) != tuple(x.shape):
+        raise ValueError(f"{fn}: residual has shape {residual.shape}; expected {x.shape}, the shape of x")
+    if not isinstance(x, da.Array):
+        x = da.from_array(x, chunks=residual.chunks)
+    dtype = _result_dtype(x, fn)
+    if not isinstance(residual, da.Array):
+        residual = da.from_array(residual, chunks=x.chunks)
+    res_dtype = ck.as_input(np.zeros(0, dtype=residual.dtype), "residual", fn).dtype
+    if res_dtype != dtype:
+        raise TypeError(f"{fn}: residual has dtype {res_dtype}; expected {dtype}, the dtype of x "
+                        "(h = x + residual is rounded once in that dtype: convert one of them first)")
+    h = da.add(x.astype(dtype), residual.astype(dtype).rechunk(x.chunks))
+    norm = rms_norm if fn == "add_rms_norm" else layer_norm
+    result = norm(h, weight, bias, axis=axis, eps=eps, mask=mask, return_stats=return_stats)
+    return (result[0], h, *result[1:]) if return_stats else (result, h)
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None,
+                   residual_out=None, return_stats=False):
+    return _add_norm("add_layer_norm", x, residual, weight, bias, axis, eps, mask, out, residual_out, return_stats)
+
+
+def add_rms_norm(x, residual, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=None,
+                 residual_out=None, return_stats=False):
+    return _add_norm("add_rms_norm", x, residual, weight, bias, axis, eps, mask, out, residual_out, return_stats)
