@@ -19,7 +19,8 @@ FN_INLINE int64_t rows_per_block(int64_t C)
 }
 
 /* Column statistics of the real rows among o0..o0+nrows of x (O, C, 1), merged into
- * (count, mean, m2): one pass of sums shifted by the block's first real row; a column whose
+ * (count, mean, m2): one pass of sums shifted by the block's first real row (contiguous float32
+ * rows read in place, four at a time where no mask intervenes); a column whose
  * shift lay more than 8 standard deviations from its mean gets a second pass shifted by that
  * mean (as moments_of does for a row). row: (C) doubles; tmp: (3C) doubles. */
 FN_INLINE void merge_block_columns(double *count, double *mean, double *m2, double *row, double *tmp,
@@ -35,39 +36,17 @@ FN_INLINE void merge_block_columns(double *count, double *mean, double *m2, doub
             for (int64_t c = 0; c < C; c++) sd[c] = sdd[c] = 0.0;
             continue;
         }
+        const char *r0 = x.data + o * x.stride[0];
         if (f32_rows && !mask.data && o + 4 <= o0 + nrows) {
-            /* four contiguous float32 rows, read in place: one update of the sums per four rows */
-            const char *r0 = x.data + o * x.stride[0];
-            const float *xa = (const float *)r0, *xb = (const float *)(r0 + x.stride[0]);
-            const float *xc = (const float *)(r0 + 2 * x.stride[0]), *xd = (const float *)(r0 + 3 * x.stride[0]);
             if (o + 4 + PREFETCH_ROWS < o0 + nrows)
                 for (int j = 0; j < 4; j++) prefetch_bytes(r0 + (PREFETCH_ROWS + j) * x.stride[0], 4 * C);
-#pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                double da = (double)xa[c] - shift[c], db = (double)xb[c] - shift[c];
-                double dc = (double)xc[c] - shift[c], dd = (double)xd[c] - shift[c];
-                sd[c] += (da + db) + (dc + dd);
-                sdd[c] += (da * da + db * db) + (dc * dc + dd * dd);
-            }
+            add_shifted_four_rows_f32(r0, x.stride[0], C, shift, sd, sdd);
             nb += 3, o += 3;
-            continue;
-        }
-        if (f32_rows) {                 /* a contiguous float32 row, read in place */
-            const float *xr = (const float *)(x.data + o * x.stride[0]);
-#pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                double d = (double)xr[c] - shift[c];
-                sd[c] += d;
-                sdd[c] += d * d;
-            }
-            continue;
-        }
-        fn_load(row, x.data + o * x.stride[0], C, x.stride[1], x.dtype);
-#pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            double d = row[c] - shift[c];
-            sd[c] += d;
-            sdd[c] += d * d;
+        } else if (f32_rows) {
+            add_shifted_row_f32((const float *)r0, C, shift, sd, sdd);
+        } else {
+            fn_load(row, r0, C, x.stride[1], x.dtype);
+            add_shifted_row(row, C, shift, sd, sdd);
         }
     }
     for (int64_t c = 0; nb > 0 && c < C; c++) {

@@ -84,6 +84,37 @@ FN_INLINE void shifted_sums_in_runs(const float *x, int64_t n, float shift, int 
     *sum_dd = s2 + sum_of_lanes(b2, RUN_LANES);
 }
 
+/* The column sums of one row v[0..C) shifted by shift[c], added into sd, sdd (batch norm's
+ * columns). */
+#define DEFINE_ADD_SHIFTED_ROW(NAME, T)                                                          \
+    FN_INLINE void NAME(const T *v, int64_t C, const double *shift, double *sd, double *sdd)    \
+    {                                                                                            \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t c = 0; c < C; c++) {                                                        \
+            const double d = (double)v[c] - shift[c];                                            \
+            sd[c] += d;                                                                          \
+            sdd[c] += d * d;                                                                     \
+        }                                                                                        \
+    }
+DEFINE_ADD_SHIFTED_ROW(add_shifted_row, double)
+DEFINE_ADD_SHIFTED_ROW(add_shifted_row_f32, float)
+#undef DEFINE_ADD_SHIFTED_ROW
+
+/* The same for the four float32 rows at r0, r0 + stride, ...: one update of the sums per four rows. */
+FN_INLINE void add_shifted_four_rows_f32(const char *r0, ptrdiff_t stride, int64_t C, const double *shift, double *sd,
+                                         double *sdd)
+{
+    const float *xa = (const float *)r0, *xb = (const float *)(r0 + stride);
+    const float *xc = (const float *)(r0 + 2 * stride), *xd = (const float *)(r0 + 3 * stride);
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) {
+        double da = (double)xa[c] - shift[c], db = (double)xb[c] - shift[c];
+        double dc = (double)xc[c] - shift[c], dd = (double)xd[c] - shift[c];
+        sd[c] += (da + db) + (dc + dd);
+        sdd[c] += (da * da + db * db) + (dc * dc + dd * dd);
+    }
+}
+
 /* mean and biased variance from the shifted sums of n values. */
 FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, double *mean, double *var)
 {
