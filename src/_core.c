@@ -785,7 +785,7 @@ done:
 
 /* ---- CPU dispatch, for fastnorm.show_config() ----------------------------------------------------
  * Which clone of the hot loops the loader picked (FN_VECTOR_CLONES in fastnorm.h: the first of
- * avx512f, avx2 the CPU has, else the baseline build) and which float16 conversion path convert.c
+ * avx512f, avx2 the CPU has, else the baseline build) and which float16 conversion path vector.c
  * takes (AVX-512F, else F16C, else scalar), asked of the CPU the way that code asks it. */
 static PyObject *py_cpu_dispatch(PyObject *self, PyObject *unused)
 {

@@ -194,8 +194,11 @@ FN_INLINE void affine_group_f64(double *y, const double *x, int64_t K, int64_t S
         return;
     }
     for (int64_t k = 0; k < K; k++) {
+        const double wk = w[k], bk = b[k];      /* in registers: y may alias w, b for all GCC knows */
+        const double *xk = x + k * S;
+        double *yk = y + k * S;
 #pragma omp simd
-        for (int64_t s = 0; s < S; s++) y[k * S + s] = fn_affine_f64_at(mu, r, x[k * S + s], w[k], b[k]);
+        for (int64_t s = 0; s < S; s++) yk[s] = fn_affine_f64_at(mu, r, xk[s], wk, bk);
     }
 }
 
@@ -493,9 +496,11 @@ FN_INLINE void backward_buffered(const group_args *p, const slice_scratch *sc, i
         for (int64_t k = 0; k < K; k++) bdy[k] = fn_dx_buffered_at(mu, r, mean_g, mean_g_xhat, bdy[k], bx[k], w[k]);
     } else {
         for (int64_t k = 0; k < K; k++) {
+            const double wk = w[k];
+            const double *xk = bx + k * S;
+            double *dk = bdy + k * S;
 #pragma omp simd
-            for (int64_t s = 0; s < S; s++)
-                bdy[k * S + s] = fn_dx_buffered_at(mu, r, mean_g, mean_g_xhat, bdy[k * S + s], bx[k * S + s], w[k]);
+            for (int64_t s = 0; s < S; s++) dk[s] = fn_dx_buffered_at(mu, r, mean_g, mean_g_xhat, dk[s], xk[s], wk);
         }
     }
     if (s_real < S) zero_padding(bdy, sc->m, K, S);
@@ -534,8 +539,11 @@ FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu
         for (int64_t k = 0; k < K; k++) dx[k] = fn_dx_at(c, dy[k], x[k], w[k]);
     } else {
         for (int64_t k = 0; k < K; k++) {
+            const float wk = w[k];                  /* in a register: dx may alias w for all GCC knows */
+            const float *xk = x + k * S, *dyk = dy + k * S;
+            float *dxk = dx + k * S;
 #pragma omp simd
-            for (int64_t s = 0; s < S; s++) dx[k * S + s] = fn_dx_at(c, dy[k * S + s], x[k * S + s], w[k]);
+            for (int64_t s = 0; s < S; s++) dxk[s] = fn_dx_at(c, dyk[s], xk[s], wk);
         }
     }
 }

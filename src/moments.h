@@ -56,7 +56,7 @@ DEFINE_SHIFTED_SUMS(shifted_sums_f32, float)
 /* The same sums for float data, added in float over short runs: each of the RUN_LANES lanes adds
  * at most `run` values in float before they go into the double sums, so the float rounding of a
  * sum errs by at most (run - 1) float ulps of the sum of magnitudes, and the loop is shorter than
- * one converting every element to double; d and d*d add ~2 ulps each. fn_half_sums (convert.c)
+ * one converting every element to double; d and d*d add ~2 ulps each. fn_half_sums (vector.c)
  * is this loop over float16 values, with runs of HALF_RUN: there d and d*d are (nearly) exact. */
 enum { RUN_LANES = 32, HALF_RUN = 16, F32_RUN = 8 };
 
