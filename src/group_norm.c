@@ -80,7 +80,8 @@ FN_INLINE double max_abs_f32(const float *w, int64_t n)
 
 /* ---- weight and bias, as the paths read them ----
  * Made once per call: doubles for the double paths (ones and zeros standing in for a missing
- * one), float copies for the float32/float16 paths, and max |w| for float_arithmetic_fits. */
+ * one), float copies for the float32/float16 paths, and max |w| for float_arithmetic_fits
+ * (vector clones: max_abs_f32 is a vector loop). */
 typedef struct {
     const double *w, *b;
     const float *wf, *bf;
@@ -88,7 +89,7 @@ typedef struct {
     void *owned;                     /* the one allocation behind them, or NULL */
 } group_params;
 
-static int params_make(group_params *q, const double *weight, const double *bias, int64_t n)
+FN_VECTOR_CLONES static int params_make(group_params *q, const double *weight, const double *bias, int64_t n)
 {
     const int64_t n_pad = (n + 15) / 16 * 16;           /* each array starts on a 64-byte line */
     size_t bytes;
@@ -105,7 +106,7 @@ static int params_make(group_params *q, const double *weight, const double *bias
 }
 
 /* The same from float32 weight and bias (the rows entry): no copy unless one is missing. */
-static int params_make_f32(group_params *q, const float *weight, const float *bias, int64_t n)
+FN_VECTOR_CLONES static int params_make_f32(group_params *q, const float *weight, const float *bias, int64_t n)
 {
     *q = (group_params){.wf = weight, .bf = bias};
     if (!weight || !bias) {
