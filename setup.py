@@ -2,7 +2,8 @@
 import numpy
 from setuptools import Extension, setup
 
-KERNELS = ["src/convert.c", "src/parallel.c", "src/group_norm.c", "src/batch_norm.c", "src/summary.c", "src/add_norm.c"]
+KERNELS = ["src/convert.c", "src/vector.c", "src/parallel.c", "src/group_norm.c", "src/batch_norm.c", "src/summary.c",
+           "src/add_norm.c"]
 
 core = Extension(
     "fastnorm._core",

@@ -107,7 +107,7 @@ fi
 # ---- 4. the C kernel test, fully instrumented, with leak detection ------------------------------
 log "C kernel test (tests/c/test_kernels.c) under ASan+UBSan+LSan"
 "$CC" -std=c11 -O1 $SAN_FLAGS $EXTRA_DEFS -fopenmp-simd -pthread -I"$REPO/src" \
-    "$REPO/tests/c/test_kernels.c" "$REPO"/src/{convert,parallel,group_norm,batch_norm}.c -lm \
+    "$REPO/tests/c/test_kernels.c" "$REPO"/src/{convert,vector,parallel,group_norm,batch_norm}.c -lm \
     -o "$WORK/test_kernels"
 c_status=0
 ASAN_OPTIONS="detect_leaks=1:halt_on_error=$HALT:log_path=$REPORTS/c-asan" \

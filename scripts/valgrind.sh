@@ -577,7 +577,7 @@ end=$(date +%s)
 
 errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+ errors from [0-9]+ contexts' "$log" | tail -1)
 in_core=$(awk '/^==[0-9]+== (Invalid|Conditional jump|Use of uninitialised|Syscall param|Mismatched|Source and destination overlap)/ {ctx=1; hit=0; next}
-               ctx && /_core[^ ]*\.so|\((_core|group_norm|batch_norm|convert|parallel)\.c:[0-9]+\)|(moments|fastnorm)\.h:/ {hit=1}
+               ctx && /_core[^ ]*\.so|\((_core|group_norm|batch_norm|convert|vector|parallel|summary|add_norm)\.c:[0-9]+\)|(moments|elementwise|fastnorm)\.h:/ {hit=1}
                ctx && /^==[0-9]+== $/ {if (hit) n++; ctx=0}
                END {print n+0}' "$log")
 echo "valgrind exit status: $status (valgrind $((end - vg_start)) s, total $((end - start)) s)"

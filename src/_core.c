@@ -21,12 +21,10 @@
  * New outputs of KEEP_FROM bytes or more come from this NumPy memory handler, which keeps the
  * most recently freed of its blocks (one, of at most keep_limit bytes) and gives it to the next
  * output that fits. Memory fresh from the operating system is zero-filled on first touch, which
- * costs a large call as much as its own kernel (a 64 MiB layer norm: 13.5 ms allocating, 8 ms
- * into `out=`); a loop that drops each step's output gets it back without that.
- * Blocks come from NumPy's default handler (its huge-page advice included) with a header holding
- * their capacity. The header is a whole page, so the data has the offset in its page that NumPy's
- * own arrays have (measured: 64 bytes further on, a 64 MiB RMS norm of a NumPy array into it took
- * 13 ms instead of 9 ms in the benchmark's process, through some 4 KiB address aliasing).
+ * costs a large call as much as its own kernel; a loop that drops each step's output gets it back
+ * without that. Blocks come from NumPy's default handler (its huge-page advice included) with a
+ * header holding their capacity. The header is a whole page, so the data has the offset in its page
+ * that NumPy's own arrays have (another offset makes some kernels meet 4 KiB address aliasing).
  * keep_limit 0 keeps nothing. The handler runs with the GIL held
  * (NumPy calls it from array creation and deallocation); the kept block is swapped atomically. */
 enum { BLOCK_HEAD = 4096 };
@@ -238,6 +236,9 @@ static PyObject *status_to_result(int status)
     Py_RETURN_NONE;
 }
 
+/* The kernels' statistic for the Python side's rms flag. */
+static enum fn_stat stat_of(int rms) { return rms ? FN_MEAN_SQUARE : FN_MEAN_VAR; }
+
 static int same_shape(const npy_intp *a, const npy_intp *b, int ndim)
 {
     for (int d = 0; d < ndim; d++)
@@ -265,7 +266,7 @@ static PyObject *py_group_forward(PyObject *self, PyObject *args)
         to_doubles(orstd, "rstd", sx[0] * sx[1], 0, 1, &rstd))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    status = group_norm_forward(y, mean, rstd, x, w, b, m, sx[0], sx[1], sx[2], sx[3], eps, rms, nthreads);
+    status = group_norm_forward(y, mean, rstd, x, w, b, m, sx[0], sx[1], sx[2], sx[3], eps, stat_of(rms), nthreads);
     Py_END_ALLOW_THREADS
     return status_to_result(status);
 }
@@ -290,7 +291,7 @@ static PyObject *py_group_backward(PyObject *self, PyObject *args)
         to_doubles(ow, "weight", sx[1] * sx[2], 1, 0, &w) || to_mask(om, sx[0], sx[3], &m))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    status = group_norm_backward(dx, dw, db, dy, x, mean, rstd, w, m, sx[0], sx[1], sx[2], sx[3], rms, nthreads);
+    status = group_norm_backward(dx, dw, db, dy, x, mean, rstd, w, m, sx[0], sx[1], sx[2], sx[3], stat_of(rms), nthreads);
     Py_END_ALLOW_THREADS
     return status_to_result(status);
 }
@@ -477,12 +478,12 @@ static PyObject *rows_forward_fast(PyObject *ox, PyObject *ow, PyObject *ob, dou
     const int keep_gil = A * D < FAST_KEEP_GIL_ELEMENTS;
     PyThreadState *save = keep_gil ? NULL : PyEval_SaveThread();
     if (type == NPY_FLOAT) {
-        status = layer_norm_rows_f32(y, stats, stats + A, PyArray_DATA(x), w, b, A, D, eps, rms, (int)nthreads);
+        status = layer_norm_rows_f32(y, stats, stats + A, PyArray_DATA(x), w, b, A, D, eps, stat_of(rms), (int)nthreads);
     } else {
         ptrdiff_t item = sizeof(double);
         fn_view vx = {PyArray_BYTES(x), FN_F64, {D * item, 0, item, 0}}, vy = {y, FN_F64, {D * item, 0, item, 0}};
         fn_mask none = {NULL, {0, 0}};
-        status = group_norm_forward(vy, stats, stats + A, vx, w, b, none, A, 1, D, 1, eps, rms, (int)nthreads);
+        status = group_norm_forward(vy, stats, stats + A, vx, w, b, none, A, 1, D, 1, eps, stat_of(rms), (int)nthreads);
     }
     if (save) PyEval_RestoreThread(save);
     if (status != FN_OK) {
@@ -765,7 +766,7 @@ static PyObject *py_rows_backward_fast(PyObject *self, PyObject *const *args, Py
     fn_mask none = {NULL, {0, 0}};
     PyThreadState *save = A * D < FAST_KEEP_GIL_ELEMENTS ? NULL : PyEval_SaveThread();
     int status = group_norm_backward(vdx, dw, db, vdy, vx, rms ? NULL : mean, rstd, w ? wd : NULL, none, A, 1, D, 1,
-                                     rms, (int)nthreads);
+                                     stat_of(rms), (int)nthreads);
     if (save) PyEval_RestoreThread(save);
     if (status != FN_OK) {
         status_to_result(status);
@@ -784,7 +785,7 @@ done:
 
 /* ---- CPU dispatch, for fastnorm.show_config() ----------------------------------------------------
  * Which clone of the hot loops the loader picked (FN_VECTOR_CLONES in fastnorm.h: the first of
- * avx512f, avx2 the CPU has, else the baseline build) and which float16 conversion path convert.c
+ * avx512f, avx2 the CPU has, else the baseline build) and which float16 conversion path vector.c
  * takes (AVX-512F, else F16C, else scalar), asked of the CPU the way that code asks it. */
 static PyObject *py_cpu_dispatch(PyObject *self, PyObject *unused)
 {
@@ -874,7 +875,7 @@ static PyObject *py_add_rows_fast(PyObject *self, PyObject *const *args, Py_ssiz
     fn_view vy = {PyArray_BYTES((PyArrayObject *)y), dt, {D * item, item, 0, 0}};
     fn_view vh = {PyArray_BYTES((PyArrayObject *)h), dt, {D * item, item, 0, 0}};
     PyThreadState *save = A * D < FAST_KEEP_GIL_ELEMENTS ? NULL : PyEval_SaveThread();
-    int status = add_norm_rows(vy, vh, mean, rstd, vx, vr, w, b, A, D, eps, rms, (int)nthreads);
+    int status = add_norm_rows(vy, vh, mean, rstd, vx, vr, w, b, A, D, eps, stat_of(rms), (int)nthreads);
     if (save) PyEval_RestoreThread(save);
     if (status != FN_OK) {
         status_to_result(status);

@@ -10,9 +10,7 @@
  * blocks (h, y) and copied out with non-temporal stores, which skip reading each output line
  * from memory before overwriting it: the call then moves 2 reads and 2 writes per element, less
  * than two copies (each a read, a write and the read of the written line). */
-#define _POSIX_C_SOURCE 200809L     /* sysconf */
 #include <stdlib.h>
-#include <unistd.h>
 
 #include "fastnorm.h"
 
@@ -25,7 +23,8 @@ typedef struct {
     const float *wf, *bf;            /* float32 rows: layer_norm_rows_f32's (as given, or NULL) */
     int64_t D, item, block;          /* item: bytes per element; block: rows per block */
     double eps;
-    int rms, f32, stream;            /* f32: float32 rows with C-contiguous h and y; stream: see above */
+    enum fn_stat stat;
+    int f32, stream;                 /* f32: float32 rows with C-contiguous h and y; stream: see above */
 } add_norm_args;
 
 /* float16 elements go through float buffers of this many elements (on the stack) */
@@ -88,30 +87,12 @@ static int normalize_rows(const add_norm_args *p, fn_view y, fn_view h, double *
 {
     if (p->f32)
         return layer_norm_rows_f32((float *)y.data, mean, rstd, (const float *)h.data, p->wf, p->bf, n, p->D, p->eps,
-                                   p->rms, 1);
+                                   p->stat, 1);
     const fn_view y4 = {y.data, y.dtype, {y.stride[0], 0, y.stride[1], 0}};
     const fn_view h4 = {h.data, h.dtype, {h.stride[0], 0, h.stride[1], 0}};
     const fn_mask no_mask = {NULL, {0, 0}};
-    return group_norm_forward(y4, mean, rstd, h4, p->weight, p->bias, no_mask, n, 1, p->D, 1, p->eps, p->rms, 1);
+    return group_norm_forward(y4, mean, rstd, h4, p->weight, p->bias, no_mask, n, 1, p->D, 1, p->eps, p->stat, 1);
 }
-
-/* dst[0, bytes) = src[0, bytes): the whole 64-byte lines of dst with non-temporal stores (AVX-512F;
- * callers stream only where fn_streaming_pays, which asks for it), the partial ones at the ends with
- * plain stores. */
-#if FN_X86_DISPATCH
-#include <immintrin.h>
-
-__attribute__((target("avx512f"))) static void stream_copy(char *dst, const char *src, int64_t bytes)
-{
-    int64_t i = (int64_t)((64 - ((uintptr_t)dst & 63)) & 63);
-    if (i > bytes) i = bytes;
-    memcpy(dst, src, (size_t)i);
-    for (; i + 64 <= bytes; i += 64) _mm512_stream_si512((void *)(dst + i), _mm512_loadu_si512((const void *)(src + i)));
-    memcpy(dst + i, src + i, (size_t)(bytes - i));
-}
-#else
-static void stream_copy(char *dst, const char *src, int64_t bytes) { memcpy(dst, src, (size_t)bytes); }
-#endif
 
 /* Rows [begin, end), a block at a time: h, then its normalization while h is in the cache. */
 FN_VECTOR_CLONES static int add_norm_slice(void *ctx, int64_t begin, int64_t end, int part)
@@ -138,8 +119,8 @@ FN_VECTOR_CLONES static int add_norm_slice(void *ctx, int64_t begin, int64_t end
             add_row(p, row_of(h, a), h.stride[1], row_of(p->x, a0 + a), row_of(p->r, a0 + a));
         status = normalize_rows(p, y, h, p->mean + a0, p->rstd + a0, n);
         if (scratch) {
-            stream_copy(row_of(p->h, a0), h.data, n * row_bytes);
-            stream_copy(row_of(p->y, a0), y.data, n * row_bytes);
+            fn_stream_copy(row_of(p->h, a0), h.data, n * row_bytes);
+            fn_stream_copy(row_of(p->y, a0), y.data, n * row_bytes);
         }
     }
     if (scratch) fn_stream_fence();
@@ -149,18 +130,14 @@ FN_VECTOR_CLONES static int add_norm_slice(void *ctx, int64_t begin, int64_t end
 
 /* Rows per block: the block's h and y together take at most half of the L2 cache, so that they
  * stay there beside the lines of x and residual passing through. Small arrays are one block
- * (no sysconf, which may trap to the hypervisor). */
+ * (the cache size is read once per process: fn_cache_bytes). */
 static int64_t block_rows(int64_t A, int64_t row_bytes)
 {
     int64_t bytes;
     if (fn_mul_add_size(A, row_bytes, 0, &bytes)) return 1;
     if (bytes <= ((int64_t)64 << 10)) return A > 0 ? A : 1;      /* 64 KiB: less than any L2 */
-#ifdef _SC_LEVEL2_CACHE_SIZE
-    long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#else
-    long l2 = 0;
-#endif
-    const int64_t cache = l2 > 0 ? (int64_t)l2 : (int64_t)256 << 10;
+    const int64_t l2 = fn_cache_bytes(2);
+    const int64_t cache = l2 > 0 ? l2 : (int64_t)256 << 10;
     const int64_t rows = cache / 4 / row_bytes;
     return rows > 0 ? rows : 1;
 }
@@ -172,7 +149,7 @@ static int contiguous_rows(fn_view v, int64_t D, int64_t item)
 }
 
 int add_norm_rows(fn_view y, fn_view h, double *mean, double *rstd, fn_view x, fn_view residual,
-                  const void *weight, const void *bias, int64_t A, int64_t D, double eps, int rms, int nthreads)
+                  const void *weight, const void *bias, int64_t A, int64_t D, double eps, enum fn_stat stat, int nthreads)
 {
     if (A < 0 || D < 1 || x.dtype < FN_F16 || x.dtype > FN_F64 || residual.dtype != x.dtype ||
         h.dtype != x.dtype || y.dtype != x.dtype)
@@ -182,7 +159,7 @@ int add_norm_rows(fn_view y, fn_view h, double *mean, double *rstd, fn_view x, f
     int64_t outputs;                    /* elements written: h and y */
     if (fn_mul_add_size(A, D, 0, &outputs) || fn_mul_add_size(2, outputs, 0, &outputs)) outputs = INT64_MAX;
     add_norm_args p = {.y = y, .h = h, .x = x, .r = residual, .mean = mean, .rstd = rstd, .D = D, .item = item,
-                       .block = block_rows(A, row_bytes), .eps = eps, .rms = rms,
+                       .block = block_rows(A, row_bytes), .eps = eps, .stat = stat,
                        .f32 = x.dtype == FN_F32 && rows, .stream = rows && fn_streaming_pays(outputs, item)};
     double *wb = NULL;                  /* (2, D) weight and bias as doubles for group_norm_forward */
     if (p.f32) {

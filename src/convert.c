@@ -1,61 +1,22 @@
-/* Moving strided elements of any supported dtype to and from contiguous double buffers.
+/* Loading strided elements of any supported dtype into contiguous doubles, and storing them back.
  * src/dst: n elements, `stride` bytes apart (may be negative), native-endian and aligned.
- * Contiguous rows take a loop the compiler vectorizes; other strides an element-wise loop. */
-#define _POSIX_C_SOURCE 200809L     /* sysconf */
+ * Contiguous rows take a loop the compiler vectorizes; other strides an element-wise loop.
+ * A dtype this file does not know is FN_EINVAL, never decoded as another one. */
 #include <string.h>
-#include <unistd.h>
 
-#include "fastnorm.h"
-#include "moments.h"
+#include "elementwise.h"
 
-FN_INLINE uint32_t bits_of(float f)
+int fn_dtype_size(int dtype)
 {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
+    switch (dtype) {
+    case FN_F16: return 2;
+    case FN_F32: return 4;
+    case FN_F64: return 8;
+    default: return 0;
+    }
 }
 
-FN_INLINE float float_of(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* IEEE binary16 -> binary32, exact. Branch-free (selects only), so loops of it vectorize:
- * rebias the exponent; Inf/NaN get the rest of the rebias; subnormals are renormalized by
- * subtracting 2**-14 in float arithmetic. */
-FN_INLINE float half_to_float(uint16_t h)
-{
-    uint32_t o = (uint32_t)(h & 0x7fffu) << 13, exp = o & 0x0f800000u;
-    o += (uint32_t)(127 - 15) << 23;
-    uint32_t inf_nan = o + ((uint32_t)(128 - 16) << 23);
-    uint32_t sub = bits_of(float_of(o + (1u << 23)) - 0x1p-14f);
-    uint32_t special = 0u - (uint32_t)(exp == 0x0f800000u), subnormal = 0u - (uint32_t)(exp == 0);
-    o = (inf_nan & special) | (sub & subnormal) | (o & ~(special | subnormal));   /* masks, not branches */
-    return float_of(o | (uint32_t)(h & 0x8000u) << 16);
-}
-
-/* binary32 -> binary16, round to nearest even; overflow gives Inf, NaN stays (quiet) NaN.
- * Branch-free: subnormal results come from adding a magic number in float arithmetic (whose
- * rounding is the round to nearest even we want), normal ones from integer rounding. */
-FN_INLINE uint16_t float_to_half(float f)
-{
-    const uint32_t denorm_magic = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
-    uint32_t x = bits_of(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
-    uint32_t big = 0x7c00u | (0x0200u & (0u - (uint32_t)(ax > 0x7f800000u)));  /* Inf, or NaN */
-    uint32_t sub = bits_of(float_of(ax) + float_of(denorm_magic)) - denorm_magic;
-    uint32_t nrm = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;              /* rebias, round */
-    uint32_t huge = 0u - (uint32_t)(ax >= 0x47800000u), tiny = 0u - (uint32_t)(ax < 0x38800000u);
-    uint32_t o = (big & huge) | (sub & tiny) | (nrm & ~(huge | tiny));      /* >= 2**16, < 2**-14 */
-    return (uint16_t)(o | sign);
-}
-
-float fn_half_to_float(uint16_t h) { return half_to_float(h); }
-
-uint16_t fn_float_to_half(float f) { return float_to_half(f); }
-
-void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype)
+int fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype)
 {
     if (dtype == FN_F32) {
         if (stride == (ptrdiff_t)sizeof(float)) {
@@ -70,17 +31,21 @@ void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtyp
         } else {
             for (int64_t i = 0; i < n; i++) dst[i] = *(const double *)(src + i * stride);
         }
-    } else if (stride == (ptrdiff_t)sizeof(uint16_t)) {
-        const uint16_t *h = (const uint16_t *)src;
-        for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(h[i]);
+    } else if (dtype == FN_F16) {
+        if (stride == (ptrdiff_t)sizeof(uint16_t)) {
+            const uint16_t *h = (const uint16_t *)src;
+            for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(h[i]);
+        } else {
+            for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(*(const uint16_t *)(src + i * stride));
+        }
     } else {
-        for (int64_t i = 0; i < n; i++)
-            dst[i] = half_to_float(*(const uint16_t *)(src + i * stride));
+        return FN_EINVAL;
     }
+    return FN_OK;
 }
 
 /* float16 is rounded through float32: at most one extra rounding of the last half ulp. */
-FN_VECTOR_CLONES void fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype)
+FN_VECTOR_CLONES int fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype)
 {
     if (dtype == FN_F32) {
         if (stride == (ptrdiff_t)sizeof(float)) {
@@ -95,437 +60,19 @@ FN_VECTOR_CLONES void fn_store(char *dst, const double *src, int64_t n, ptrdiff_
         } else {
             for (int64_t i = 0; i < n; i++) *(double *)(dst + i * stride) = src[i];
         }
-    } else if (stride == (ptrdiff_t)sizeof(uint16_t)) {
-        uint16_t *h = (uint16_t *)dst;
-        for (int64_t i = 0; i < n; i++) h[i] = float_to_half((float)src[i]);
+    } else if (dtype == FN_F16) {
+        if (stride == (ptrdiff_t)sizeof(uint16_t)) {
+            uint16_t *h = (uint16_t *)dst;
+            for (int64_t i = 0; i < n; i++) h[i] = float_to_half((float)src[i]);
+        } else {
+            for (int64_t i = 0; i < n; i++) *(uint16_t *)(dst + i * stride) = float_to_half((float)src[i]);
+        }
     } else {
-        for (int64_t i = 0; i < n; i++)
-            *(uint16_t *)(dst + i * stride) = float_to_half((float)src[i]);
+        return FN_EINVAL;
     }
+    return FN_OK;
 }
 
-/* Contiguous runs of n float16 <-> float32 (the float16 path of the group kernels). On x86-64
- * CPUs with AVX-512F the conversion instructions do 16 at a time, with F16C 8 (exact one way, round to nearest
- * even the other, as above: the results only differ in the payload bits of a NaN). */
-#if FN_X86_DISPATCH
-#include <immintrin.h>
+float fn_half_to_float(uint16_t h) { return half_to_float(h); }
 
-__attribute__((target("avx,f16c"))) static int64_t halves_to_floats_f16c(float *dst, const uint16_t *src, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    return i;
-}
-
-__attribute__((target("avx,f16c"))) static int64_t floats_to_halves_f16c(uint16_t *dst, const float *src, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    return i;
-}
-
-__attribute__((target("avx,f16c"))) static int64_t affine_row_to_halves_f16c(uint16_t *dst, const uint16_t *x, int64_t n,
-                                                                          const float c[3], const float *w,
-                                                                          const float *b)
-{
-    const __m256 hi = _mm256_set1_ps(c[0]), lo = _mm256_set1_ps(c[1]), r = _mm256_set1_ps(c[2]);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
-        __m256 d = _mm256_sub_ps(_mm256_sub_ps(v, hi), lo);
-        __m256 y = _mm256_add_ps(_mm256_mul_ps(d, _mm256_mul_ps(r, _mm256_loadu_ps(w + i))), _mm256_loadu_ps(b + i));
-        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
-    }
-    return i;
-}
-
-/* The lanes of shifted_sums_in_runs (moments.h) over float16 values, 8 lanes per vector: the
- * same float adds in the same order, so the same sums. Adds into a2, b2 (RUN_LANES); returns the
- * elements done (all whole groups of RUN_LANES). */
-__attribute__((target("avx,f16c"))) static int64_t half_sums_f16c(const uint16_t *x, int64_t n, float shift,
-                                                               double *a2, double *b2)
-{
-    const __m256 s = _mm256_set1_ps(shift);
-    int64_t i = 0;
-    while (i + RUN_LANES <= n) {
-        __m256 a[RUN_LANES / 8], b[RUN_LANES / 8];
-        for (int v = 0; v < RUN_LANES / 8; v++) a[v] = b[v] = _mm256_setzero_ps();
-        const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
-        for (; i < stop; i += RUN_LANES)
-            for (int v = 0; v < RUN_LANES / 8; v++) {
-                __m256 d = _mm256_sub_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8 * v))), s);
-                a[v] = _mm256_add_ps(a[v], d);
-                b[v] = _mm256_add_ps(b[v], _mm256_mul_ps(d, d));
-            }
-        for (int v = 0; v < RUN_LANES / 8; v++) {
-            double *pa = a2 + 8 * v, *pb = b2 + 8 * v;
-            _mm256_storeu_pd(pa, _mm256_add_pd(_mm256_loadu_pd(pa), _mm256_cvtps_pd(_mm256_castps256_ps128(a[v]))));
-            _mm256_storeu_pd(pa + 4, _mm256_add_pd(_mm256_loadu_pd(pa + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(a[v], 1))));
-            _mm256_storeu_pd(pb, _mm256_add_pd(_mm256_loadu_pd(pb), _mm256_cvtps_pd(_mm256_castps256_ps128(b[v]))));
-            _mm256_storeu_pd(pb + 4, _mm256_add_pd(_mm256_loadu_pd(pb + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(b[v], 1))));
-        }
-    }
-    return i;
-}
-
-/* The same 16 at a time with AVX-512F, which has 512-bit forms of both conversions. */
-__attribute__((target("avx512f"))) static int64_t halves_to_floats_avx512(float *dst, const uint16_t *src, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
-    return i;
-}
-
-__attribute__((target("avx512f"))) static int64_t floats_to_halves_avx512(uint16_t *dst, const float *src, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    return i;
-}
-
-__attribute__((target("avx512f"))) static int64_t affine_row_to_halves_avx512(uint16_t *dst, const uint16_t *x, int64_t n,
-                                                                            const float c[3], const float *w,
-                                                                            const float *b)
-{
-    const __m512 hi = _mm512_set1_ps(c[0]), lo = _mm512_set1_ps(c[1]), r = _mm512_set1_ps(c[2]);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i)));
-        __m512 d = _mm512_sub_ps(_mm512_sub_ps(v, hi), lo);
-        __m512 y = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(r, _mm512_loadu_ps(w + i))), _mm512_loadu_ps(b + i));
-        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
-    }
-    return i;
-}
-
-/* half_sums_f16c 16 lanes per vector (the same lanes, adds and order: the same sums). */
-__attribute__((target("avx512f"))) static int64_t half_sums_avx512(const uint16_t *x, int64_t n, float shift,
-                                                                 double *a2, double *b2)
-{
-    const __m512 s = _mm512_set1_ps(shift);
-    int64_t i = 0;
-    while (i + RUN_LANES <= n) {
-        __m512 a[RUN_LANES / 16], b[RUN_LANES / 16];
-        for (int v = 0; v < RUN_LANES / 16; v++) a[v] = b[v] = _mm512_setzero_ps();
-        const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
-        for (; i < stop; i += RUN_LANES)
-            for (int v = 0; v < RUN_LANES / 16; v++) {
-                __m512 d = _mm512_sub_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i + 16 * v))), s);
-                a[v] = _mm512_add_ps(a[v], d);
-                b[v] = _mm512_add_ps(b[v], _mm512_mul_ps(d, d));
-            }
-        for (int v = 0; v < RUN_LANES / 16; v++) {
-            double *pa = a2 + 16 * v, *pb = b2 + 16 * v;
-            const __m256 al = _mm512_castps512_ps256(a[v]), bl = _mm512_castps512_ps256(b[v]);
-            const __m256 ah = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[v]), 1));
-            const __m256 bh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b[v]), 1));
-            _mm512_storeu_pd(pa, _mm512_add_pd(_mm512_loadu_pd(pa), _mm512_cvtps_pd(al)));
-            _mm512_storeu_pd(pa + 8, _mm512_add_pd(_mm512_loadu_pd(pa + 8), _mm512_cvtps_pd(ah)));
-            _mm512_storeu_pd(pb, _mm512_add_pd(_mm512_loadu_pd(pb), _mm512_cvtps_pd(bl)));
-            _mm512_storeu_pd(pb + 8, _mm512_add_pd(_mm512_loadu_pd(pb + 8), _mm512_cvtps_pd(bh)));
-        }
-    }
-    return i;
-}
-
-/* One 64-byte line from `bytes` (64-byte aligned) to `line`, with a non-temporal store. */
-__attribute__((target("avx512f"))) static void stream_line(char *line, const unsigned char *bytes)
-{
-    _mm512_stream_si512((void *)line, _mm512_load_si512((const void *)bytes));
-}
-
-/* The float32 row writers below, 16 at a time with non-temporal stores from the first 64-byte
- * aligned element of the output on (the ones before and after: plain stores, the same arithmetic).
- * They return how many elements they wrote, from 0. The row writers with a line carry get y
- * aligned and write whole vectors only (their callers write the row's head and tail).
- * backward: the vectors from the last one down (walk_backward). */
-__attribute__((target("avx512f"))) static int64_t affine_row_streamed_avx512(float *y, const float *x, int64_t n,
-                                                                         const float c[3], const float *w,
-                                                                         const float *b, const float *next,
-                                                                         int backward)
-{
-    const __m512 hi = _mm512_set1_ps(c[0]), lo = _mm512_set1_ps(c[1]), r = _mm512_set1_ps(c[2]);
-    const int64_t whole = n / 16 * 16;
-    for (int64_t v = 0; v < whole; v += 16) {
-        const int64_t i = backward ? whole - 16 - v : v;
-        _mm_prefetch((const char *)(next + i), _MM_HINT_T0);
-        __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi), lo);
-        _mm512_stream_ps(y + i, _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(r, _mm512_loadu_ps(w + i))),
-                                              _mm512_loadu_ps(b + i)));
-    }
-    return whole;
-}
-
-__attribute__((target("avx512f"))) static int64_t scale_shift_streamed_avx512(float *y, const float *x, int64_t n,
-                                                                           const float c[4])
-{
-    const __m512 hi = _mm512_set1_ps(c[0]), lo = _mm512_set1_ps(c[1]), k = _mm512_set1_ps(c[2]),
-                 sh = _mm512_set1_ps(c[3]);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_stream_ps(y + i, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi),
-                                                                          lo), k), sh));
-    return i;
-}
-
-__attribute__((target("avx512f"))) static int64_t dx_row_streamed_avx512(float *dx, const float *dy, const float *x,
-                                                                     int64_t n, const float c[5], const float *w)
-{
-    const __m512 rf = _mm512_set1_ps(c[0]), c0 = _mm512_set1_ps(c[1]), hi = _mm512_set1_ps(c[2]),
-                 lo = _mm512_set1_ps(c[3]), c1 = _mm512_set1_ps(c[4]);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 g = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(dy + i), _mm512_mul_ps(rf, _mm512_loadu_ps(w + i))), c0);
-        __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi), lo), c1);
-        _mm512_stream_ps(dx + i, _mm512_sub_ps(g, h));
-    }
-    return i;
-}
-
-__attribute__((target("avx512f"))) static int64_t affine_row_streamed_f64_avx512(double *y, const double *x, int64_t n,
-                                                                             double mu, double r, const double *w,
-                                                                             const double *b, const double *next)
-{
-    const __m512d m = _mm512_set1_pd(mu), rr = _mm512_set1_pd(r);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        _mm_prefetch((const char *)(next + i), _MM_HINT_T0);
-        __m512d d = _mm512_sub_pd(_mm512_loadu_pd(x + i), m);
-        _mm512_stream_pd(y + i, _mm512_add_pd(_mm512_mul_pd(d, _mm512_mul_pd(rr, _mm512_loadu_pd(w + i))),
-                                              _mm512_loadu_pd(b + i)));
-    }
-    return i;
-}
-
-__attribute__((target("avx512f"))) static int64_t combine_rows_streamed_avx512(float *y, const float *x,
-                                                                           const float *dy, int64_t n, int64_t C,
-                                                                           const float *f2)
-{
-    const float *hi = f2, *lo = f2 + 2 * C, *cx = f2 + 4 * C, *sh = f2 + 6 * C, *cdy = f2 + 8 * C;
-    int64_t i = 0, q = 0;                                   /* q = i % C */
-    for (; i < n && ((uintptr_t)(y + i) & 63); i++, q = q + 1 == C ? 0 : q + 1)
-        y[i] = dy ? ((x[i] - hi[q]) - lo[q]) * cx[q] + dy[i] * cdy[q] + sh[q] : ((x[i] - hi[q]) - lo[q]) * cx[q] + sh[q];
-    for (; i + 16 <= n; i += 16, q = q + 16 >= C ? q + 16 - C : q + 16) {
-        __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(hi + q)), _mm512_loadu_ps(lo + q));
-        __m512 v = _mm512_mul_ps(d, _mm512_loadu_ps(cx + q));
-        if (dy) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_loadu_ps(dy + i), _mm512_loadu_ps(cdy + q)));
-        _mm512_stream_ps(y + i, _mm512_add_ps(v, _mm512_loadu_ps(sh + q)));
-    }
-    return i;
-}
-
-#define HAS_AVX512F() __builtin_cpu_supports("avx512f")
-#define HAS_F16C() __builtin_cpu_supports("f16c")
-#else
-#define HAS_F16C() 0
-#define HAS_AVX512F() 0
-#define halves_to_floats_avx512(dst, src, n) ((int64_t)0)
-#define floats_to_halves_avx512(dst, src, n) ((int64_t)0)
-#define affine_row_to_halves_avx512(dst, x, n, c, w, b) ((int64_t)0)
-#define half_sums_f16c(x, n, shift, a2, b2) ((int64_t)0)
-#define half_sums_avx512(x, n, shift, a2, b2) ((int64_t)0)
-#define halves_to_floats_f16c(dst, src, n) ((int64_t)0)
-#define floats_to_halves_f16c(dst, src, n) ((int64_t)0)
-#define affine_row_to_halves_f16c(dst, x, n, c, w, b) ((int64_t)0)
-#define stream_line(line, bytes) memcpy((line), (bytes), 64)
-#define affine_row_streamed_avx512(y, x, n, c, w, b, next, backward) ((void)(next), (void)(backward), (int64_t)0)
-#define scale_shift_streamed_avx512(y, x, n, c) ((int64_t)0)
-#define dx_row_streamed_avx512(dx, dy, x, n, c, w) ((int64_t)0)
-#define affine_row_streamed_f64_avx512(y, x, n, mu, r, w, b, next) ((void)(next), (int64_t)0)
-#define combine_rows_streamed_avx512(y, x, dy, n, C, f2) ((int64_t)0)
-#endif
-
-FN_VECTOR_CLONES void fn_halves_to_floats(float *dst, const uint16_t *src, int64_t n)
-{
-    int64_t i = HAS_AVX512F() ? halves_to_floats_avx512(dst, src, n) : 0;
-    if (HAS_F16C()) i += halves_to_floats_f16c(dst + i, src + i, n - i);
-    for (; i < n; i++) dst[i] = half_to_float(src[i]);
-}
-
-FN_VECTOR_CLONES void fn_floats_to_halves(uint16_t *dst, const float *src, int64_t n)
-{
-    int64_t i = HAS_AVX512F() ? floats_to_halves_avx512(dst, src, n) : 0;
-    if (HAS_F16C()) i += floats_to_halves_f16c(dst + i, src + i, n - i);
-    for (; i < n; i++) dst[i] = float_to_half(src[i]);
-}
-
-/* dst[k] = half(((half x[k] - c[0]) - c[1]) * (c[2] * w[k]) + b[k]): the float arithmetic of a
- * row of affine_group_f32 (c = mu_hi, mu_lo, rstd) on a float16 row, in one pass; dst may be x. */
-FN_VECTOR_CLONES void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, int64_t n, const float c[3],
-                                              const float *w, const float *b)
-{
-    int64_t i = HAS_AVX512F() ? affine_row_to_halves_avx512(dst, x, n, c, w, b) : 0;
-    if (HAS_F16C()) i += affine_row_to_halves_f16c(dst + i, x + i, n - i, c, w + i, b + i);
-    for (; i < n; i++) dst[i] = float_to_half(((half_to_float(x[i]) - c[0]) - c[1]) * (c[2] * w[i]) + b[i]);
-}
-
-/* shifted_sums_in_runs (moments.h) with run HALF_RUN over float16 values, read in place: sums of
- * d = x - shift and d*d, the lanes with AVX-512F or F16C where the CPU has them; the same sums
- * either way. */
-FN_VECTOR_CLONES void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd)
-{
-    double s1 = 0.0, s2 = 0.0, a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
-    int64_t i = HAS_AVX512F() ? half_sums_avx512(x, n, shift, a2, b2) : HAS_F16C() ? half_sums_f16c(x, n, shift, a2, b2) : 0;
-    while (i + RUN_LANES <= n) {
-        float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
-        const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
-        for (; i < stop; i += RUN_LANES)
-            for (int j = 0; j < RUN_LANES; j++) {
-                float d = half_to_float(x[i + j]) - shift;
-                a[j] += d;
-                b[j] += d * d;
-            }
-        for (int j = 0; j < RUN_LANES; j++) a2[j] += a[j], b2[j] += b[j];
-    }
-    for (; i < n; i++) {
-        double d = (double)half_to_float(x[i]) - (double)shift;
-        s1 += d;
-        s2 += d * d;
-    }
-    *sum_d = s1 + sum_of_lanes(a2, RUN_LANES);
-    *sum_dd = s2 + sum_of_lanes(b2, RUN_LANES);
-}
-
-/* Large outputs go to memory anyway: writing them with non-temporal stores skips reading
- * each output line into the cache before it is overwritten, a third of the traffic of a
- * normalization (measured: a 2-thread 64 MiB row loop 8.3 -> 6.0 ms). Worth it from half the
- * last-level cache up (the output would not stay in the cache) and with AVX-512F (64-byte
- * stores; elsewhere the rows are written as before). */
-int fn_streaming_pays(int64_t elements, int64_t item)
-{
-    int64_t bytes;
-    if (fn_mul_add_size(elements, item, 0, &bytes)) bytes = INT64_MAX;   /* a zero-stride output */
-    if (bytes < ((int64_t)8 << 20)) return 0;           /* at least 8 MiB; smaller calls skip sysconf */
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    long cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
-#else
-    long cache = 0;
-#endif
-    int64_t from = cache > 0 ? (int64_t)cache / 2 : (int64_t)32 << 20;
-    return HAS_AVX512F() && bytes >= from;
-}
-
-void fn_line_carry_flush(fn_line_carry *carry)
-{
-    if (carry && carry->valid) memcpy(carry->line, carry->bytes, (size_t)carry->valid);
-    if (carry) carry->line = NULL, carry->valid = 0;
-}
-
-/* The first len bytes of a row, from y on (before its first line boundary), values in v: when the
- * carry holds the end of the row before in the same line, they complete it and the line goes out
- * whole with one non-temporal store; otherwise plain stores (after what the carry held). */
-static void put_row_head(fn_line_carry *carry, char *y, const void *v, int64_t len)
-{
-    char *line = y - ((uintptr_t)y & 63);
-    if (len > 0 && carry && carry->line == line && carry->valid == y - line && carry->valid + len == 64) {
-        memcpy(carry->bytes + carry->valid, v, (size_t)len);
-        stream_line(line, carry->bytes);
-        carry->line = NULL, carry->valid = 0;
-        return;
-    }
-    fn_line_carry_flush(carry);
-    memcpy(y, v, (size_t)len);
-}
-
-/* The last len bytes of a row, from the line boundary y on, values in v: held in the carry for the
- * next row's head to complete (without a carry: plain stores). */
-static void put_row_tail(fn_line_carry *carry, char *y, const void *v, int64_t len)
-{
-    if (!carry || len == 0) {
-        memcpy(y, v, (size_t)len);
-        return;
-    }
-    fn_line_carry_flush(carry);                    /* empty after any put_row_head; kept for safety */
-    memcpy(carry->bytes, v, (size_t)len);
-    carry->line = y, carry->valid = len;
-}
-
-/* The body of a streamed row writer: y[i] = ELEMENT(i) for i < n, of type T. Without AVX-512F all
- * with plain stores; with it, the head (to y's first line boundary) and the tail (after the last
- * whole vector) computed here and put through the carry, the whole vectors between by BODY, an
- * AVX-512 call on y + h_ (aligned) that returns how many elements it wrote. */
-#define STREAMED_ROW(T, y, n, ELEMENT, BODY)                                                        \
-    do {                                                                                            \
-        _Alignas(64) T v_[64 / sizeof(T)];                                                          \
-        if (!HAS_AVX512F()) {                                                                       \
-            for (int64_t i = 0; i < (n); i++) (y)[i] = ELEMENT(i);                                  \
-            break;                                                                                  \
-        }                                                                                           \
-        const int64_t h_ = head_elements((y), (n), sizeof(T));                                      \
-        for (int64_t i = 0; i < h_; i++) v_[i] = ELEMENT(i);                                        \
-        put_row_head(carry, (char *)(y), v_, h_ * (int64_t)sizeof(T));                              \
-        const int64_t t_ = h_ + (BODY);                                                             \
-        for (int64_t i = t_; i < (n); i++) v_[i - t_] = ELEMENT(i);                                 \
-        put_row_tail(carry, (char *)((y) + t_), v_, ((n) - t_) * (int64_t)sizeof(T));               \
-    } while (0)
-
-/* y[k] = ((x[k] - c[0]) - c[1]) * (c[2] * w[k]) + b[k]: a row of affine_group_f32, the same bits,
- * streamed. Call fn_stream_fence before another thread reads y. With `next` (the next row's x),
- * one line of it is prefetched into L1 per line written, so that the next row's statistics find
- * it there instead of waiting for memory at the row's start (the hardware prefetcher does not
- * cross the 4 KiB page that a row of 1024 floats is). */
-void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3], const float *w, const float *b,
-                            const float *next, fn_line_carry *carry)
-{
-#define AFFINE(i) (((x[i] - c[0]) - c[1]) * (c[2] * w[i]) + b[i])
-    STREAMED_ROW(float, y, n, AFFINE,
-                 affine_row_streamed_avx512(y + h_, x + h_, n - h_, c, w + h_, b + h_, (next ? next : x) + h_,
-                                            walk_backward(y, x)));
-#undef AFFINE
-}
-
-/* y[i] = ((x[i] - c[0]) - c[1]) * c[2] + c[3]: a plane of batch norm's combine_line_f32, the same
- * bits, streamed. */
-void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[4], fn_line_carry *carry)
-{
-#define SCALE_SHIFT(i) (((x[i] - c[0]) - c[1]) * c[2] + c[3])
-    STREAMED_ROW(float, y, n, SCALE_SHIFT, scale_shift_streamed_avx512(y + h_, x + h_, n - h_, c));
-#undef SCALE_SHIFT
-}
-
-/* y[k] = (x[k] - mu) * (r * w[k]) + b[k]: a float64 row of affine_group, the same bits, streamed. */
-void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu, double r, const double *w,
-                                const double *b, const double *next, fn_line_carry *carry)
-{
-#define AFFINE(i) ((x[i] - mu) * (r * w[i]) + b[i])
-    STREAMED_ROW(double, y, n, AFFINE,
-                 affine_row_streamed_f64_avx512(y + h_, x + h_, n - h_, mu, r, w + h_, b + h_,
-                                                (next ? next : x) + h_));
-#undef AFFINE
-}
-
-/* Contiguous float32 rows of C >= 16 channels, n elements from a row start: element i is
- * ((x[i] - hi) - lo) * coef_x (+ dy[i] * coef_dy) + shift of channel i % C, as batch norm's
- * combine_line_f32, the same bits, streamed. f2: (5, 2C): hi, lo, coef_x, shift, coef_dy, each
- * written twice over, so that 16 channels from any q < C are contiguous. dy may be NULL. */
-void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C, const float *f2)
-{
-    int64_t i = HAS_AVX512F() ? combine_rows_streamed_avx512(y, x, dy, n, C, f2) : 0;
-    for (; i < n; i++) {
-        const int64_t q = i % C;
-        const float d = (x[i] - f2[q]) - f2[2 * C + q];
-        y[i] = dy ? d * f2[4 * C + q] + dy[i] * f2[8 * C + q] + f2[6 * C + q] : d * f2[4 * C + q] + f2[6 * C + q];
-    }
-}
-
-/* dx[k] = dy[k] * (c[0] * w[k]) + c[1] - ((x[k] - c[2]) - c[3]) * c[4]: a row of dx_group_f32
- * (c = rstd, c0, mu_hi, mu_lo, c1), the same bits, streamed. dx may be dy. */
-void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, const float c[5], const float *w,
-                        fn_line_carry *carry)
-{
-#define DX(i) (dy[i] * (c[0] * w[i]) + c[1] - ((x[i] - c[2]) - c[3]) * c[4])
-    STREAMED_ROW(float, dx, n, DX, dx_row_streamed_avx512(dx + h_, dy + h_, x + h_, n - h_, c, w + h_));
-#undef DX
-}
-#undef STREAMED_ROW
-
-void fn_stream_fence(void)
-{
-#if FN_X86_DISPATCH
-    _mm_sfence();
-#endif
-}
+uint16_t fn_float_to_half(float f) { return float_to_half(f); }

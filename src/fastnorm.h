@@ -9,7 +9,11 @@
  *
  * Every array is addressed by byte strides, so any layout (transposed, sliced, negative strides)
  * reaches a kernel without a copy. Elements must be native-endian and aligned; the Python layer
- * copies the rare buffers that are not. All arithmetic is in double.
+ * copies the rare buffers that are not. Statistics are accumulated in double (float32 data may add
+ * short runs in float first, with a proven error bound and a double fallback: moments.h). Outputs
+ * of float64 data, and of strided or masked groups, are computed in double; contiguous float32 and
+ * float16 outputs in float, with the mean split into two floats (elementwise.h), falling back to
+ * double wherever a float coefficient could overflow or lose its precision.
  *
  * Kernels overwrite their outputs (never accumulate into caller memory) and return FN_OK or an
  * FN_E* status; they keep no global state and allocate only per call. `nthreads` is the most
@@ -32,6 +36,10 @@
 #define FN_X86_DISPATCH 0
 #define FN_VECTOR_CLONES
 #endif
+/* Lane arrays of the hot loops, aligned for whole-vector access. Declared, not left to the
+ * compiler's own choice: GCC 12 under ASan's detect_stack_use_after_return places arrays it
+ * aligned by itself at 32-byte offsets of the fake stack frame, where 64-byte stores fault. */
+#define FN_LANES _Alignas(64)
 /* Helpers of the hot loops are inlined into each clone, so they get its vector width too. */
 /* Rare paths of header helpers stay out of line (and may go unused in a file). */
 #if defined(__GNUC__)
@@ -44,6 +52,9 @@
 
 enum fn_dtype { FN_F16 = 0, FN_F32 = 1, FN_F64 = 2 };
 enum fn_status { FN_OK = 0, FN_ENOMEM = 1, FN_EINVAL = 2 };
+/* The statistic a group is normalized by: mean and variance (layer, instance, group norm), or the
+ * mean square alone, with no centering (RMS norm). */
+enum fn_stat { FN_MEAN_VAR = 0, FN_MEAN_SQUARE = 1 };
 
 /* ---- checked size arithmetic ------------------------------------------------------------------
  * Scratch sizes come from array shapes, and a zero-stride view (np.broadcast_to) may have 2**60
@@ -96,23 +107,32 @@ int fn_parallel_for(int parts, int64_t n, fn_body body, void *ctx);
 /* How many slices `elements` of work is worth with at most `nthreads` threads (>= 1). */
 int fn_parts(int nthreads, int64_t elements);
 
-/* ---- convert.c: moving strided elements of any dtype to and from contiguous doubles ---- */
-void fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype);
-void fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype);
+/* ---- convert.c: strided elements of any dtype to and from contiguous doubles ----
+ * FN_EINVAL for a dtype it does not know (nothing is read or written). */
+int fn_dtype_size(int dtype);                 /* bytes of one element; 0 for an unknown dtype */
+int fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype);
+int fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype);
+float fn_half_to_float(uint16_t h);
+uint16_t fn_float_to_half(float f);
+
+/* ---- vector.c: the intrinsics, and non-temporal writing of large outputs ----
+ * The coefficient structs (fn_affine, fn_scale_shift, fn_dx) and the formulas they stand for are in
+ * elementwise.h. */
+typedef struct fn_affine fn_affine;
+typedef struct fn_scale_shift fn_scale_shift;
+typedef struct fn_dx fn_dx;
+typedef struct fn_channel_coefs fn_channel_coefs;
 void fn_halves_to_floats(float *dst, const uint16_t *src, int64_t n);
 void fn_floats_to_halves(uint16_t *dst, const float *src, int64_t n);
-void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, int64_t n, const float c[3], const float *w,
+void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, int64_t n, fn_affine c, const float *w,
                              const float *b);
 void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd);
-float fn_half_to_float(uint16_t h);
-/* Non-temporal writing of large float32/64 rows (same arithmetic, same bits as the kernels' rows).
+/* The streamed writers compute the same formulas with non-temporal stores (the same bits).
  * next: the next row's x (n elements), brought into L1 while this row is written, or NULL.
  * carry (or NULL): for rows written one after another into contiguous memory by one thread, the
  * 64-byte line shared by the end of one row and the start of the next waits there until both
  * are known and is then written whole with one non-temporal store, instead of with plain stores
- * at both ends of every row, each of which reads the line from memory first. Rows start mid-line
- * in NumPy's arrays (16 bytes into a line); 64 MiB of rows of 1024 floats, over a copy: layer norm
- * 1 thread 1.44x -> 1.28x, 2 threads 0.82x -> 0.70x; its backward 2.49x -> 2.23x, 1.51x -> 1.30x.
+ * at both ends of every row, each of which would read the line from memory first.
  * Zero-initialize it; fn_line_carry_flush writes out what waits at the end of the run. */
 typedef struct {
     _Alignas(64) unsigned char bytes[64];
@@ -122,39 +142,41 @@ typedef struct {
 void fn_line_carry_flush(fn_line_carry *carry);
 /* Whether writing `elements` outputs of `item` bytes with non-temporal stores pays off. */
 int fn_streaming_pays(int64_t elements, int64_t item);
-void fn_affine_row_streamed(float *y, const float *x, int64_t n, const float c[3], const float *w, const float *b,
+int64_t fn_cache_bytes(int level);                 /* L2 or L3 data cache of CPU 0, bytes; 0: unknown */
+void fn_stream_copy(char *dst, const char *src, int64_t bytes);
+void fn_affine_row_streamed(float *y, const float *x, int64_t n, fn_affine c, const float *w, const float *b,
                             const float *next, fn_line_carry *carry);
 void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu, double r, const double *w,
                                 const double *b, const double *next, fn_line_carry *carry);
-void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, const float c[5], const float *w,
+void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, fn_dx c, const float *w,
                         fn_line_carry *carry);
-void fn_scale_shift_streamed(float *y, const float *x, int64_t n, const float c[4], fn_line_carry *carry);
-void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C, const float *f2);
+void fn_scale_shift_streamed(float *y, const float *x, int64_t n, fn_scale_shift c, fn_line_carry *carry);
+void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C,
+                              const fn_channel_coefs *f);
 void fn_stream_fence(void);
-uint16_t fn_float_to_half(float f);
 
 /* ---- group_norm.c: layer, RMS, instance and group norm on the (A, G, K, S) view ---- */
 
 /* y = (x - mean) * rstd * weight[g*K + k] + bias[g*K + k], statistics over (k, s) for every (a, g).
  * x, y: (A, G, K, S); weight, bias: (G*K) doubles or NULL; mask: (A, S) or no mask.
- * mean, rstd: (A, G) doubles, written. rms != 0: no centering (mean written as 0).
+ * mean, rstd: (A, G) doubles, written. stat FN_MEAN_SQUARE: no centering (mean written as 0).
  * A group with no real element gets y = 0, mean = 0, rstd = 0. Overwrites y (may alias x). */
 int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
                        const double *weight, const double *bias, fn_mask mask,
-                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms, int nthreads);
+                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, enum fn_stat stat, int nthreads);
 
 /* group_norm_forward of the rows of a C-contiguous float32 (A, D) array (G = 1, S = 1, no mask),
  * with float32 weight/bias of D elements (or NULL): the common call, with no parameter conversion.
  * y may be x; mean, rstd: (A) doubles, written. */
 int layer_norm_rows_f32(float *y, double *mean, double *rstd, const float *x, const float *weight,
-                        const float *bias, int64_t A, int64_t D, double eps, int rms, int nthreads);
+                        const float *bias, int64_t A, int64_t D, double eps, enum fn_stat stat, int nthreads);
 
 /* Gradients of group_norm_forward, from the mean/rstd it returned.
  * dx: (A, G, K, S), written (may alias dy); dweight, dbias: (G*K) doubles, overwritten with
  * the sums over a and s. weight NULL means ones. Padded positions get dx = 0 and add nothing. */
 int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, fn_view x,
                         const double *mean, const double *rstd, const double *weight,
-                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms, int nthreads);
+                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, enum fn_stat stat, int nthreads);
 
 /* ---- batch_norm.c: statistics per channel c of the (O, C, S) view ---- */
 
@@ -201,6 +223,6 @@ int channel_summary(double *count, double *mean, double *m2, double *min, double
  * mean, rstd: (A) doubles, written. h may be x or residual; y may be x or residual; y and h may
  * not overlap. A block of rows sized to the L2 cache at a time: h is normalized while cached. */
 int add_norm_rows(fn_view y, fn_view h, double *mean, double *rstd, fn_view x, fn_view residual,
-                  const void *weight, const void *bias, int64_t A, int64_t D, double eps, int rms, int nthreads);
+                  const void *weight, const void *bias, int64_t A, int64_t D, double eps, enum fn_stat stat, int nthreads);
 
 #endif

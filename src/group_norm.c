@@ -5,16 +5,34 @@
  *   group norm       (N, G, C/G, H*W)         statistics per (sample, group)
  *
  * weight/bias index the channel g*K + k; the mask marks real (a, s) positions.
- * Each group is loaded into a contiguous double buffer (K*S), so the statistics and the output
- * are computed from one read of x, whatever its dtype and strides. */
+ * Each call chooses one path (enum forward_path, enum backward_path) from the dtypes and layout:
+ * contiguous float32 rows or groups, float16 and float64 groups are read in place; anything else
+ * (strided groups, mixed dtypes) goes through a contiguous double buffer, and so does every group
+ * with padding. The statistics come from moments.h, every output formula from elementwise.h. */
 #include <stdlib.h>
 
+#include "elementwise.h"
 #include "moments.h"
+
+/* ---- groups in memory ---- */
+
+/* The address of group (a, g) of v. */
+FN_INLINE char *group_at(fn_view v, int64_t a, int64_t g)
+{
+    return v.data + a * v.stride[0] + g * v.stride[1];
+}
+
+/* A group (K, S) whose elements are contiguous in memory (k-major). */
+FN_INLINE int group_contiguous(fn_view v, int64_t K, int64_t S)
+{
+    const ptrdiff_t item = fn_dtype_size(v.dtype);
+    return (S == 1 || v.stride[3] == item) && (K == 1 || v.stride[2] == S * item);
+}
 
 /* buf[k*S + s] = v[a, g, k, s] */
 FN_INLINE void load_group(double *buf, fn_view v, int64_t a, int64_t g, int64_t K, int64_t S)
 {
-    const char *p = v.data + a * v.stride[0] + g * v.stride[1];
+    const char *p = group_at(v, a, g);
     if (S == 1) {
         fn_load(buf, p, K, v.stride[2], v.dtype);
     } else {
@@ -25,7 +43,7 @@ FN_INLINE void load_group(double *buf, fn_view v, int64_t a, int64_t g, int64_t 
 /* v[a, g, k, s] = buf[k*S + s] */
 FN_INLINE void store_group(fn_view v, const double *buf, int64_t a, int64_t g, int64_t K, int64_t S)
 {
-    char *p = v.data + a * v.stride[0] + g * v.stride[1];
+    char *p = group_at(v, a, g);
     if (S == 1) {
         fn_store(p, buf, K, v.stride[2], v.dtype);
     } else {
@@ -43,139 +61,6 @@ FN_INLINE int64_t gather_real(double *real, const double *buf, const unsigned ch
     return n;
 }
 
-/* A group (K, S) whose elements are contiguous in memory (k-major), for the float32 fast path. */
-FN_INLINE int group_contiguous(fn_view v, int64_t K, int64_t S, ptrdiff_t item)
-{
-    return (S == 1 || v.stride[3] == item) && (K == 1 || v.stride[2] == S * item);
-}
-
-/* y = (x - mu) * r * w[k] + b[k] for a contiguous float32 group (K, S); y may be x.
- * Computed in float: mu is split into mu_hi + mu_lo (both float), so x - mu_hi is exact or has
- * a rounding error relative to |x - mu|, never to |mu|; every step then errs by ~1 ulp of the
- * output's scale, also for rows with a large mean offset. wf, bf: (K) float copies of w, b. */
-FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, double mu, double r,
-                                const float *wf, const float *bf)
-{
-    const float mu_hi = (float)mu, mu_lo = (float)(mu - (double)mu_hi), rf = (float)r;
-    if (S == 1) {
-        /* a row: the elements before y's first 64-byte line, then the rest, so that no vector
-         * store splits a line (measured on (8, 768) rows 16 bytes into a line: the loop 1.04 ->
-         * 0.78 us) */
-        const int64_t h = head_elements(y, K, sizeof *y);
-#define AFFINE_ROW(k) (((x[k] - mu_hi) - mu_lo) * (rf * wf[k]) + bf[k])
-        if (walk_backward(y, x)) {
-            /* from the end: the tail after the last whole 16 elements, the 16s backward, the head */
-            const int64_t t = h + (K - h) / 16 * 16;
-#pragma omp simd
-            for (int64_t k = t; k < K; k++) y[k] = AFFINE_ROW(k);
-            for (int64_t k0 = t - 16; k0 >= h; k0 -= 16) {
-                /* 16 from k0, counted from 0 to a constant: one vector, no checks (with k from k0
-                 * to k0 + 16, -fwrapv kept GCC from knowing the count, and the loop ran 1.3x
-                 * slower than forward) */
-#pragma omp simd
-                for (int j = 0; j < 16; j++) y[k0 + j] = AFFINE_ROW(k0 + j);
-            }
-#pragma omp simd
-            for (int64_t k = 0; k < h; k++) y[k] = AFFINE_ROW(k);
-            return;
-        }
-#pragma omp simd
-        for (int64_t k = 0; k < h; k++) y[k] = AFFINE_ROW(k);
-#pragma omp simd
-        for (int64_t k = h; k < K; k++) y[k] = AFFINE_ROW(k);
-#undef AFFINE_ROW
-        return;
-    }
-    for (int64_t k = 0; k < K; k++) {
-        const float scale = (float)(r * (double)wf[k]), shift = bf[k];
-#pragma omp simd
-        for (int64_t s = 0; s < S; s++) y[k * S + s] = ((x[k * S + s] - mu_hi) - mu_lo) * scale + shift;
-    }
-}
-
-/* y = (x - mu) * (r * w[k]) + b[k] of a contiguous float32 or float16 group (K, S) in double
- * arithmetic, element by element: the groups whose float arithmetic could overflow
- * (float_arithmetic_fits in moments.h). y may be x. */
-FN_OUT_OF_LINE void affine_group_in_double(void *y, const void *x, int dtype, int64_t K, int64_t S, double mu,
-                                           double r, const float *wf, const float *bf)
-{
-    const ptrdiff_t item = dtype == FN_F16 ? 2 : 4;
-    for (int64_t i = 0; i < K * S; i++) {
-        double v;
-        fn_load(&v, (const char *)x + i * item, 1, item, dtype);
-        v = (v - mu) * (r * (double)wf[i / S]) + (double)bf[i / S];
-        fn_store((char *)y + i * item, &v, 1, item, dtype);
-    }
-}
-
-/* The largest |w[k]|, k < n: the float paths' bound for r * w (float_arithmetic_fits). Partial
- * maxima of 32 lanes are independent, so the scan is not one chain of dependent max operations. */
-FN_INLINE double max_abs_f32(const float *w, int64_t n)
-{
-    float part[32] = {0.0f}, m = 0.0f;
-    int64_t k = 0;
-    for (; k + 32 <= n; k += 32)
-        for (int j = 0; j < 32; j++) part[j] = fabsf(w[k + j]) > part[j] ? fabsf(w[k + j]) : part[j];
-    for (; k < n; k++) m = fabsf(w[k]) > m ? fabsf(w[k]) : m;
-    for (int half = 16; half > 0; half /= 2)                 /* halving: each step one vector max */
-        for (int j = 0; j < half; j++) part[j] = part[j + half] > part[j] ? part[j + half] : part[j];
-    return (double)(part[0] > m ? part[0] : m);
-}
-
-/* affine_group_f32 of a row, as a function of its own: inlined into the loop of rows_f32_slice,
- * GCC ran out of registers and reloaded the weight pointer and the loop bound from the stack on
- * every vector. */
-FN_OUT_OF_LINE FN_VECTOR_CLONES void affine_row_f32(float *y, const float *x, int64_t D, double mu, double r,
-                                                    const float *wf, const float *bf)
-{
-    affine_group_f32(y, x, D, 1, mu, r, wf, bf);
-}
-
-/* mu and r = rstd of the n contiguous float32 values at x (mu = 0 for RMS norm). */
-FN_INLINE void group_stats_f32(const float *x, int64_t n, int rms, double eps, double *mu, double *r)
-{
-    double var;
-    *mu = 0.0;
-    if (rms) var = mean_square_of_f32(x, n);
-    else moments_of_f32(x, n, mu, &var);
-    *r = rstd_of(var, eps);
-}
-
-/* Statistics of a contiguous float32 group (K, S), then y = affine_group_f32(x); y may be x.
- * mu, r: written (mu = 0 for RMS norm). stream: a row (S = 1) is written with non-temporal
- * stores (convert.c: the same arithmetic, the same bits), prefetching `next` (next_row), the
- * line it shares with the row before through `carry` (the slice's). w_max: max |wf|. */
-FN_INLINE void normalize_group_f32(float *y, const float *x, int64_t K, int64_t S, int rms, double eps,
-                                   const float *wf, const float *bf, double w_max, double *mu, double *r,
-                                   int stream, const float *next, fn_line_carry *carry)
-{
-    group_stats_f32(x, K * S, rms, eps, mu, r);
-    if (!float_arithmetic_fits(*r, w_max, K * S)) {
-        affine_group_in_double(y, x, FN_F32, K, S, *mu, *r, wf, bf);
-    } else if (S == 1 && stream) {
-        const float mu_hi = (float)*mu, c[3] = {mu_hi, (float)(*mu - (double)mu_hi), (float)*r};
-        fn_affine_row_streamed(y, x, K, c, wf, bf, next, carry);
-    } else {
-        affine_group_f32(y, x, K, S, *mu, *r, wf, bf);
-    }
-}
-
-/* The same in double, for a contiguous float64 group or the double buffer of any group; y may be x. */
-FN_INLINE void affine_group(double *y, const double *x, int64_t K, int64_t S, double mu, double r, const double *w,
-                            const double *b)
-{
-    if (S == 1) {
-#pragma omp simd
-        for (int64_t k = 0; k < K; k++) y[k] = (x[k] - mu) * (r * w[k]) + b[k];
-        return;
-    }
-    for (int64_t k = 0; k < K; k++) {
-        double scale = r * w[k], shift = b[k];
-#pragma omp simd
-        for (int64_t s = 0; s < S; s++) y[k * S + s] = (x[k * S + s] - mu) * scale + shift;
-    }
-}
-
 /* buf (K, S) = 0 where m[s] is 0 */
 FN_INLINE void zero_padding(double *buf, const unsigned char *m, int64_t K, int64_t S)
 {
@@ -184,221 +69,373 @@ FN_INLINE void zero_padding(double *buf, const unsigned char *m, int64_t K, int6
             if (!m[s]) buf[k * S + s] = 0.0;
 }
 
+/* The largest |w[k]|, k < n: the float paths' bound for rstd * w (float_arithmetic_fits). */
+FN_INLINE double max_abs_f32(const float *w, int64_t n)
+{
+    float m = 0.0f;
+#pragma omp simd reduction(max : m)
+    for (int64_t k = 0; k < n; k++) m = fabsf(w[k]) > m ? fabsf(w[k]) : m;
+    return (double)m;
+}
+
+/* ---- weight and bias, as the paths read them ----
+ * Made once per call: doubles for the double paths (ones and zeros standing in for a missing
+ * one), float copies for the float32/float16 paths, and max |w| for float_arithmetic_fits
+ * (vector clones: max_abs_f32 is a vector loop). */
+typedef struct {
+    const double *w, *b;
+    const float *wf, *bf;
+    double w_max;
+    void *owned;                     /* the one allocation behind them, or NULL */
+} group_params;
+
+FN_VECTOR_CLONES static int params_make(group_params *q, const double *weight, const double *bias, int64_t n)
+{
+    const int64_t n_pad = (n + 15) / 16 * 16;           /* each array starts on a 64-byte line */
+    size_t bytes;
+    *q = (group_params){0};
+    if (fn_array_bytes(6, n_pad, 16, sizeof(float), &bytes) || !(q->owned = alloc_lines(bytes))) return FN_ENOMEM;
+    double *ones = q->owned, *zeros = ones + n_pad;
+    float *wf = (float *)(zeros + n_pad), *bf = wf + n_pad;
+    for (int64_t c = 0; c < n; c++) {
+        ones[c] = 1.0, zeros[c] = 0.0;
+        wf[c] = weight ? (float)weight[c] : 1.0f, bf[c] = bias ? (float)bias[c] : 0.0f;
+    }
+    *q = (group_params){weight ? weight : ones, bias ? bias : zeros, wf, bf, max_abs_f32(wf, n), q->owned};
+    return FN_OK;
+}
+
+/* The same from float32 weight and bias (the rows entry): no copy unless one is missing. */
+FN_VECTOR_CLONES static int params_make_f32(group_params *q, const float *weight, const float *bias, int64_t n)
+{
+    *q = (group_params){.wf = weight, .bf = bias};
+    if (!weight || !bias) {
+        size_t bytes;
+        if (fn_array_bytes(2, n, 0, sizeof(float), &bytes) || !(q->owned = malloc(bytes))) return FN_ENOMEM;
+        float *ones = q->owned, *zeros = ones + n;
+        for (int64_t k = 0; k < n; k++) ones[k] = 1.0f, zeros[k] = 0.0f;
+        q->wf = weight ? weight : ones, q->bf = bias ? bias : zeros;
+    }
+    q->w_max = max_abs_f32(q->wf, n);
+    return FN_OK;
+}
+
+/* ---- the output of one group, by dtype ---- */
+
+/* y = fn_affine_at(c, x, w[k], b[k]) of a contiguous float32 row of K; y may be x.
+ * The elements before y's first 64-byte line go first, so that no vector store splits a line; when
+ * y is a little ahead of x modulo 4 KiB, the row is walked backward (walk_backward, moments.h). */
+FN_INLINE void affine_row_f32(float *y, const float *x, int64_t K, fn_affine c, const float *w, const float *b)
+{
+    const int64_t h = head_elements(y, K, sizeof *y);
+    if (walk_backward(y, x)) {
+        /* the tail after the last whole 16 elements, the 16s from the last down, the head */
+        const int64_t t = h + (K - h) / 16 * 16;
+#pragma omp simd
+        for (int64_t k = t; k < K; k++) y[k] = fn_affine_at(c, x[k], w[k], b[k]);
+        for (int64_t k0 = t - 16; k0 >= h; k0 -= 16) {
+            /* counted from 0 to a constant: one vector, no checks */
+#pragma omp simd
+            for (int j = 0; j < 16; j++) y[k0 + j] = fn_affine_at(c, x[k0 + j], w[k0 + j], b[k0 + j]);
+        }
+#pragma omp simd
+        for (int64_t k = 0; k < h; k++) y[k] = fn_affine_at(c, x[k], w[k], b[k]);
+        return;
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < h; k++) y[k] = fn_affine_at(c, x[k], w[k], b[k]);
+#pragma omp simd
+    for (int64_t k = h; k < K; k++) y[k] = fn_affine_at(c, x[k], w[k], b[k]);
+}
+
+/* affine_row_f32 out of line: inlined into a loop over rows, GCC ran out of registers. */
+FN_OUT_OF_LINE FN_VECTOR_CLONES void affine_row_f32_call(float *y, const float *x, int64_t K, fn_affine c,
+                                                         const float *w, const float *b)
+{
+    affine_row_f32(y, x, K, c, w, b);
+}
+
+/* A contiguous float32 group (K, S) in float: rows as above, planes with the scale of each channel
+ * rounded once (fn_scale_shift_at). y may be x. */
+FN_INLINE void affine_group_f32(float *y, const float *x, int64_t K, int64_t S, double mu, double r,
+                                const float *w, const float *b)
+{
+    if (S == 1) {
+        affine_row_f32(y, x, K, fn_affine_of(mu, r), w, b);
+        return;
+    }
+    for (int64_t k = 0; k < K; k++) {
+        const fn_scale_shift c = fn_scale_shift_of(mu, r * (double)w[k], b[k], 0.0);
+#pragma omp simd
+        for (int64_t s = 0; s < S; s++) y[k * S + s] = fn_scale_shift_at(c, x[k * S + s]);
+    }
+}
+
+/* A contiguous float32 or float16 group in double arithmetic, element by element: the groups whose
+ * float arithmetic could overflow (float_arithmetic_fits). y may be x. */
+FN_OUT_OF_LINE void affine_group_in_double(void *y, const void *x, int dtype, int64_t K, int64_t S, double mu,
+                                           double r, const float *w, const float *b)
+{
+    const ptrdiff_t item = fn_dtype_size(dtype);
+    for (int64_t i = 0; i < K * S; i++) {
+        double v;
+        fn_load(&v, (const char *)x + i * item, 1, item, dtype);
+        v = fn_affine_f64_at(mu, r, v, (double)w[i / S], (double)b[i / S]);
+        fn_store((char *)y + i * item, &v, 1, item, dtype);
+    }
+}
+
+/* A float64 group, or the double buffer of any group; y may be x. */
+FN_INLINE void affine_group_f64(double *y, const double *x, int64_t K, int64_t S, double mu, double r,
+                                const double *w, const double *b)
+{
+    if (S == 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; k++) y[k] = fn_affine_f64_at(mu, r, x[k], w[k], b[k]);
+        return;
+    }
+    for (int64_t k = 0; k < K; k++) {
+        const double wk = w[k], bk = b[k];      /* in registers: y may alias w, b for all GCC knows */
+        const double *xk = x + k * S;
+        double *yk = y + k * S;
+#pragma omp simd
+        for (int64_t s = 0; s < S; s++) yk[s] = fn_affine_f64_at(mu, r, xk[s], wk, bk);
+    }
+}
+
+/* ---- forward ---- */
+
+enum forward_path {
+    FWD_F32_ROWS,                    /* layer/RMS norm of float32 rows, contiguous, no mask */
+    FWD_F32,                         /* contiguous float32 groups (padded groups: buffered) */
+    FWD_F16,                         /* contiguous float16 groups (padded groups: buffered) */
+    FWD_F64,                         /* contiguous float64 groups (padded groups: buffered) */
+    FWD_BUFFERED                     /* every group through a double buffer */
+};
+
 /* Everything a slice of (a, g) groups needs; shared read-only by the threads of one call. */
 typedef struct {
     fn_view y, x, dy;
     double *mean, *rstd, *partial;   /* partial: (parts, 2, G*K) dweight/dbias sums per slice */
-    const double *weight, *bias;
+    group_params q;
     fn_mask mask;
     int64_t A, G, K, S;
     double eps;
-    int rms, stream;                 /* stream: write float32 rows (S = 1) with non-temporal stores */
+    enum fn_stat stat;
+    int path;                        /* enum forward_path or enum backward_path */
+    int stream;                      /* write rows (S = 1) with non-temporal stores */
 } group_args;
 
-/* The streamed row writers prefetch the next row's x into L1 as they write a row (convert.c).
- * Measured on 64 MiB of rows of 1024, paired A/B over the time of a copy: float32 layer norm one
- * thread 1.56x -> 1.44x, two threads 0.82x -> 0.73x; RMS 0.87x -> 0.75x; float64 0.81x -> 0.65x.
- * Only for rows of at most NEXT_ROW_BYTES: longer ones would push the row being written out of
- * L1. The next row is group i + 1 of the same slice (NULL: none). */
+/* One slice's scratch, one allocation: n_doubles doubles (buf, and real after the first n_group
+ * of them when there are 2 * n_group: the buffered groups), n_floats floats and the mask row m (S). */
+typedef struct {
+    double *buf, *real;
+    float *floats;
+    unsigned char *m;
+} slice_scratch;
+
+static int scratch_make(slice_scratch *sc, int64_t n_doubles, int64_t n_floats, int64_t n_group, int64_t S)
+{
+    int64_t n;
+    size_t bytes;
+    *sc = (slice_scratch){0};
+    if (fn_mul_add_size(n_floats, sizeof(float), S + 1, &n) || fn_array_bytes(sizeof(double), n_doubles, n, 1, &bytes) ||
+        !(sc->buf = alloc_lines(bytes)))
+        return FN_ENOMEM;
+    sc->real = n_doubles - n_group >= n_group ? sc->buf + n_group : NULL;
+    sc->floats = (float *)(sc->buf + n_doubles);
+    sc->m = (unsigned char *)(sc->floats + n_floats);
+    return FN_OK;
+}
+
+/* The prefetch target of a streamed row: the next row of the slice, when rows are short enough
+ * (at most NEXT_ROW_BYTES) not to push the row being written out of L1; NULL otherwise. */
 enum { NEXT_ROW_BYTES = 16 << 10 };
 
 FN_INLINE const char *next_row(fn_view v, int64_t i, int64_t end, int64_t G, int64_t row_bytes)
 {
     if (i + 1 >= end || row_bytes > NEXT_ROW_BYTES) return NULL;
-    return v.data + (i + 1) / G * v.stride[0] + (i + 1) % G * v.stride[1];
+    return group_at(v, (i + 1) / G, (i + 1) % G);
 }
 
-/* Forward over groups [begin, end) of the flattened (A, G) index. */
+/* Group i of a contiguous float32 call: statistics, then the output in float (streamed rows
+ * through the slice's carry), or in double where float could overflow. */
+FN_INLINE void forward_f32(const group_args *p, int64_t i, int64_t end, double *mu, double *r, fn_line_carry *carry)
+{
+    const int64_t a = i / p->G, g = i % p->G, K = p->K, S = p->S;
+    const float *x = (const float *)group_at(p->x, a, g), *w = p->q.wf + g * K, *b = p->q.bf + g * K;
+    float *y = (float *)group_at(p->y, a, g);
+    group_stats_f32(x, K * S, p->stat, p->eps, mu, r);
+    if (!float_arithmetic_fits(*r, p->q.w_max, K * S))
+        affine_group_in_double(y, x, FN_F32, K, S, *mu, *r, w, b);
+    else if (S == 1 && p->stream)
+        fn_affine_row_streamed(y, x, K, fn_affine_of(*mu, *r), w, b,
+                               (const float *)next_row(p->x, i, end, p->G, K * 4), carry);
+    else
+        affine_group_f32(y, x, K, S, *mu, *r, w, b);
+}
+
+/* Group (a, g) of a contiguous float16 call: statistics read in place, the float32 arithmetic:
+ * a row normalized and rounded in one pass, planes through a float copy. */
+FN_INLINE void forward_f16(const group_args *p, const slice_scratch *sc, int64_t a, int64_t g, double *mu, double *r)
+{
+    const int64_t K = p->K, S = p->S;
+    const uint16_t *x = (const uint16_t *)group_at(p->x, a, g);
+    uint16_t *y = (uint16_t *)group_at(p->y, a, g);
+    const float *w = p->q.wf + g * K, *b = p->q.bf + g * K;
+    group_stats_f16(x, K * S, p->stat, p->eps, mu, r);
+    if (!float_arithmetic_fits(*r, p->q.w_max, K * S)) {
+        affine_group_in_double(y, x, FN_F16, K, S, *mu, *r, w, b);
+    } else if (S == 1) {
+        fn_affine_row_to_halves(y, x, K, fn_affine_of(*mu, *r), w, b);
+    } else {
+        fn_halves_to_floats(sc->floats, x, K * S);
+        affine_group_f32(sc->floats, sc->floats, K, S, *mu, *r, w, b);
+        fn_floats_to_halves(y, sc->floats, K * S);
+    }
+}
+
+/* Group i of a contiguous float64 call. */
+FN_INLINE void forward_f64(const group_args *p, int64_t i, int64_t end, double *mu, double *r, fn_line_carry *carry)
+{
+    const int64_t a = i / p->G, g = i % p->G, K = p->K, S = p->S;
+    const double *x = (const double *)group_at(p->x, a, g), *w = p->q.w + g * K, *b = p->q.b + g * K;
+    double *y = (double *)group_at(p->y, a, g);
+    group_stats_f64(x, K * S, p->stat, p->eps, mu, r);
+    if (S == 1 && p->stream)
+        fn_affine_row_streamed_f64(y, x, K, *mu, *r, w, b, (const double *)next_row(p->x, i, end, p->G, K * 8), carry);
+    else
+        affine_group_f64(y, x, K, S, *mu, *r, w, b);
+}
+
+/* Group (a, g) through the double buffer, s_real of its S positions real (m): statistics of the
+ * real elements, y = 0 at padding. A group with no real element gets mu = r = 0. */
+FN_INLINE void forward_buffered(const group_args *p, const slice_scratch *sc, int64_t a, int64_t g, int64_t s_real,
+                                double *mu, double *r)
+{
+    const int64_t K = p->K, S = p->S;
+    load_group(sc->buf, p->x, a, g, K, S);
+    *mu = *r = 0.0;
+    if (s_real == S) group_stats_f64(sc->buf, K * S, p->stat, p->eps, mu, r);
+    else if (s_real > 0) group_stats_f64(sc->real, gather_real(sc->real, sc->buf, sc->m, K, S), p->stat, p->eps, mu, r);
+    affine_group_f64(sc->buf, sc->buf, K, S, *mu, *r, p->q.w + g * K, p->q.b + g * K);
+    if (s_real < S) zero_padding(sc->buf, sc->m, K, S);
+    store_group(p->y, sc->buf, a, g, K, S);
+}
+
+/* Forward over groups [begin, end) of the flattened (A, G) index, groups with padding buffered. */
 FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end, int part)
 {
     const group_args *p = ctx;
-    int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
+    int64_t a_loaded = -1, s_real = 0;
     fn_line_carry carry = {.line = NULL};      /* streamed rows: the line shared with the next one */
-    /* float32 and float64 groups contiguous in x and y are read in place: no double buffer */
-    const int f32_in_place = p->x.dtype == FN_F32 && p->y.dtype == FN_F32 &&
-                             group_contiguous(p->x, K, S, 4) && group_contiguous(p->y, K, S, 4);
-    const int f64_in_place = p->x.dtype == FN_F64 && p->y.dtype == FN_F64 &&
-                             group_contiguous(p->x, K, S, 8) && group_contiguous(p->y, K, S, 8);
-    /* contiguous float16 groups: statistics read in place, the float32 arithmetic (planes through
-     * a float32 buffer) */
-    const int f16_via_f32 = p->x.dtype == FN_F16 && p->y.dtype == FN_F16 &&
-                            group_contiguous(p->x, K, S, 2) && group_contiguous(p->y, K, S, 2);
-    /* float32/float16 groups use float copies of weight and bias (wf, bf); the double paths
-     * (float64, masked or strided groups) use them as doubles, ones and zeros standing in for
-     * a missing one. Only what this call uses is allocated: memory grows by 8 to 24 bytes per
-     * channel, 16 bytes per group element for the double buffer of the strided (or masked) path,
-     * 4 for the float buffer of float16 planes. */
-    const int use_wf = f32_in_place || f16_via_f32;
-    const int use_buffer = !(f32_in_place || f64_in_place || f16_via_f32) || p->mask.data;
-    const int use_double_params = !use_wf || p->mask.data;
-    const int64_t n_ones = use_double_params && !p->weight ? G * K : 0;
-    const int64_t n_zeros = use_double_params && !p->bias ? G * K : 0;
-    /* the counts above, checked (fastnorm.h): a zero-stride x may have more elements than any buffer
-     * could hold. n_group_buf: 2 * n_group doubles for the buffer, else (n_group + 1) / 2 for float16 planes */
-    int64_t n_group_buf = use_buffer ? 0 : f16_via_f32 && S > 1 ? (n_group + 1) / 2 : 0, n_buf, n_wf;
-    size_t buf_bytes, wf_bytes, m_bytes;
+    slice_scratch sc;
     (void)part;
-    if (fn_mul_add_size(use_buffer ? 2 : 0, n_group, n_group_buf, &n_group_buf) ||
-        fn_mul_add_size((n_ones > 0) + (n_zeros > 0), G * K, n_group_buf, &n_buf) ||
-        fn_array_bytes(1, n_buf, 1, sizeof(double), &buf_bytes) ||
-        fn_mul_add_size((G * K + 15) / 16, 16, 0, &n_wf) ||     /* bf starts on a 64-byte line too */
-        fn_array_bytes(2, n_wf, 1, sizeof(float), &wf_bytes) || fn_array_bytes(1, S, 1, 1, &m_bytes))
-        return FN_ENOMEM;
-    double *buf = alloc_lines(buf_bytes);
-    float *wf = use_wf ? alloc_lines(wf_bytes) : NULL, *bf = wf ? wf + n_wf : NULL;
-    unsigned char *m = malloc(m_bytes);
-    if (!buf || !m || (use_wf && !wf)) {
-        free(buf);
-        free(wf);
-        free(m);
-        return FN_ENOMEM;
-    }
-    double *real = use_buffer ? buf + n_group : NULL;   /* (n_group) the real elements, when masked */
-    double *ones = buf + n_group_buf, *zeros = ones + n_ones;
-    for (int64_t c = 0; c < n_ones; c++) ones[c] = 1.0;
-    for (int64_t c = 0; c < n_zeros; c++) zeros[c] = 0.0;
-    const double *weight = p->weight ? p->weight : ones, *bias = p->bias ? p->bias : zeros;
-    for (int64_t c = 0; use_wf && c < G * K; c++) {
-        wf[c] = p->weight ? (float)p->weight[c] : 1.0f;
-        bf[c] = p->bias ? (float)p->bias[c] : 0.0f;
-    }
-    const double w_max = use_wf ? max_abs_f32(wf, G * K) : 0.0;     /* for float_arithmetic_fits */
-
+    /* the double buffer and the real elements for buffered groups, or a float copy of float16 planes */
+    const int64_t n_group = p->K * p->S;
+    const int64_t n_floats = p->path == FWD_F16 && p->S > 1 ? n_group : 0;
+    int64_t n_doubles = 0;
+    if ((p->path == FWD_BUFFERED || p->mask.data) && fn_mul_add_size(2, n_group, 0, &n_doubles)) return FN_ENOMEM;
+    if (scratch_make(&sc, n_doubles, n_floats, n_group, p->S)) return FN_ENOMEM;
     for (int64_t i = begin; i < end; i++) {
-        int64_t a = i / G, g = i % G;
-        double mu = 0.0, r = 0.0, var;
-        if (a != a_loaded) s_real = load_mask_row(m, p->mask, a, S), a_loaded = a;
-        if (f32_in_place && s_real == S) {
-            const float *xg = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
-            float *yg = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            normalize_group_f32(yg, xg, K, S, p->rms, p->eps, wf + g * K, bf + g * K, w_max, &mu, &r, p->stream,
-                                (const float *)next_row(p->x, i, end, G, K * 4), &carry);
-        } else if (f16_via_f32 && s_real == S) {
-            const uint16_t *xg = (const uint16_t *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
-            if (p->rms) var = mean_square_of_halves(xg, n_group);
-            else moments_of_halves(xg, n_group, &mu, &var);
-            r = rstd_of(var, p->eps);
-            uint16_t *yg = (uint16_t *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            if (!float_arithmetic_fits(r, w_max, n_group)) {
-                affine_group_in_double(yg, xg, FN_F16, K, S, mu, r, wf + g * K, bf + g * K);
-            } else if (S == 1) {        /* a row: normalize and round to float16 in one pass */
-                const float c[3] = {(float)mu, (float)(mu - (double)(float)mu), (float)r};
-                fn_affine_row_to_halves(yg, xg, K, c, wf + g * K, bf + g * K);
-            } else {                    /* planes: through a float buffer */
-                float *fb = (float *)buf;
-                fn_halves_to_floats(fb, xg, n_group);
-                affine_group_f32(fb, fb, K, S, mu, r, wf + g * K, bf + g * K);
-                fn_floats_to_halves(yg, fb, n_group);
-            }
-        } else if (f64_in_place && s_real == S) {
-            const double *xg = (const double *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
-            double *yg = (double *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-            if (p->rms) var = mean_square_of(xg, n_group);
-            else moments_of(xg, n_group, &mu, &var);
-            r = rstd_of(var, p->eps);
-            if (S == 1 && p->stream)
-                fn_affine_row_streamed_f64(yg, xg, K, mu, r, weight + g * K, bias + g * K,
-                                           (const double *)next_row(p->x, i, end, G, K * 8), &carry);
-            else affine_group(yg, xg, K, S, mu, r, weight + g * K, bias + g * K);
-        } else {
-            load_group(buf, p->x, a, g, K, S);
-            if (s_real > 0) {
-                const double *stats_of = buf;
-                int64_t n = n_group;
-                if (s_real < S) n = gather_real(real, buf, m, K, S), stats_of = real;
-                if (p->rms) var = mean_square_of(stats_of, n);
-                else moments_of(stats_of, n, &mu, &var);
-                r = rstd_of(var, p->eps);
-            }
-            /* y = (x - mean) * rstd * w + b at real positions, 0 at padding */
-            affine_group(buf, buf, K, S, mu, r, weight + g * K, bias + g * K);
-            if (s_real < S) zero_padding(buf, m, K, S);
-            store_group(p->y, buf, a, g, K, S);
-        }
+        const int64_t a = i / p->G, g = i % p->G;
+        double mu, r;
+        if (a != a_loaded) s_real = load_mask_row(sc.m, p->mask, a, p->S), a_loaded = a;
+        if (s_real < p->S || p->path == FWD_BUFFERED) forward_buffered(p, &sc, a, g, s_real, &mu, &r);
+        else if (p->path == FWD_F32) forward_f32(p, i, end, &mu, &r, &carry);
+        else if (p->path == FWD_F16) forward_f16(p, &sc, a, g, &mu, &r);
+        else forward_f64(p, i, end, &mu, &r, &carry);
         p->mean[i] = mu;
         p->rstd[i] = r;
     }
     fn_line_carry_flush(&carry);
     if (p->stream) fn_stream_fence();
-    free(buf);
-    free(wf);
-    free(m);
+    free(sc.buf);
     return FN_OK;
+}
+
+/* Rows [begin, end) of a float32 layer/RMS norm (FWD_F32_ROWS). Short rows that are not streamed
+ * take row a + 1's statistics before row a's output, so that the end of a row's statistics (lane
+ * sums, division, square root) overlaps the output of the row before; rows in place are safe, as
+ * row a + 1 is read before it is written. */
+FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end, int part)
+{
+    const group_args *p = ctx;
+    const int64_t D = p->K;
+    const float *w = p->q.wf, *b = p->q.bf;
+    const int short_rows = D * (int64_t)sizeof(float) <= NEXT_ROW_BYTES;
+    fn_line_carry carry = {.line = NULL};     /* streamed rows: the line shared with the next one */
+    (void)part;
+    if (!short_rows || p->stream) {
+        for (int64_t i = begin; i < end; i++) forward_f32(p, i, end, &p->mean[i], &p->rstd[i], &carry);
+        fn_line_carry_flush(&carry);
+        if (p->stream) fn_stream_fence();
+        return FN_OK;
+    }
+#define ROW(v, a) ((float *)((v).data + (a) * (v).stride[0]))
+    if (begin < end) group_stats_f32(ROW(p->x, begin), D, p->stat, p->eps, &p->mean[begin], &p->rstd[begin]);
+    for (int64_t a = begin; a < end; a++) {
+        if (a + 1 < end) group_stats_f32(ROW(p->x, a + 1), D, p->stat, p->eps, &p->mean[a + 1], &p->rstd[a + 1]);
+        if (float_arithmetic_fits(p->rstd[a], p->q.w_max, D))
+            affine_row_f32_call(ROW(p->y, a), ROW(p->x, a), D, fn_affine_of(p->mean[a], p->rstd[a]), w, b);
+        else
+            affine_group_in_double(ROW(p->y, a), ROW(p->x, a), FN_F32, D, 1, p->mean[a], p->rstd[a], w, b);
+    }
+#undef ROW
+    return FN_OK;
+}
+
+/* The path of a forward call, chosen once. */
+static enum forward_path forward_path_of(fn_view y, fn_view x, fn_mask mask, int64_t G, int64_t K, int64_t S)
+{
+    const int contiguous = x.dtype == y.dtype && group_contiguous(x, K, S) && group_contiguous(y, K, S);
+    if (!contiguous) return FWD_BUFFERED;
+    if (x.dtype == FN_F32) return G == 1 && S == 1 && !mask.data ? FWD_F32_ROWS : FWD_F32;
+    return x.dtype == FN_F16 ? FWD_F16 : FWD_F64;
+}
+
+static int valid_views(fn_view a, fn_view b, int64_t A, int64_t G, int64_t K, int64_t S)
+{
+    return A >= 0 && G >= 0 && K >= 0 && S >= 0 && fn_dtype_size(a.dtype) && fn_dtype_size(b.dtype);
 }
 
 int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
                        const double *weight, const double *bias, fn_mask mask,
-                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, int rms, int nthreads)
+                       int64_t A, int64_t G, int64_t K, int64_t S, double eps, enum fn_stat stat, int nthreads)
 {
-    if (A < 0 || G < 0 || K < 0 || S < 0) return FN_EINVAL;
-    group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .weight = weight, .bias = bias,
-                    .mask = mask, .A = A, .G = G, .K = K, .S = S, .eps = eps, .rms = rms,
+    if (!valid_views(x, y, A, G, K, S)) return FN_EINVAL;
+    group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .mask = mask, .A = A, .G = G, .K = K, .S = S,
+                    .eps = eps, .stat = stat, .path = forward_path_of(y, x, mask, G, K, S),
                     .stream = S == 1 && y.dtype != FN_F16 &&
                               fn_streaming_pays(A * G * K, y.dtype == FN_F64 ? 8 : 4)};
-    return fn_parallel_for(fn_parts(nthreads, A * G * K * S), A * G, forward_slice, &p);
-}
-
-/* The rows of a C-contiguous float32 (A, D) array, float32 weight and bias: the common layer/RMS
- * norm call, as group_norm_forward's float32 path but with no parameter passing through double. */
-typedef struct {
-    float *y;
-    const float *x, *weight, *bias;
-    double *mean, *rstd;
-    int64_t D;
-    double eps;
-    int rms, stream;                 /* stream: write y with non-temporal stores */
-} rows_args;
-
-FN_VECTOR_CLONES static int rows_f32_slice(void *ctx, int64_t begin, int64_t end, int part)
-{
-    const rows_args *p = ctx;
-    const int64_t D = p->D;
-    float *ones_zeros = NULL;                 /* (2, D): stand-ins for a missing weight or bias */
-    fn_line_carry carry = {.line = NULL};     /* streamed rows: the line shared with the next one */
-    (void)part;
-    if (!p->weight || !p->bias) {
-        size_t bytes;
-        if (fn_array_bytes(2, D, 0, sizeof(float), &bytes) || !(ones_zeros = malloc(bytes))) return FN_ENOMEM;
-        for (int64_t k = 0; k < D; k++) ones_zeros[k] = 1.0f, ones_zeros[D + k] = 0.0f;
-    }
-    const float *w = p->weight ? p->weight : ones_zeros, *b = p->bias ? p->bias : ones_zeros + D;
-    const double w_max = max_abs_f32(w, D);                        /* for float_arithmetic_fits */
-    const int short_rows = D * (int64_t)sizeof(float) <= NEXT_ROW_BYTES;
-    if (short_rows && !p->stream) {
-        /* Row a + 1's statistics before row a's output: the end of each row's statistics (lane
-         * sums, divisions, square root: a chain of ~100 cycles) then overlaps the output of the
-         * row before, instead of holding up its own row's output. Rows in place (y == x) are
-         * safe: row a + 1 is read before row a + 1 is written. Measured on (8, 768): 2.19 ->
-         * 2.08 us. */
-        if (begin < end) group_stats_f32(p->x + begin * D, D, p->rms, p->eps, &p->mean[begin], &p->rstd[begin]);
-        for (int64_t a = begin; a < end; a++) {
-            if (a + 1 < end)
-                group_stats_f32(p->x + (a + 1) * D, D, p->rms, p->eps, &p->mean[a + 1], &p->rstd[a + 1]);
-            if (float_arithmetic_fits(p->rstd[a], w_max, D))
-                affine_row_f32(p->y + a * D, p->x + a * D, D, p->mean[a], p->rstd[a], w, b);
-            else
-                affine_group_in_double(p->y + a * D, p->x + a * D, FN_F32, D, 1, p->mean[a], p->rstd[a], w, b);
-        }
-    } else {
-        for (int64_t a = begin; a < end; a++)
-            normalize_group_f32(p->y + a * D, p->x + a * D, D, 1, p->rms, p->eps, w, b, w_max, &p->mean[a],
-                                &p->rstd[a], p->stream, short_rows && a + 1 < end ? p->x + (a + 1) * D : NULL,
-                                &carry);
-    }
-    fn_line_carry_flush(&carry);
-    if (p->stream) fn_stream_fence();
-    free(ones_zeros);
-    return FN_OK;
+    if (params_make(&p.q, weight, bias, G * K)) return FN_ENOMEM;
+    const int parts = fn_parts(nthreads, A * G * K * S);
+    const int status = fn_parallel_for(parts, A * G, p.path == FWD_F32_ROWS ? rows_f32_slice : forward_slice, &p);
+    free(p.q.owned);
+    return status;
 }
 
 int layer_norm_rows_f32(float *y, double *mean, double *rstd, const float *x, const float *weight,
-                        const float *bias, int64_t A, int64_t D, double eps, int rms, int nthreads)
+                        const float *bias, int64_t A, int64_t D, double eps, enum fn_stat stat, int nthreads)
 {
     if (A < 0 || D < 1) return FN_EINVAL;
-    rows_args p = {.y = y, .x = x, .weight = weight, .bias = bias, .mean = mean, .rstd = rstd, .D = D,
-                   .eps = eps, .rms = rms, .stream = fn_streaming_pays(A * D, sizeof(float))};
-    return fn_parallel_for(fn_parts(nthreads, A * D), A, rows_f32_slice, &p);
+    const ptrdiff_t row = D * (ptrdiff_t)sizeof(float);
+    group_args p = {.y = {(char *)y, FN_F32, {row, row, 4, 4}}, .x = {(char *)x, FN_F32, {row, row, 4, 4}},
+                    .mean = mean, .rstd = rstd, .A = A, .G = 1, .K = D, .S = 1, .eps = eps, .stat = stat,
+                    .path = FWD_F32_ROWS, .stream = fn_streaming_pays(A * D, sizeof(float))};
+    if (params_make_f32(&p.q, weight, bias, D)) return FN_ENOMEM;
+    const int status = fn_parallel_for(fn_parts(nthreads, A * D), A, rows_f32_slice, &p);
+    free(p.q.owned);
+    return status;
 }
+
+/* ---- backward ---- */
+
+enum backward_path {
+    BWD_F32_ROWS,                    /* layer/RMS norm of float32 rows, contiguous, no mask: two at a time */
+    BWD_F32,                         /* contiguous float32 groups (padded groups: buffered) */
+    BWD_BUFFERED                     /* every group through double buffers */
+};
 
 /* The sums of a group's backward (K, S), read from x and dy of element type T: adds
  * sum_s dy * xhat into dw[k] and sum_s dy into db[k], and returns sum(g) and sum(g * xhat) with
@@ -439,55 +476,93 @@ DEFINE_BACKWARD_SUMS(backward_sums, double)
 DEFINE_BACKWARD_SUMS(backward_sums_f32, float)
 #undef DEFINE_BACKWARD_SUMS
 
-/* dx of a float32 group from its sums, below. */
-FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, const float *wf,
-                            double sum_g, double sum_g_xhat, fn_line_carry *carry);
-
-/* sum of dy and of dy * xhat over contiguous float32 x, dy (n), xhat = ((x - mh) - ml) * r as in
- * affine_group_f32: in float over runs of F32_RUN per lane, then in double (see moments.h). */
-FN_INLINE void grad_sums_in_runs(const float *restrict x, const float *restrict dy, int64_t n, float mh, float ml,
-                                 float r, double *sum_dy, double *sum_dy_xhat)
+/* Group (a, g) through the double buffers, s_real of its S positions real: dx = rstd * (g -
+ * mean(g) - xhat * mean(g * xhat)), g = dy * w, without mean(g) for RMS; padding adds nothing
+ * (x = dy = 0 there, even if NaN) and gets dx = 0. */
+FN_INLINE void backward_buffered(const group_args *p, const slice_scratch *sc, int64_t a, int64_t g, int64_t s_real,
+                                 double mu, double r, double *dw, double *db)
 {
-    double s1 = 0.0, s2 = 0.0, a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
-    int64_t i = 0;
-    while (i + RUN_LANES <= n) {
-        float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
-        const int64_t stop = n - i >= RUN_LANES * F32_RUN ? i + RUN_LANES * F32_RUN : n - (n - i) % RUN_LANES;
-        for (; i < stop; i += RUN_LANES)
-            for (int j = 0; j < RUN_LANES; j++) {
-                const float d = dy[i + j], h = ((x[i + j] - mh) - ml) * r;
-                a[j] += d;
-                b[j] += d * h;
-            }
-        for (int j = 0; j < RUN_LANES; j++) a2[j] += a[j], b2[j] += b[j];
+    const int64_t K = p->K, S = p->S;
+    const double *w = p->q.w + g * K;
+    double *bx = sc->buf, *bdy = sc->real, sum_g, sum_g_xhat;
+    load_group(bx, p->x, a, g, K, S);
+    load_group(bdy, p->dy, a, g, K, S);
+    if (s_real < S) zero_padding(bx, sc->m, K, S), zero_padding(bdy, sc->m, K, S);
+    backward_sums(bx, bdy, K, S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
+    const double n = (double)(s_real * K);
+    const double mean_g = (p->stat == FN_MEAN_SQUARE || n == 0.0) ? 0.0 : sum_g / n;
+    const double mean_g_xhat = n == 0.0 ? 0.0 : sum_g_xhat / n;
+    if (S == 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; k++) bdy[k] = fn_dx_buffered_at(mu, r, mean_g, mean_g_xhat, bdy[k], bx[k], w[k]);
+    } else {
+        for (int64_t k = 0; k < K; k++) {
+            const double wk = w[k];
+            const double *xk = bx + k * S;
+            double *dk = bdy + k * S;
+#pragma omp simd
+            for (int64_t s = 0; s < S; s++) dk[s] = fn_dx_buffered_at(mu, r, mean_g, mean_g_xhat, dk[s], xk[s], wk);
+        }
     }
-    for (; i < n; i++) {
-        const float h = ((x[i] - mh) - ml) * r;
-        s1 += dy[i];
-        s2 += (double)dy[i] * h;
+    if (s_real < S) zero_padding(bdy, sc->m, K, S);
+    store_group(p->y, bdy, a, g, K, S);
+}
+
+/* dx of a contiguous float32 group (K, S) in double: the groups whose float coefficients could
+ * overflow (see dx_group_f32). dx may be dy. */
+FN_OUT_OF_LINE void dx_group_in_double(float *dx, const float *dy, const float *x, int64_t K, int64_t S, double mu,
+                                       double r, const float *w, double c0, double c1)
+{
+    for (int64_t i = 0; i < K * S; i++) dx[i] = (float)fn_dx_f64_at(mu, r, c0, c1, dy[i], x[i], w[i / S]);
+}
+
+/* dx = fn_dx_at of one contiguous float32 group from its sums: c0 = -r * mean(g) (0 for RMS),
+ * c1 = r^2 * mean(g * xhat). r * w fits a float (the caller checked float_arithmetic_fits); c0 and
+ * c1 are checked here. A streamed row shares its end line through the slice's carry. */
+FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, double sum_g,
+                            double sum_g_xhat, fn_line_carry *carry)
+{
+    const int64_t K = p->K, S = p->S;
+    const float *x = (const float *)group_at(p->x, a, g), *dy = (const float *)group_at(p->dy, a, g);
+    const float *w = p->q.wf + g * K;
+    float *dx = (float *)group_at(p->y, a, g);
+    const double n = (double)(K * S);
+    const double c0 = p->stat == FN_MEAN_SQUARE ? 0.0 : -r * sum_g / n, c1 = r * r * sum_g_xhat / n;
+    if (!(fabs(c0) <= 0x1p100 && fabs(c1) <= 0x1p100)) {
+        dx_group_in_double(dx, dy, x, K, S, mu, r, w, c0, c1);
+        return;
     }
-    *sum_dy = s1 + sum_of_lanes(a2, RUN_LANES);
-    *sum_dy_xhat = s2 + sum_of_lanes(b2, RUN_LANES);
+    const fn_dx c = fn_dx_of(mu, r, c0, c1);
+    if (S == 1 && p->stream) {
+        fn_dx_row_streamed(dx, dy, x, K, c, w, carry);
+    } else if (S == 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; k++) dx[k] = fn_dx_at(c, dy[k], x[k], w[k]);
+    } else {
+        for (int64_t k = 0; k < K; k++) {
+            const float wk = w[k];                  /* in a register: dx may alias w for all GCC knows */
+            const float *xk = x + k * S, *dyk = dy + k * S;
+            float *dxk = dx + k * S;
+#pragma omp simd
+            for (int64_t s = 0; s < S; s++) dxk[s] = fn_dx_at(c, dyk[s], xk[s], wk);
+        }
+    }
 }
 
 /* Backward of one contiguous float32 group (no padding), read in place: adds the group's
- * dweight/dbias sums into dw, db (K) and writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
- * g = dy * w, in float arithmetic with the mean split as in affine_group_f32. Planes of
- * F32_RUNS_FROM elements or more take their sums in float runs (grad_sums_in_runs), others in
- * double. */
-FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r,
-                                  const double *w, const float *wf, double *dw, double *db,
-                                  fn_line_carry *carry)
+ * dweight/dbias sums into dw, db (K), then dx_group_f32. Planes of F32_RUNS_FROM elements or more
+ * take their sums in float runs (grad_sums_in_runs, moments.h), others in double. */
+FN_INLINE void backward_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, double *dw, double *db,
+                            fn_line_carry *carry)
 {
     const int64_t K = p->K, S = p->S;
-    const float *x = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
-    const float *dy = (const float *)(p->dy.data + a * p->dy.stride[0] + g * p->dy.stride[1]);
+    const float *x = (const float *)group_at(p->x, a, g), *dy = (const float *)group_at(p->dy, a, g);
+    const double *w = p->q.w + g * K;
     double sum_g = 0.0, sum_g_xhat = 0.0;
-    if (S >= F32_RUNS_FROM) {           /* instance/group-norm planes: their sums in float runs */
-        const float mh = (float)mu, ml = (float)(mu - (double)mh), rf = (float)r;
+    if (S >= F32_RUNS_FROM) {
         for (int64_t k = 0; k < K; k++) {
             double dbk, dwk;
-            grad_sums_in_runs(x + k * S, dy + k * S, S, mh, ml, rf, &dbk, &dwk);
+            grad_sums_in_runs(x + k * S, dy + k * S, S, fn_affine_of(mu, r), &dbk, &dwk);
             dw[k] += dwk;
             db[k] += dbk;
             sum_g += dbk * w[k];
@@ -496,38 +571,34 @@ FN_INLINE void backward_group_f32(const group_args *p, int64_t a, int64_t g, dou
     } else {
         backward_sums_f32(x, dy, K, S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
     }
-    dx_group_f32(p, a, g, mu, r, wf, sum_g, sum_g_xhat, carry);
+    dx_group_f32(p, a, g, mu, r, sum_g, sum_g_xhat, carry);
 }
 
-/* backward_group_f32 for the two float32 rows a and a + 1 of a layer norm (G = 1, S = 1), with
- * float sums as the forward's float32 statistics (see moments.h): the row sums sum(g) and
- * sum(g * xhat) in float over runs of F32_RUN vectors of ROW_LANES per lane, then in double, and
- * the rows' dweight/dbias terms added into the float column sums dwf, dbf (K), which the caller
- * adds into its double sums every BACKWARD_ROWS_RUN rows. Each float sum errs by at most ~10
- * float ulps of the sum of its terms' magnitudes; xhat is computed as in affine_group_f32.
- * About 1.6x faster than the sums in double. mu, r: (2) the rows' statistics. */
+/* backward_f32 of the two float32 rows a and a + 1 of a layer norm (G = 1, S = 1), with float
+ * sums as the forward's float32 statistics (moments.h): the row sums sum(g) and sum(g * xhat) in
+ * float over runs of F32_RUN vectors of ROW_LANES per lane, then in double, and the rows'
+ * dweight/dbias terms added into the float column sums dwf, dbf (K), which the slice adds into its
+ * double sums every BACKWARD_ROWS_RUN rows. Each float sum errs by at most ~10 float ulps of the
+ * sum of its terms' magnitudes. mu, r: (2) the rows' statistics. */
 enum { ROW_LANES = 16, BACKWARD_ROWS_RUN = 8 };
 
 FN_INLINE void backward_two_rows_f32(const group_args *p, int64_t a, const double *mu, const double *r,
-                                     const float *restrict wf, float *restrict dwf, float *restrict dbf,
-                                     fn_line_carry *carry)
+                                     float *restrict dwf, float *restrict dbf, fn_line_carry *carry)
 {
     const int64_t K = p->K;
-    const float *restrict xa = (const float *)(p->x.data + a * p->x.stride[0]);
-    const float *restrict xb = (const float *)((const char *)xa + p->x.stride[0]);
-    const float *restrict ga = (const float *)(p->dy.data + a * p->dy.stride[0]);
-    const float *restrict gb = (const float *)((const char *)ga + p->dy.stride[0]);
-    const float mha = (float)mu[0], mla = (float)(mu[0] - (double)mha), ra = (float)r[0];
-    const float mhb = (float)mu[1], mlb = (float)(mu[1] - (double)mhb), rb = (float)r[1];
+    const float *restrict wf = p->q.wf;
+    const float *restrict xa = (const float *)group_at(p->x, a, 0), *restrict xb = (const float *)group_at(p->x, a + 1, 0);
+    const float *restrict ga = (const float *)group_at(p->dy, a, 0), *restrict gb = (const float *)group_at(p->dy, a + 1, 0);
+    const fn_affine ca = fn_affine_of(mu[0], r[0]), cb = fn_affine_of(mu[1], r[1]);
     /* lanes of sum(g), sum(g * xhat) of row a, then of row b */
-    double s0[ROW_LANES] = {0}, s1[ROW_LANES] = {0}, s2[ROW_LANES] = {0}, s3[ROW_LANES] = {0};
+    FN_LANES double s0[ROW_LANES] = {0}, s1[ROW_LANES] = {0}, s2[ROW_LANES] = {0}, s3[ROW_LANES] = {0};
     int64_t k = 0;
     while (k + ROW_LANES <= K) {
-        float t0[ROW_LANES] = {0}, t1[ROW_LANES] = {0}, t2[ROW_LANES] = {0}, t3[ROW_LANES] = {0};
+        FN_LANES float t0[ROW_LANES] = {0}, t1[ROW_LANES] = {0}, t2[ROW_LANES] = {0}, t3[ROW_LANES] = {0};
         const int64_t stop = K - k >= ROW_LANES * F32_RUN ? k + ROW_LANES * F32_RUN : K - (K - k) % ROW_LANES;
         for (; k < stop; k += ROW_LANES)
             for (int j = 0; j < ROW_LANES; j++) {
-                const float ha = ((xa[k + j] - mha) - mla) * ra, hb = ((xb[k + j] - mhb) - mlb) * rb;
+                const float ha = fn_xhat_at(ca, xa[k + j]), hb = fn_xhat_at(cb, xb[k + j]);
                 const float da = ga[k + j], db = gb[k + j], gwa = da * wf[k + j], gwb = db * wf[k + j];
                 t0[j] += gwa;
                 t1[j] += gwa * ha;
@@ -539,8 +610,7 @@ FN_INLINE void backward_two_rows_f32(const group_args *p, int64_t a, const doubl
         for (int j = 0; j < ROW_LANES; j++) s0[j] += t0[j], s1[j] += t1[j], s2[j] += t2[j], s3[j] += t3[j];
     }
     for (; k < K; k++) {                /* the last K % ROW_LANES columns */
-        const float ha = ((xa[k] - mha) - mla) * ra, hb = ((xb[k] - mhb) - mlb) * rb;
-        const float da = ga[k], db = gb[k];
+        const float ha = fn_xhat_at(ca, xa[k]), hb = fn_xhat_at(cb, xb[k]), da = ga[k], db = gb[k];
         s0[0] += (double)da * wf[k];
         s1[0] += (double)da * wf[k] * ha;
         s2[0] += (double)db * wf[k];
@@ -548,8 +618,8 @@ FN_INLINE void backward_two_rows_f32(const group_args *p, int64_t a, const doubl
         dwf[k] += da * ha + db * hb;
         dbf[k] += da + db;
     }
-    dx_group_f32(p, a, 0, mu[0], r[0], wf, sum_of_lanes(s0, ROW_LANES), sum_of_lanes(s1, ROW_LANES), carry);
-    dx_group_f32(p, a + 1, 0, mu[1], r[1], wf, sum_of_lanes(s2, ROW_LANES), sum_of_lanes(s3, ROW_LANES), carry);
+    dx_group_f32(p, a, 0, mu[0], r[0], sum_of_lanes(s0, ROW_LANES), sum_of_lanes(s1, ROW_LANES), carry);
+    dx_group_f32(p, a + 1, 0, mu[1], r[1], sum_of_lanes(s2, ROW_LANES), sum_of_lanes(s3, ROW_LANES), carry);
 }
 
 /* dw[k] += dwf[k], db[k] += dbf[k] and the float sums back to 0, k < K. */
@@ -562,177 +632,85 @@ FN_INLINE void flush_float_sums(double *dw, double *db, float *dwf, float *dbf, 
     }
 }
 
-/* dx = dy * (r * w[k]) + c0 - (x - mu) * c1 of a contiguous float32 group (K, S) in double: the
- * groups whose float coefficients could overflow (see dx_group_f32). dx may be dy. */
-FN_OUT_OF_LINE void dx_group_in_double(float *dx, const float *dy, const float *x, int64_t K, int64_t S, double mu,
-                                       double r, const float *wf, double c0, double c1)
-{
-    for (int64_t i = 0; i < K * S; i++)
-        dx[i] = (float)((double)dy[i] * (r * (double)wf[i / S]) + c0 - ((double)x[i] - mu) * c1);
-}
-
-/* dx of one contiguous float32 group from its sums (see backward_group_f32); a streamed row shares
- * its end line through the slice's carry. */
-FN_INLINE void dx_group_f32(const group_args *p, int64_t a, int64_t g, double mu, double r, const float *wf,
-                            double sum_g, double sum_g_xhat, fn_line_carry *carry)
-{
-    int64_t K = p->K, S = p->S;
-    const float *x = (const float *)(p->x.data + a * p->x.stride[0] + g * p->x.stride[1]);
-    const float *dy = (const float *)(p->dy.data + a * p->dy.stride[0] + g * p->dy.stride[1]);
-    float *dx = (float *)(p->y.data + a * p->y.stride[0] + g * p->y.stride[1]);
-    double n = (double)(K * S);
-    /* dx = dy * (r * w) + c0 - (x - mu) * c1; r * w fits a float (the caller checked
-     * float_arithmetic_fits), c0 and c1 are checked here */
-    const double c0d = p->rms ? 0.0 : -r * sum_g / n, c1d = r * r * sum_g_xhat / n;
-    if (!(fabs(c0d) <= 0x1p100 && fabs(c1d) <= 0x1p100)) {
-        dx_group_in_double(dx, dy, x, K, S, mu, r, wf, c0d, c1d);
-        return;
-    }
-    const float rf = (float)r, c0 = (float)c0d, c1 = (float)c1d;
-    const float mu_hi = (float)mu, mu_lo = (float)(mu - (double)mu_hi);
-    if (S == 1 && p->stream) {
-        const float c[5] = {rf, c0, mu_hi, mu_lo, c1};
-        fn_dx_row_streamed(dx, dy, x, K, c, wf, carry);
-        return;
-    }
-    if (S == 1) {
-#pragma omp simd
-        for (int64_t k = 0; k < K; k++) dx[k] = dy[k] * (rf * wf[k]) + c0 - ((x[k] - mu_hi) - mu_lo) * c1;
-        return;
-    }
-    for (int64_t k = 0; k < K; k++) {
-        const float scale = rf * wf[k];
-        const float *xk = x + k * S, *dyk = dy + k * S;
-        float *dxk = dx + k * S;
-#pragma omp simd
-        for (int64_t s = 0; s < S; s++) dxk[s] = dyk[s] * scale + c0 - ((xk[s] - mu_hi) - mu_lo) * c1;
-    }
-}
-
-/* Backward over groups [begin, end): dx, and this slice's dweight/dbias sums in p->partial. */
+/* Backward over groups [begin, end): dx, and this slice's dweight/dbias sums in p->partial.
+ * Groups whose float arithmetic could overflow (float_arithmetic_fits) and groups with padding
+ * are buffered; float32 rows go two at a time. */
 FN_VECTOR_CLONES static int backward_slice(void *ctx, int64_t begin, int64_t end, int part)
 {
     const group_args *p = ctx;
-    int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, a_loaded = -1, s_real = 0;
+    const int64_t G = p->G, K = p->K, S = p->S, n_group = K * S, n_pad = (K + 15) / 16 * 16;
+    const int rows = p->path == BWD_F32_ROWS;
+    int64_t a_loaded = -1, s_real = 0, n_doubles;
     fn_line_carry carry = {.line = NULL};      /* streamed dx rows: the line shared with the next one */
-    int64_t n_bx;
-    size_t bx_bytes, m_bytes;
-    if (fn_mul_add_size(2, n_group, G * K, &n_bx) || fn_array_bytes(1, n_bx, 1, sizeof(double), &bx_bytes) ||
-        fn_array_bytes(1, S, 1, 1, &m_bytes))
+    slice_scratch sc;
+    if (fn_mul_add_size(2, n_group, 0, &n_doubles) || scratch_make(&sc, n_doubles, rows ? 2 * n_pad : 0, n_group, S))
         return FN_ENOMEM;
-    double *bx = malloc(bx_bytes);
-    unsigned char *m = malloc(m_bytes);
-    if (!bx || !m) {
-        free(bx);
-        free(m);
-        return FN_ENOMEM;
-    }
-    double *bdy = bx + n_group;     /* (K, S) dy of the group, then dx */
-    double *ones = bdy + n_group;   /* (G*K) the weight when there is none */
+    float *dwf = sc.floats, *dbf = sc.floats + n_pad;    /* rows: float column sums */
     double *dweight = p->partial + (int64_t)part * 2 * G * K, *dbias = dweight + G * K;
-    for (int64_t c = 0; c < G * K; c++) dweight[c] = dbias[c] = 0.0, ones[c] = 1.0;
-    const double *weight = p->weight ? p->weight : ones;
-    /* float32 groups contiguous in x, dy and dx are read in place */
-    const int f32_in_place = p->x.dtype == FN_F32 && p->dy.dtype == FN_F32 && p->y.dtype == FN_F32 &&
-                             group_contiguous(p->x, K, S, 4) && group_contiguous(p->dy, K, S, 4) &&
-                             group_contiguous(p->y, K, S, 4);
-    /* layer norm rows of float32 go two at a time, with float column sums dwf, dbf (K) */
-    const int rows_f32 = f32_in_place && G == 1 && S == 1 && !p->mask.data;
-    const int64_t n_wf = (G * K + 15) / 16 * 16;        /* each array on its own 64-byte line */
-    size_t wf_bytes = 0;
-    float *wf = f32_in_place && !fn_array_bytes(rows_f32 ? 3 : 1, n_wf, 1, sizeof(float), &wf_bytes)
-                    ? alloc_lines(wf_bytes) : NULL;
-    if (f32_in_place && !wf) {
-        free(bx);
-        free(m);
-        return FN_ENOMEM;
-    }
-    float *dwf = rows_f32 ? wf + n_wf : NULL, *dbf = rows_f32 ? dwf + n_wf : NULL;
-    for (int64_t c = 0; f32_in_place && c < G * K; c++) wf[c] = (float)weight[c];
-    const double w_max = f32_in_place ? max_abs_f32(wf, G * K) : 0.0;     /* for float_arithmetic_fits */
-    for (int64_t c = 0; rows_f32 && c < K; c++) dwf[c] = dbf[c] = 0.0f;
+    for (int64_t c = 0; c < G * K; c++) dweight[c] = dbias[c] = 0.0;
+    for (int64_t c = 0; rows && c < K; c++) dwf[c] = dbf[c] = 0.0f;
     int rows_pending = 0;                                /* rows in dwf, dbf */
-
     for (int64_t i = begin; i < end; i++) {
-        int64_t a = i / G, g = i % G;
-        if (a != a_loaded) s_real = load_mask_row(m, p->mask, a, S), a_loaded = a;
-        const double *w = weight + g * K;
+        const int64_t a = i / G, g = i % G;
         double *dw = dweight + g * K, *db = dbias + g * K;
-        double mu = p->rms ? 0.0 : p->mean[i], r = p->rstd[i];
-        double sum_g = 0.0, sum_g_xhat = 0.0;
-        /* float arithmetic only for groups it can carry (float_arithmetic_fits); others in double */
-        const int fits = float_arithmetic_fits(r, w_max, n_group);
-        if (rows_f32 && i + 1 < end && fits && float_arithmetic_fits(p->rstd[i + 1], w_max, n_group)) {
-            const double mu2[2] = {mu, p->rms ? 0.0 : p->mean[i + 1]}, r2[2] = {r, p->rstd[i + 1]};
-            backward_two_rows_f32(p, a, mu2, r2, wf, dwf, dbf, &carry);
+        const double mu = p->stat == FN_MEAN_SQUARE ? 0.0 : p->mean[i], r = p->rstd[i];
+        const int fits = float_arithmetic_fits(r, p->q.w_max, n_group);
+        if (a != a_loaded) s_real = load_mask_row(sc.m, p->mask, a, S), a_loaded = a;
+        if (rows && i + 1 < end && fits && float_arithmetic_fits(p->rstd[i + 1], p->q.w_max, n_group)) {
+            const double mu2[2] = {mu, p->stat == FN_MEAN_SQUARE ? 0.0 : p->mean[i + 1]}, r2[2] = {r, p->rstd[i + 1]};
+            backward_two_rows_f32(p, a, mu2, r2, dwf, dbf, &carry);
             if ((rows_pending += 2) >= BACKWARD_ROWS_RUN) flush_float_sums(dw, db, dwf, dbf, K), rows_pending = 0;
             i++;
-            continue;
-        }
-        if (f32_in_place && s_real == S && fits) {
-            backward_group_f32(p, a, g, mu, r, w, wf + g * K, dw, db, &carry);
-            continue;
-        }
-        load_group(bx, p->x, a, g, K, S);
-        load_group(bdy, p->dy, a, g, K, S);
-        if (s_real < S) {               /* padding: x = dy = 0, so it adds nothing, even if NaN */
-            zero_padding(bx, m, K, S);
-            zero_padding(bdy, m, K, S);
-        }
-        /* with g = dy * w: partial sums of dweight, dbias and of the two means dx needs */
-        backward_sums(bx, bdy, K, S, mu, r, w, dw, db, &sum_g, &sum_g_xhat);
-        /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), without mean(g) for RMS */
-        double n = (double)(s_real * K);
-        double mean_g = (p->rms || n == 0.0) ? 0.0 : sum_g / n;
-        double mean_g_xhat = n == 0.0 ? 0.0 : sum_g_xhat / n;
-        if (S == 1) {
-#pragma omp simd
-            for (int64_t k = 0; k < K; k++)
-                bdy[k] = r * (bdy[k] * w[k] - mean_g - (bx[k] - mu) * r * mean_g_xhat);
+        } else if (p->path != BWD_BUFFERED && s_real == S && fits) {
+            backward_f32(p, a, g, mu, r, dw, db, &carry);
         } else {
-            for (int64_t k = 0; k < K; k++) {
-                const double *xr = bx + k * S;
-                double *dr = bdy + k * S, wk = w[k];
-#pragma omp simd
-                for (int64_t s = 0; s < S; s++)
-                    dr[s] = r * (dr[s] * wk - mean_g - (xr[s] - mu) * r * mean_g_xhat);
-            }
+            backward_buffered(p, &sc, a, g, s_real, mu, r, dw, db);
         }
-        if (s_real < S) zero_padding(bdy, m, K, S);
-        store_group(p->y, bdy, a, g, K, S);
     }
-    if (rows_f32) flush_float_sums(dweight, dbias, dwf, dbf, K);
+    if (rows) flush_float_sums(dweight, dbias, dwf, dbf, K);
     fn_line_carry_flush(&carry);
     if (p->stream) fn_stream_fence();
-    free(bx);
-    free(wf);
-    free(m);
+    free(sc.buf);
     return FN_OK;
+}
+
+/* The path of a backward call, chosen once. */
+static enum backward_path backward_path_of(fn_view dx, fn_view dy, fn_view x, fn_mask mask, int64_t G, int64_t K,
+                                           int64_t S)
+{
+    if (!(x.dtype == FN_F32 && dy.dtype == FN_F32 && dx.dtype == FN_F32 && group_contiguous(x, K, S) &&
+          group_contiguous(dy, K, S) && group_contiguous(dx, K, S)))
+        return BWD_BUFFERED;
+    return G == 1 && S == 1 && !mask.data ? BWD_F32_ROWS : BWD_F32;
 }
 
 int group_norm_backward(fn_view dx, double *dweight, double *dbias, fn_view dy, fn_view x,
                         const double *mean, const double *rstd, const double *weight,
-                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, int rms, int nthreads)
+                        fn_mask mask, int64_t A, int64_t G, int64_t K, int64_t S, enum fn_stat stat, int nthreads)
 {
-    if (A < 0 || G < 0 || K < 0 || S < 0 || !dweight || !dbias) return FN_EINVAL;
+    if (!valid_views(x, dx, A, G, K, S) || !fn_dtype_size(dy.dtype) || !dweight || !dbias) return FN_EINVAL;
     int parts = fn_parts(nthreads, A * G * K * S);
     if (parts > A * G) parts = A * G > 0 ? (int)(A * G) : 1;
     size_t partial_bytes;
-    if (fn_array_bytes(2 * (int64_t)parts, G * K, 1, sizeof(double), &partial_bytes)) return FN_ENOMEM;
-    double *partial = malloc(partial_bytes);
-    if (!partial) return FN_ENOMEM;
-    group_args p = {.y = dx, .x = x, .dy = dy, .mean = (double *)mean, .rstd = (double *)rstd,
-                    .partial = partial, .weight = weight, .mask = mask,
-                    .A = A, .G = G, .K = K, .S = S, .rms = rms,
+    group_args p = {.y = dx, .x = x, .dy = dy, .mean = (double *)mean, .rstd = (double *)rstd, .mask = mask,
+                    .A = A, .G = G, .K = K, .S = S, .stat = stat, .path = backward_path_of(dx, dy, x, mask, G, K, S),
                     .stream = S == 1 && dx.dtype == FN_F32 && fn_streaming_pays(A * G * K, sizeof(float))};
-    int status = fn_parallel_for(parts, A * G, backward_slice, &p);
+    if (fn_array_bytes(2 * (int64_t)parts, G * K, 1, sizeof(double), &partial_bytes) ||
+        !(p.partial = malloc(partial_bytes)))
+        return FN_ENOMEM;
+    if (params_make(&p.q, weight, NULL, G * K)) {
+        free(p.partial);
+        return FN_ENOMEM;
+    }
+    const int status = fn_parallel_for(parts, A * G, backward_slice, &p);
     /* dweight, dbias = the slices' sums, added in slice order */
     for (int64_t c = 0; c < G * K; c++) {
         double dw = 0.0, db = 0.0;
-        for (int q = 0; q < parts; q++) dw += partial[(q * 2) * G * K + c], db += partial[(q * 2 + 1) * G * K + c];
+        for (int q = 0; q < parts; q++) dw += p.partial[(q * 2) * G * K + c], db += p.partial[(q * 2 + 1) * G * K + c];
         dweight[c] = dw;
         dbias[c] = db;
     }
-    free(partial);
+    free(p.partial);
+    free(p.q.owned);
     return status;
 }

@@ -1,5 +1,8 @@
-/* Shared helpers of the kernels: numerically careful moments of a contiguous double buffer,
- * and the masks of one outer position. Internal to src/. */
+/* Every statistic of the kernels: shifted sums (in double, or in float runs with a proven error
+ * bound and a double fallback), the mean/variance and mean-square of a group, the second pass of a
+ * far shift, merges of partial moments (Chan et al.), rstd_of, and the gradient sums of the float32
+ * backward. Also the small memory helpers the kernels share (aligned buffers, 4 KiB aliasing,
+ * prefetch, mask rows). Internal to src/. */
 #ifndef FASTNORM_MOMENTS_H
 #define FASTNORM_MOMENTS_H
 
@@ -7,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "elementwise.h"
 #include "fastnorm.h"
 
 /* Sums of d = x - shift and d*d over x[0..n), in double, with MOMENT_LANES independent
@@ -16,8 +20,8 @@ enum { MOMENT_LANES = 32 };
 
 /* a[0] + ... + a[n-1] for n a power of two, added pairwise in halves: each step is one vector
  * add, log2(n) steps deep instead of a chain of n dependent adds. Overwrites a. The outer loop
- * is unrolled so that each step has a constant length and is vectorized (otherwise GCC adds the
- * halves one double at a time through memory: measured 20% of a 768-float row's statistics). */
+ * is unrolled so that each step has a constant length and is vectorized (GCC otherwise adds the
+ * halves one double at a time through memory). */
 FN_INLINE double sum_of_lanes(double *a, int n)
 {
 #pragma GCC unroll 8
@@ -29,7 +33,8 @@ FN_INLINE double sum_of_lanes(double *a, int n)
 #define DEFINE_SHIFTED_SUMS(NAME, T)                                                          \
     FN_INLINE void NAME(const T *x, int64_t n, double shift, double *sum_d, double *sum_dd)   \
     {                                                                                         \
-        double a[MOMENT_LANES] = {0}, b[MOMENT_LANES] = {0}, s1 = 0.0, s2 = 0.0;               \
+        FN_LANES double a[MOMENT_LANES] = {0}, b[MOMENT_LANES] = {0};                         \
+        double s1 = 0.0, s2 = 0.0;                                                            \
         int64_t i = 0;                                                                        \
         for (; i + MOMENT_LANES <= n; i += MOMENT_LANES)                                      \
             for (int j = 0; j < MOMENT_LANES; j++) {                                          \
@@ -52,16 +57,17 @@ DEFINE_SHIFTED_SUMS(shifted_sums_f32, float)
 /* The same sums for float data, added in float over short runs: each of the RUN_LANES lanes adds
  * at most `run` values in float before they go into the double sums, so the float rounding of a
  * sum errs by at most (run - 1) float ulps of the sum of magnitudes, and the loop is shorter than
- * one converting every element to double; d and d*d add ~2 ulps each. fn_half_sums (convert.c)
+ * one converting every element to double; d and d*d add ~2 ulps each. fn_half_sums (vector.c)
  * is this loop over float16 values, with runs of HALF_RUN: there d and d*d are (nearly) exact. */
 enum { RUN_LANES = 32, HALF_RUN = 16, F32_RUN = 8 };
 
 FN_INLINE void shifted_sums_in_runs(const float *x, int64_t n, float shift, int run, double *sum_d, double *sum_dd)
 {
-    double s1 = 0.0, s2 = 0.0, a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
+    double s1 = 0.0, s2 = 0.0;
+    FN_LANES double a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
     int64_t i = 0;
     while (i + RUN_LANES <= n) {
-        float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
+        FN_LANES float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
         int64_t stop = n - i >= RUN_LANES * run ? i + RUN_LANES * run : n - (n - i) % RUN_LANES;
         for (; i < stop; i += RUN_LANES)
             for (int j = 0; j < RUN_LANES; j++) {
@@ -80,12 +86,52 @@ FN_INLINE void shifted_sums_in_runs(const float *x, int64_t n, float shift, int 
     *sum_dd = s2 + sum_of_lanes(b2, RUN_LANES);
 }
 
+/* The column sums of one row v[0..C) shifted by shift[c], added into sd, sdd (batch norm's
+ * columns). */
+#define DEFINE_ADD_SHIFTED_ROW(NAME, T)                                                          \
+    FN_INLINE void NAME(const T *v, int64_t C, const double *shift, double *sd, double *sdd)    \
+    {                                                                                            \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t c = 0; c < C; c++) {                                                        \
+            const double d = (double)v[c] - shift[c];                                            \
+            sd[c] += d;                                                                          \
+            sdd[c] += d * d;                                                                     \
+        }                                                                                        \
+    }
+DEFINE_ADD_SHIFTED_ROW(add_shifted_row, double)
+DEFINE_ADD_SHIFTED_ROW(add_shifted_row_f32, float)
+#undef DEFINE_ADD_SHIFTED_ROW
+
+/* The same for the four float32 rows at r0, r0 + stride, ...: one update of the sums per four rows. */
+FN_INLINE void add_shifted_four_rows_f32(const char *r0, ptrdiff_t stride, int64_t C, const double *shift, double *sd,
+                                         double *sdd)
+{
+    const float *xa = (const float *)r0, *xb = (const float *)(r0 + stride);
+    const float *xc = (const float *)(r0 + 2 * stride), *xd = (const float *)(r0 + 3 * stride);
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) {
+        double da = (double)xa[c] - shift[c], db = (double)xb[c] - shift[c];
+        double dc = (double)xc[c] - shift[c], dd = (double)xd[c] - shift[c];
+        sd[c] += (da + db) + (dc + dd);
+        sdd[c] += (da * da + db * db) + (dc * dc + dd * dd);
+    }
+}
+
 /* mean and biased variance from the shifted sums of n values. */
 FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, double *mean, double *var)
 {
     double v = (sdd - sd * sd / (double)n) / (double)n;
     *mean = shift + sd / (double)n;
     *var = v < 0.0 ? 0.0 : v;
+}
+
+/* Whether moments from sums shifted by a value within 8 standard deviations of the mean came out:
+ * the one-pass sums are then accurate to ~64 ulp of var. False for a far shift, or NaN: the caller
+ * sums again, shifted by the mean just found (the corrected two-pass algorithm). */
+FN_INLINE int shift_was_near(double sd, int64_t n, double var)
+{
+    const double offset = sd / (double)n;
+    return offset * offset <= 64.0 * var;
 }
 
 /* mean and biased variance of x[0..n), n > 0, never by E[x^2] - E[x]^2:
@@ -100,8 +146,7 @@ FN_INLINE void finish_moments(double shift, double sd, double sdd, int64_t n, do
         double sd, sdd;                                                                       \
         SUMS(x, n, shift, &sd, &sdd);                                                         \
         finish_moments(shift, sd, sdd, n, mean, var);                                         \
-        double offset = sd / (double)n;                                                       \
-        if (offset * offset <= 64.0 * *var) return;                                           \
+        if (shift_was_near(sd, n, *var)) return;                                              \
         shift = (SHIFT_T)*mean;                                                               \
         SUMS(x, n, shift, &sd, &sdd);                                                         \
         finish_moments(shift, sd, sdd, n, mean, var);                                         \
@@ -125,6 +170,21 @@ FN_INLINE void merge_moments(double *n, double *mean, double *m2, double nb, dou
     *n = nt;
 }
 
+/* The second pass of a far shift, for column c of the real rows among o0..o0+nrows of x (O, C, 1),
+ * nb of them: mean and biased variance from sums shifted by `center` (the first pass's mean). */
+static inline void column_moments_again(double center, fn_view x, fn_mask mask, int64_t o0, int64_t nrows, int64_t c,
+                                        int64_t nb, double *mean, double *var)
+{
+    double s1 = 0.0, s2 = 0.0, v;
+    for (int64_t o = o0; o < o0 + nrows; o++) {
+        if (mask.data && !mask.data[o * mask.stride[0]]) continue;
+        fn_load(&v, x.data + o * x.stride[0] + c * x.stride[1], 1, 0, x.dtype);
+        s1 += v - center;
+        s2 += (v - center) * (v - center);
+    }
+    finish_moments(center, s1, s2, nb, mean, var);
+}
+
 /* mean of x*x for float16 values. */
 FN_INLINE double mean_square_of_halves(const uint16_t *x, int64_t n)
 {
@@ -137,7 +197,8 @@ FN_INLINE double mean_square_of_halves(const uint16_t *x, int64_t n)
 #define DEFINE_MEAN_SQUARE(NAME, T)                                                           \
     FN_INLINE double NAME(const T *x, int64_t n)                                              \
     {                                                                                         \
-        double a[MOMENT_LANES] = {0}, s = 0.0;                                                 \
+        FN_LANES double a[MOMENT_LANES] = {0};                                                \
+        double s = 0.0;                                                                       \
         int64_t i = 0;                                                                        \
         for (; i + MOMENT_LANES <= n; i += MOMENT_LANES)                                      \
             for (int j = 0; j < MOMENT_LANES; j++) a[j] += (double)x[i + j] * (double)x[i + j]; \
@@ -165,8 +226,7 @@ DEFINE_MEAN_SQUARE(mean_square_of_f32_exact, float)
  * when not finite, or for a variance under 2^-80 (this keeps constant groups exact). */
 enum { MEAN_SAMPLES = 64 };
 /* Shorter groups take their moments in double: below this the sampled shift and the run merges
- * cost more than the float sums save (measured per row: break-even at 512, 13-20% faster at
- * 768 and 1024, 1.7x slower at 64). */
+ * cost more than the float sums save. */
 enum { F32_RUNS_FROM = 512 };
 
 FN_OUT_OF_LINE FN_VECTOR_CLONES double mean_square_of_f32_in_double(const float *x, int64_t n)
@@ -189,8 +249,7 @@ FN_INLINE double mean_square_of_f32(const float *x, int64_t n)
 
 /* The mean of x[0..MEAN_SAMPLES), n >= MEAN_SAMPLES, in float (an estimate is all it needs to be).
  * The first elements, not a sample spread over the group: the pass that follows reads them first
- * anyway, while loads spread over a group in memory stall each group for a memory latency
- * (measured: 2-thread layer norm of 64 MiB 1.01x -> 1.20x the copy with spread samples). */
+ * anyway, while loads spread over a group in memory would stall each group for a memory latency. */
 #if defined(__has_builtin)
 #if __has_builtin(__builtin_shufflevector)
 #define FN_HAS_SHUFFLEVECTOR 1
@@ -201,7 +260,7 @@ FN_INLINE float first_mean_f32(const float *x)
 {
 #ifdef FN_HAS_SHUFFLEVECTOR
     /* GCC's vector types (GCC 12, clang): the halves are added in registers; as plain arrays GCC
-     * stores each level to the stack and loads it back (measured: 8 -> 4 ns a row) */
+     * stores each level to the stack and loads it back */
     typedef float f32x16 __attribute__((vector_size(64)));
     typedef float f32x8 __attribute__((vector_size(32)));
     typedef float f32x4 __attribute__((vector_size(16)));
@@ -243,8 +302,7 @@ FN_INLINE void moments_of_f32(const float *x, int64_t n, double *mean, double *v
 }
 
 /* malloc for the kernels' vector buffers, 64-byte aligned so that no 512-bit load or store splits
- * a cache line (measured: float16 row conversions 1.4x faster than from malloc's 16-byte
- * alignment); free() releases it. */
+ * a cache line; free() releases it. */
 FN_INLINE void *alloc_lines(size_t bytes)
 {
     return aligned_alloc(64, (bytes + 63) / 64 * 64);
@@ -259,14 +317,10 @@ FN_INLINE int64_t head_elements(const void *y, int64_t n, size_t item)
 
 /* 4 KiB aliasing: a load waits for the older stores still in flight whose addresses have the same
  * low 12 bits as its own. A loop that walks y forward with x a little behind it modulo 4 KiB
- * (y - x in (0, ALIAS_WINDOW] bytes) makes, at every step, loads that match the stores just made.
- * Measured on 1 MiB of float32 layer-norm rows over the copy, x on a page (aligned y: 1.54x): y 16
- * bytes into a page 4.97x, 64 bytes 4.71x, 128 bytes 2.72x, 256 1.75x, from 512 on as aligned.
- * Walked backward the same loop is safe there (16 bytes: 1.78x; 64 MiB streamed, 1 thread 2.47x
- * -> 1.41x, 2 threads 1.27x -> 0.88x), but backward costs ~15% more than an unhindered forward
- * walk out of L1, so only x decides: weight and bias stay in L1, where a matching store costs
- * little (streamed rows with weight 16 bytes before y: forward 1.30x, backward 1.51x).
- * Elementwise loops only: the order does not change a bit. */
+ * (y - x in (0, ALIAS_WINDOW] bytes) makes, at every step, loads that match the stores just made,
+ * and runs several times slower; walked backward the same loop is safe. Backward costs more than
+ * an unhindered forward walk, so only x decides (weight and bias stay in L1, where a matching
+ * store costs little). Elementwise loops only: the order does not change a bit. */
 enum { ALIAS_WINDOW = 512 };
 
 FN_INLINE int walk_backward(const void *y, const void *x)
@@ -304,6 +358,63 @@ FN_INLINE double rstd_of(double var, double eps)
 {
     double ve = var + eps;
     return ve == 0.0 ? 0.0 : 1.0 / sqrt(ve);
+}
+
+/* mu and r = rstd of the n values at x by `stat` (mu = 0 for the mean square), one per element
+ * type: float32 with float runs, float16 read in place, double. */
+FN_INLINE void group_stats_f32(const float *x, int64_t n, enum fn_stat stat, double eps, double *mu, double *r)
+{
+    double var;
+    *mu = 0.0;
+    if (stat == FN_MEAN_SQUARE) var = mean_square_of_f32(x, n);
+    else moments_of_f32(x, n, mu, &var);
+    *r = rstd_of(var, eps);
+}
+
+FN_INLINE void group_stats_f16(const uint16_t *x, int64_t n, enum fn_stat stat, double eps, double *mu, double *r)
+{
+    double var;
+    *mu = 0.0;
+    if (stat == FN_MEAN_SQUARE) var = mean_square_of_halves(x, n);
+    else moments_of_halves(x, n, mu, &var);
+    *r = rstd_of(var, eps);
+}
+
+FN_INLINE void group_stats_f64(const double *x, int64_t n, enum fn_stat stat, double eps, double *mu, double *r)
+{
+    double var;
+    *mu = 0.0;
+    if (stat == FN_MEAN_SQUARE) var = mean_square_of(x, n);
+    else moments_of(x, n, mu, &var);
+    *r = rstd_of(var, eps);
+}
+
+/* sum of dy and of dy * xhat over contiguous float32 x, dy (n), xhat = fn_xhat_at(c, x): in float
+ * over runs of F32_RUN per lane, then in double (the float32 backward of long planes). */
+FN_INLINE void grad_sums_in_runs(const float *restrict x, const float *restrict dy, int64_t n, fn_affine c,
+                                 double *sum_dy, double *sum_dy_xhat)
+{
+    double s1 = 0.0, s2 = 0.0;
+    FN_LANES double a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
+    int64_t i = 0;
+    while (i + RUN_LANES <= n) {
+        FN_LANES float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
+        const int64_t stop = n - i >= RUN_LANES * F32_RUN ? i + RUN_LANES * F32_RUN : n - (n - i) % RUN_LANES;
+        for (; i < stop; i += RUN_LANES)
+            for (int j = 0; j < RUN_LANES; j++) {
+                const float d = dy[i + j], h = fn_xhat_at(c, x[i + j]);
+                a[j] += d;
+                b[j] += d * h;
+            }
+        for (int j = 0; j < RUN_LANES; j++) a2[j] += a[j], b2[j] += b[j];
+    }
+    for (; i < n; i++) {
+        const float h = fn_xhat_at(c, x[i]);
+        s1 += dy[i];
+        s2 += (double)dy[i] * h;
+    }
+    *sum_dy = s1 + sum_of_lanes(a2, RUN_LANES);
+    *sum_dy_xhat = s2 + sum_of_lanes(b2, RUN_LANES);
 }
 
 /* m[0..n) = 1 where mask (row `a` of an (A, n) mask) is True; all 1 without a mask.

@@ -68,21 +68,6 @@ DEFINE_ADD_ROW(add_row, double)
 DEFINE_ADD_ROW(add_row_f32, float)
 #undef DEFINE_ADD_ROW
 
-/* Mean and biased variance of column c of the real rows among o0..o0+nrows, nb of them, from
- * sums shifted by `center` (a second pass over the block). */
-static void column_again(double center, fn_view x, fn_mask mask, int64_t o0, int64_t nrows, int64_t c, int64_t nb,
-                         double *mean, double *var)
-{
-    double s1 = 0.0, s2 = 0.0, v;
-    for (int64_t o = o0; o < o0 + nrows; o++) {
-        if (mask.data && !mask.data[o * mask.stride[0]]) continue;
-        fn_load(&v, x.data + o * x.stride[0] + c * x.stride[1], 1, 0, x.dtype);
-        s1 += v - center;
-        s2 += (v - center) * (v - center);
-    }
-    finish_moments(center, s1, s2, nb, mean, var);
-}
-
 /* Whether column c of the real rows among o0..o0+nrows holds a NaN. */
 static int column_has_nan(fn_view x, fn_mask mask, int64_t o0, int64_t nrows, int64_t c)
 {
@@ -101,7 +86,7 @@ FN_VECTOR_CLONES static void summarize_rows(summary into, double *tmp, fn_view x
                                             int64_t nrows, int64_t C)
 {
     double *shift = tmp, *sd = tmp + C, *sdd = tmp + 2 * C, *lo = tmp + 3 * C, *hi = tmp + 4 * C, *row = tmp + 5 * C;
-    const int64_t item = x.dtype == FN_F64 ? 8 : x.dtype == FN_F32 ? 4 : 2;
+    const int64_t item = fn_dtype_size(x.dtype);
     const int64_t row_bytes = x.stride[1] == item ? item * C : 0;      /* contiguous rows: prefetched */
     const int f32_rows = x.dtype == FN_F32 && x.stride[1] == 4;
     int64_t nb = 0;
@@ -125,12 +110,12 @@ FN_VECTOR_CLONES static void summarize_rows(summary into, double *tmp, fn_view x
         }
     }
     for (int64_t c = 0; nb > 0 && c < C; c++) {
-        double bmean, bvar, offset = sd[c] / (double)nb;
+        double bmean, bvar;
         finish_moments(shift[c], sd[c], sdd[c], nb, &bmean, &bvar);
         if (sd[c] != sd[c] && column_has_nan(x, mask, o0, nrows, c))
             lo[c] = hi[c] = NAN;
-        if (!(offset * offset <= 64.0 * bvar))          /* far shift (or NaN): shift by the mean */
-            column_again(bmean, x, mask, o0, nrows, c, nb, &bmean, &bvar);
+        if (!shift_was_near(sd[c], nb, bvar))           /* far shift (or NaN): shift by the mean */
+            column_moments_again(bmean, x, mask, o0, nrows, c, nb, &bmean, &bvar);
         merge_summary(into, c, (double)nb, bmean, bvar * (double)nb, lo[c], hi[c]);
     }
 }
@@ -196,7 +181,7 @@ static int summary_slice(void *ctx, int64_t begin, int64_t end, int part)
 int channel_summary(double *count, double *mean, double *m2, double *min, double *max, fn_view x, fn_mask mask,
                     int64_t O, int64_t C, int64_t S, int nthreads)
 {
-    if (O < 0 || C < 0 || S < 0) return FN_EINVAL;
+    if (O < 0 || C < 0 || S < 0 || !fn_dtype_size(x.dtype)) return FN_EINVAL;
     summary all = {count, mean, m2, min, max};
     for (int64_t c = 0; c < C; c++) {
         count[c] = m2[c] = 0.0;

@@ -337,7 +337,7 @@ def test_c_kernel_on_strided_views(tmp_path, defines):
     root = Path(__file__).resolve().parents[1]
     exe = tmp_path / "test_add_norm"
     sources = [root / "tests/c/test_add_norm.c",
-               *(root / "src" / f for f in ("add_norm.c", "convert.c", "parallel.c", "group_norm.c", "batch_norm.c"))]
+               *(root / "src" / f for f in ("add_norm.c", "convert.c", "vector.c", "parallel.c", "group_norm.c", "batch_norm.c"))]
     build = subprocess.run(["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fopenmp-simd", "-pthread",
                             *defines, f"-I{root / 'src'}", *map(str, sources), "-lm", "-o", str(exe)],
                            capture_output=True, text=True)

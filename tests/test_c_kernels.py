@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_c_kernels(tmp_path, defines):
     """With the CPU dispatch of the build (vector clones, F16C) and without it (the portable C)."""
     exe = tmp_path / "test_kernels"
-    sources = [ROOT / "tests/c/test_kernels.c", *(ROOT / "src" / f for f in ("convert.c", "parallel.c", "group_norm.c", "batch_norm.c"))]
+    sources = [ROOT / "tests/c/test_kernels.c", *(ROOT / "src" / f for f in ("convert.c", "vector.c", "parallel.c", "group_norm.c", "batch_norm.c"))]
     build = subprocess.run(
         ["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fopenmp-simd", "-pthread", *defines,
          f"-I{ROOT / 'src'}", *map(str, sources), "-lm", "-o", str(exe)],

@@ -1,12 +1,12 @@
 /* The kernels alone, without Python: build and run with
- *   cc -std=c11 -Wall -Wextra -pthread -Isrc tests/c/test_kernels.c src/convert.c src/parallel.c \
- *      src/group_norm.c src/batch_norm.c -lm
+ *   cc -std=c11 -Wall -Wextra -pthread -Isrc tests/c/test_kernels.c src/convert.c src/vector.c \
+ *      src/parallel.c src/group_norm.c src/batch_norm.c -lm
  * Expected values are computed by hand (see each comment). Prints "N passed, M failed". */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "fastnorm.h"
+#include "elementwise.h"
 
 static int passed, failed;
 
@@ -221,7 +221,7 @@ static void test_half_runs(void)
     enum { N = 1003 };
     static float w[N], b[N];
     static uint16_t x[N], y[N];
-    const float c[3] = {1234.5f, 0.000123f, 0.37f};
+    const fn_affine c = {1234.5f, 0.000123f, 0.37f};
     for (int i = 0; i < N; i++) {
         x[i] = fn_float_to_half(1234.5f + (float)((i * 7919) % 2001 - 1000) / 64.0f);
         w[i] = (float)(i % 13) / 4.0f - 1.0f;
@@ -230,8 +230,7 @@ static void test_half_runs(void)
     fn_affine_row_to_halves(y, x, N, c, w, b);
     bad = 0;
     for (int i = 0; i < N; i++) {
-        float d = (fn_half_to_float(x[i]) - c[0]) - c[1], s = c[2] * w[i];
-        bad += y[i] != fn_float_to_half(d * s + b[i]);
+        bad += y[i] != fn_float_to_half(fn_affine_at(c, fn_half_to_float(x[i]), w[i], b[i]));
     }
     check_close("fused float16 rows differing", bad, 0, 0);
     bad = 0;
@@ -281,8 +280,8 @@ static void test_half_sums(void)
     check_close("float16 sums differing from the written-out algorithm", bad, 0, 0);
 }
 
-/* The streamed row and batch-norm plane writers against their formulas written out (plain
- * float/double arithmetic): every length 0..80 and every start 0..16 floats into a 64-byte
+/* Every streamed writer (vector.c) against the scalar formula of elementwise.h, bit for bit:
+ * every length 0..80 and every start 0..16 floats into a 64-byte
  * aligned buffer, so that the plain-store head, the 16-wide non-temporal middle (on AVX-512F
  * CPUs) and the tail all run. Bit for bit; dx also in place (dx = dy); `next` rows only
  * prefetched. */
@@ -292,8 +291,9 @@ static void test_streamed_rows(void)
     static double dbuf[128] __attribute__((aligned(64)));
     double xd[96], wd[96], bd[96];
     float x[96], dy[96], w[96], b[96];
-    const float c3[3] = {3.25f, 1e-7f, 0.75f}, c5[5] = {0.75f, -0.125f, 3.25f, 1e-7f, 0.0625f};
-    const float c4[4] = {3.25f, 1e-7f, 0.75f, -0.375f};
+    const fn_affine c3 = {3.25f, 1e-7f, 0.75f};
+    const fn_dx c5 = {0.75f, -0.125f, 3.25f, 1e-7f, 0.0625f};
+    const fn_scale_shift c4 = {3.25f, 1e-7f, 0.75f, -0.375f, 0.0f};
     for (int i = 0; i < 96; i++) {
         x[i] = 3.0f + (float)((i * 37) % 23) / 8.0f;
         dy[i] = (float)((i * 11) % 7) / 3.0f - 1.0f;
@@ -312,11 +312,11 @@ static void test_streamed_rows(void)
             fn_affine_row_streamed_f64(dbuf + start, xd, n, 3.25, 0.75, wd, bd, n % 2 ? NULL : bd, NULL);
             fn_scale_shift_streamed(buf[3] + start, x, n, c4, NULL);
             fn_stream_fence();
-            for (int i = 0; i < n; i++) bad += dbuf[start + i] != (xd[i] - 3.25) * (0.75 * wd[i]) + bd[i];
+            for (int i = 0; i < n; i++) bad += dbuf[start + i] != fn_affine_f64_at(3.25, 0.75, xd[i], wd[i], bd[i]);
             for (int i = 0; i < n; i++) {
-                float want_y = ((x[i] - c3[0]) - c3[1]) * (c3[2] * w[i]) + b[i];
-                float want_dx = dy[i] * (c5[0] * w[i]) + c5[1] - ((x[i] - c5[2]) - c5[3]) * c5[4];
-                float want_plane = ((x[i] - c4[0]) - c4[1]) * c4[2] + c4[3];
+                float want_y = fn_affine_at(c3, x[i], w[i], b[i]);
+                float want_dx = fn_dx_at(c5, dy[i], x[i], w[i]);
+                float want_plane = fn_scale_shift_at(c4, x[i]);
                 bad += y[i] != want_y || dx[i] != want_dx || g[i] != want_dx || buf[3][start + i] != want_plane;
             }
         }
@@ -354,11 +354,11 @@ static void test_streamed_rows(void)
                     continue;
                 }
                 const float gk = dy[(r * n + k) % 96];
-                bad += rows[0][i] != ((x[r + k] - c3[0]) - c3[1]) * (c3[2] * w[k]) + b[k];
-                bad += rows[1][i] != dy[r + k] * (c5[0] * w[k]) + c5[1] - ((x[r + k] - c5[2]) - c5[3]) * c5[4];
-                bad += rows[2][i] != gk * (c5[0] * w[k]) + c5[1] - ((x[r + k] - c5[2]) - c5[3]) * c5[4];
-                bad += drows[i] != (xd[r + k] - 3.25) * (0.75 * wd[k]) + bd[k];
-                bad += rows[3][i] != ((x[r + k] - c4[0]) - c4[1]) * c4[2] + c4[3];
+                bad += rows[0][i] != fn_affine_at(c3, x[r + k], w[k], b[k]);
+                bad += rows[1][i] != fn_dx_at(c5, dy[r + k], x[r + k], w[k]);
+                bad += rows[2][i] != fn_dx_at(c5, gk, x[r + k], w[k]);
+                bad += drows[i] != fn_affine_f64_at(3.25, 0.75, xd[r + k], wd[k], bd[k]);
+                bad += rows[3][i] != fn_scale_shift_at(c4, x[r + k]);
             }
         }
     check_close("rows through a line carry differing", bad, 0, 0);
@@ -372,15 +372,15 @@ static void test_streamed_rows(void)
         const int C = channels[t];
         for (int k = 0; k < 5; k++)
             for (int c = 0; c < 2 * C; c++) f2[2 * k * C + c] = (float)(k + 1) * 0.5f + (float)(c % C) / 16.0f;
+        const fn_channel_coefs f = {f2, f2 + 2 * C, f2 + 4 * C, f2 + 6 * C, f2 + 8 * C};
         for (int start = 0; start <= 16; start += 3)
             for (int n = 0; n <= 384 - 16; n += 7)
                 for (int with_dy = 0; with_dy < 2; with_dy++) {
-                    fn_combine_rows_streamed(yb + start, xs, with_dy ? dys : NULL, n, C, f2);
+                    fn_combine_rows_streamed(yb + start, xs, with_dy ? dys : NULL, n, C, &f);
                     fn_stream_fence();
                     for (int i = 0; i < n; i++) {
-                        const int q = i % C;
-                        const float d = ((xs[i] - f2[q]) - f2[2 * C + q]) * f2[4 * C + q];
-                        const float want = with_dy ? d + dys[i] * f2[8 * C + q] + f2[6 * C + q] : d + f2[6 * C + q];
+                        const fn_scale_shift c = fn_channel_at(&f, i % C);
+                        const float want = with_dy ? fn_scale_shift_dy_at(c, xs[i], dys[i]) : fn_scale_shift_at(c, xs[i]);
                         bad += yb[start + i] != want;
                     }
                 }
@@ -435,6 +435,26 @@ static void test_size_checks(void)
     check_close("slices of 2**63 - 1 items", exact, 1, 0);
 }
 
+/* A dtype convert.c does not know is refused, never decoded as another one; so is a kernel
+ * call with one (nothing written). */
+static void test_unknown_dtype(void)
+{
+    double d[4] = {1, 2, 3, 4}, y[4] = {0}, mean = -1, rstd = -1;
+    char raw[32] = {0};
+    check_close("load of dtype 3", fn_load(d, raw, 4, 8, 3), FN_EINVAL, 0);
+    check_close("store of dtype -1", fn_store(raw, d, 4, 8, -1), FN_EINVAL, 0);
+    check_close("raw untouched", raw[0] == 0 && raw[31] == 0, 1, 0);
+    check_close("size of dtype 7", fn_dtype_size(7), 0, 0);
+    check_close("size of float16", fn_dtype_size(FN_F16), 2, 0);
+    fn_view x = {(char *)d, 3, {32, 32, 8, 8}}, out = {(char *)y, FN_F64, {32, 32, 8, 8}};
+    fn_mask none = {0};
+    check_close("group_norm_forward of dtype 3",
+                group_norm_forward(out, &mean, &rstd, x, NULL, NULL, none, 1, 1, 4, 1, 0.0, FN_MEAN_VAR, 1), FN_EINVAL, 0);
+    check_close("output untouched", y[0] == 0 && mean == -1, 1, 0);
+    double cnt, mu, var;
+    check_close("channel_moments of dtype 3", channel_moments(&cnt, &mu, &var, x, none, 1, 4, 1, 1), FN_EINVAL, 0);
+}
+
 int main(void)
 {
     test_layer_norm_row();
@@ -449,6 +469,7 @@ int main(void)
     test_half_sums();
     test_threads_agree();
     test_streamed_rows();
+    test_unknown_dtype();
     test_size_checks();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
