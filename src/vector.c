@@ -268,6 +268,20 @@ FN_VECTOR_CLONES void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, 
     for (; i < n; i++) dst[i] = float_to_half(fn_affine_at(c, half_to_float(x[i]), w[i], b[i]));
 }
 
+/* bfloat16 <-> float32 runs: shifts and selects, which each clone's loop vectorizes at its width
+ * (the same bits as the scalar conversions of elementwise.h). */
+FN_VECTOR_CLONES void fn_bf16s_to_floats(float *dst, const uint16_t *src, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(src[i]);
+}
+
+FN_VECTOR_CLONES void fn_floats_to_bf16s(uint16_t *dst, const float *src, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) dst[i] = float_to_bf16(src[i]);
+}
+
 /* shifted_sums_in_runs (moments.h) with run HALF_RUN over float16 values, read in place: sums of
  * d = x - shift and d*d, the lanes with AVX-512F or F16C where the CPU has them; the same sums
  * either way. */

@@ -306,7 +306,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask
 
 def _running_buffer(r, name, C, fn, writeable, x_shape, ax):
     ck.refuse_masked(r, name, fn)
-    if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
+    if not isinstance(r, np.ndarray) or not (r.dtype.kind == "f" or ck.is_bfloat16(r.dtype)):
         raise TypeError(f"{fn}: {name} must be a float numpy.ndarray of shape ({C},); got "
                         f"{type(r).__name__ if not isinstance(r, np.ndarray) else r.dtype}")
     if r.shape != (C,):
