@@ -129,6 +129,8 @@ void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, int64_t n, fn_aff
 void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd);
 void fn_bf16s_to_floats(float *dst, const uint16_t *src, int64_t n);
 void fn_floats_to_bf16s(uint16_t *dst, const float *src, int64_t n);
+void fn_affine_row_to_bf16s(uint16_t *dst, const uint16_t *x, int64_t n, fn_affine c, const float *w,
+                            const float *b);
 /* The streamed writers compute the same formulas with non-temporal stores (the same bits).
  * next: the next row's x (n elements), brought into L1 while this row is written, or NULL.
  * carry (or NULL): for rows written one after another into contiguous memory by one thread, the

@@ -296,9 +296,10 @@ FN_INLINE void forward_f16(const group_args *p, const slice_scratch *sc, int64_t
     }
 }
 
-/* Group (a, g) of a contiguous bfloat16 call: widened into the slice's float copy (exactly), then
- * the float32 group's statistics and arithmetic, each output rounded once to bfloat16: the bits
- * the float32 path gives for the widened data, rounded. */
+/* Group (a, g) of a contiguous bfloat16 call: widened into the slice's float copy (exactly) for the
+ * float32 group's statistics, then the float32 arithmetic, each output rounded once to bfloat16
+ * (a row in one pass from x, planes through the copy): the bits the float32 path gives for the
+ * widened data, rounded. */
 FN_INLINE void forward_bf16(const group_args *p, const slice_scratch *sc, int64_t a, int64_t g, double *mu, double *r)
 {
     const int64_t K = p->K, S = p->S;
@@ -309,6 +310,8 @@ FN_INLINE void forward_bf16(const group_args *p, const slice_scratch *sc, int64_
     group_stats_f32(sc->floats, K * S, p->stat, p->eps, mu, r);
     if (!float_arithmetic_fits(*r, p->q.w_max, K * S)) {
         affine_group_in_double(y, x, FN_BF16, K, S, *mu, *r, w, b);
+    } else if (S == 1) {
+        fn_affine_row_to_bf16s(y, x, K, fn_affine_of(*mu, *r), w, b);
     } else {
         affine_group_f32(sc->floats, sc->floats, K, S, *mu, *r, w, b);
         fn_floats_to_bf16s(y, sc->floats, K * S);

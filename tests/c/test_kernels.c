@@ -519,6 +519,26 @@ static void test_bf16_conversion(void)
     check_close("double -> bf16 not rounded once", bad_double, 0, 0);
     check_close("NaN -> bf16 not a quiet NaN", bad_nan, 0, 0);
     check_close("bf16 runs differing from the scalar conversions", bad_runs, 0, 0);
+    /* the fused normalize-and-round of a bfloat16 row (AVX-512F where the CPU has it) equals the
+     * scalar steps, at every length up to 40 (vector body and tail) and for a long row */
+    enum { N = 1003 };
+    static float w[N], b[N];
+    static uint16_t x[N], y[N];
+    const fn_affine c = {1234.5f, 0.000123f, 0.37f};
+    int bad_rows = 0;
+    for (int i = 0; i < N; i++) {
+        x[i] = fn_float_to_bf16(1234.5f + (float)((i * 7919) % 2001 - 1000) / 8.0f);
+        w[i] = (float)(i % 13) / 4.0f - 1.0f;
+        b[i] = (float)(i % 5) * 0.1f;
+    }
+    x[5] = 0x7fc1, x[17] = 0x7f80, x[40] = 0x0001;           /* NaN, Inf, a subnormal */
+    for (int n = 0; n <= 40; n++) {
+        fn_affine_row_to_bf16s(y, x, n, c, w, b);
+        for (int i = 0; i < n; i++) bad_rows += y[i] != fn_float_to_bf16(fn_affine_at(c, fn_bf16_to_float(x[i]), w[i], b[i]));
+    }
+    fn_affine_row_to_bf16s(y, x, N, c, w, b);
+    for (int i = 0; i < N; i++) bad_rows += y[i] != fn_float_to_bf16(fn_affine_at(c, fn_bf16_to_float(x[i]), w[i], b[i]));
+    check_close("fused bfloat16 rows differing", bad_rows, 0, 0);
     check_close("bf16(1/3)", fn_bf16_to_float(fn_float_to_bf16(1.0f / 3.0f)), 0.333984375, 0);
     check_close("bf16(FLT_MAX) = inf", fn_bf16_to_float(fn_float_to_bf16(3.4028235e38f)), INFINITY, 0);
 }
