@@ -175,7 +175,8 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=N
     Parameters
     ----------
     x : array_like
-        float16/32/64 keep their dtype; integer and bool become float64. Any layout.
+        float16/32/64 (and ``ml_dtypes.bfloat16``) keep their dtype; integer and bool become
+        float64. Any layout.
     weight, bias : array_like, optional
         Shape of x along the feature axes (in increasing axis order). None means 1 and 0.
     axis : int or tuple of int
