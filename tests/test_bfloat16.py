@@ -199,6 +199,18 @@ def test_nan_inf_and_degenerate_rows(rng):
     assert_bf16_close(y[[0, 4]], ref.layer_norm(f64(x[[0, 4]]), eps=0.0)[0])
 
 
+@pytest.mark.parametrize("scale,eps,w", [(1e-39, 0.0, 1.0), (1e30, 0.0, 1e8), (1.0, 0.0, 1e-35)],
+                         ids=["subnormal-rows", "huge", "tiny-weight"])
+def test_extreme_scales(rng, scale, eps, w):
+    """Groups whose float32 coefficients could overflow or lose precision are computed in double
+    (float_arithmetic_fits): still the float64 result, rounded."""
+    x = bf16(scale * (3.0 + rng.standard_normal((4, 300))))
+    weight = np.full(300, w)
+    for layout in ("C", "sliced"):
+        y = fastnorm.layer_norm(ref.make_layout(x, layout), weight, eps=eps)
+        assert_bf16_close(y, ref.layer_norm(f64(x), weight, eps=eps)[0], err_msg=layout)
+
+
 @pytest.mark.parametrize("shape", [(5, 1), (1, 9), (0, 8), (3, 0, 4)])
 def test_size_one_and_empty_axes(rng, shape):
     x = random_bf16(rng, shape)
