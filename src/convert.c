@@ -18,7 +18,7 @@ int fn_dtype_size(int dtype)
 }
 
 /* bfloat16 widens exactly; stores round once, from the double (double_to_bf16). */
-FN_INLINE int load_bf16(double *dst, const char *src, int64_t n, ptrdiff_t stride)
+FN_INLINE void load_bf16(double *dst, const char *src, int64_t n, ptrdiff_t stride)
 {
     if (stride == (ptrdiff_t)sizeof(uint16_t)) {
         const uint16_t *h = (const uint16_t *)src;
@@ -26,10 +26,9 @@ FN_INLINE int load_bf16(double *dst, const char *src, int64_t n, ptrdiff_t strid
     } else {
         for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(*(const uint16_t *)(src + i * stride));
     }
-    return FN_OK;
 }
 
-FN_INLINE int store_bf16(char *dst, const double *src, int64_t n, ptrdiff_t stride)
+FN_INLINE void store_bf16(char *dst, const double *src, int64_t n, ptrdiff_t stride)
 {
     if (stride == (ptrdiff_t)sizeof(uint16_t)) {
         uint16_t *h = (uint16_t *)dst;
@@ -37,74 +36,67 @@ FN_INLINE int store_bf16(char *dst, const double *src, int64_t n, ptrdiff_t stri
     } else {
         for (int64_t i = 0; i < n; i++) *(uint16_t *)(dst + i * stride) = double_to_bf16(src[i]);
     }
-    return FN_OK;
 }
 
 int fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype)
 {
-    switch (dtype) {
-    case FN_F32:
+    if (dtype == FN_F32) {
         if (stride == (ptrdiff_t)sizeof(float)) {
             const float *s = (const float *)src;
             for (int64_t i = 0; i < n; i++) dst[i] = s[i];
         } else {
             for (int64_t i = 0; i < n; i++) dst[i] = *(const float *)(src + i * stride);
         }
-        return FN_OK;
-    case FN_F64:
+    } else if (dtype == FN_F64) {
         if (stride == (ptrdiff_t)sizeof(double)) {
             memcpy(dst, src, (size_t)n * sizeof(double));
         } else {
             for (int64_t i = 0; i < n; i++) dst[i] = *(const double *)(src + i * stride);
         }
-        return FN_OK;
-    case FN_F16:
+    } else if (dtype == FN_F16) {
         if (stride == (ptrdiff_t)sizeof(uint16_t)) {
             const uint16_t *h = (const uint16_t *)src;
             for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(h[i]);
         } else {
             for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(*(const uint16_t *)(src + i * stride));
         }
-        return FN_OK;
-    case FN_BF16:
-        return load_bf16(dst, src, n, stride);
-    default:
+    } else if (dtype == FN_BF16) {
+        load_bf16(dst, src, n, stride);
+    } else {
         return FN_EINVAL;
     }
+    return FN_OK;
 }
 
 /* float16 is rounded through float32: at most one extra rounding of the last half ulp. */
 FN_VECTOR_CLONES int fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype)
 {
-    switch (dtype) {
-    case FN_F32:
+    if (dtype == FN_F32) {
         if (stride == (ptrdiff_t)sizeof(float)) {
             float *d = (float *)dst;
             for (int64_t i = 0; i < n; i++) d[i] = (float)src[i];
         } else {
             for (int64_t i = 0; i < n; i++) *(float *)(dst + i * stride) = (float)src[i];
         }
-        return FN_OK;
-    case FN_F64:
+    } else if (dtype == FN_F64) {
         if (stride == (ptrdiff_t)sizeof(double)) {
             memmove(dst, src, (size_t)n * sizeof(double));
         } else {
             for (int64_t i = 0; i < n; i++) *(double *)(dst + i * stride) = src[i];
         }
-        return FN_OK;
-    case FN_F16:
+    } else if (dtype == FN_F16) {
         if (stride == (ptrdiff_t)sizeof(uint16_t)) {
             uint16_t *h = (uint16_t *)dst;
             for (int64_t i = 0; i < n; i++) h[i] = float_to_half((float)src[i]);
         } else {
             for (int64_t i = 0; i < n; i++) *(uint16_t *)(dst + i * stride) = float_to_half((float)src[i]);
         }
-        return FN_OK;
-    case FN_BF16:
-        return store_bf16(dst, src, n, stride);
-    default:
+    } else if (dtype == FN_BF16) {
+        store_bf16(dst, src, n, stride);
+    } else {
         return FN_EINVAL;
     }
+    return FN_OK;
 }
 
 float fn_half_to_float(uint16_t h) { return half_to_float(h); }

@@ -36,6 +36,10 @@
 #define FN_X86_DISPATCH 0
 #define FN_VECTOR_CLONES
 #endif
+/* Lane arrays of the hot loops, aligned for whole-vector access. Declared, not left to the
+ * compiler's own choice: GCC 12 under ASan's detect_stack_use_after_return places arrays it
+ * aligned by itself at 32-byte offsets of the fake stack frame, where 64-byte stores fault. */
+#define FN_LANES _Alignas(64)
 /* Helpers of the hot loops are inlined into each clone, so they get its vector width too. */
 /* Rare paths of header helpers stay out of line (and may go unused in a file). */
 #if defined(__GNUC__)

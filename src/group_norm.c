@@ -617,10 +617,10 @@ FN_INLINE void backward_two_rows_f32(const group_args *p, int64_t a, const doubl
     const float *restrict ga = (const float *)group_at(p->dy, a, 0), *restrict gb = (const float *)group_at(p->dy, a + 1, 0);
     const fn_affine ca = fn_affine_of(mu[0], r[0]), cb = fn_affine_of(mu[1], r[1]);
     /* lanes of sum(g), sum(g * xhat) of row a, then of row b */
-    double s0[ROW_LANES] = {0}, s1[ROW_LANES] = {0}, s2[ROW_LANES] = {0}, s3[ROW_LANES] = {0};
+    FN_LANES double s0[ROW_LANES] = {0}, s1[ROW_LANES] = {0}, s2[ROW_LANES] = {0}, s3[ROW_LANES] = {0};
     int64_t k = 0;
     while (k + ROW_LANES <= K) {
-        float t0[ROW_LANES] = {0}, t1[ROW_LANES] = {0}, t2[ROW_LANES] = {0}, t3[ROW_LANES] = {0};
+        FN_LANES float t0[ROW_LANES] = {0}, t1[ROW_LANES] = {0}, t2[ROW_LANES] = {0}, t3[ROW_LANES] = {0};
         const int64_t stop = K - k >= ROW_LANES * F32_RUN ? k + ROW_LANES * F32_RUN : K - (K - k) % ROW_LANES;
         for (; k < stop; k += ROW_LANES)
             for (int j = 0; j < ROW_LANES; j++) {

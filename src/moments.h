@@ -33,7 +33,8 @@ FN_INLINE double sum_of_lanes(double *a, int n)
 #define DEFINE_SHIFTED_SUMS(NAME, T)                                                          \
     FN_INLINE void NAME(const T *x, int64_t n, double shift, double *sum_d, double *sum_dd)   \
     {                                                                                         \
-        double a[MOMENT_LANES] = {0}, b[MOMENT_LANES] = {0}, s1 = 0.0, s2 = 0.0;               \
+        FN_LANES double a[MOMENT_LANES] = {0}, b[MOMENT_LANES] = {0};                         \
+        double s1 = 0.0, s2 = 0.0;                                                            \
         int64_t i = 0;                                                                        \
         for (; i + MOMENT_LANES <= n; i += MOMENT_LANES)                                      \
             for (int j = 0; j < MOMENT_LANES; j++) {                                          \
@@ -62,10 +63,11 @@ enum { RUN_LANES = 32, HALF_RUN = 16, F32_RUN = 8 };
 
 FN_INLINE void shifted_sums_in_runs(const float *x, int64_t n, float shift, int run, double *sum_d, double *sum_dd)
 {
-    double s1 = 0.0, s2 = 0.0, a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
+    double s1 = 0.0, s2 = 0.0;
+    FN_LANES double a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
     int64_t i = 0;
     while (i + RUN_LANES <= n) {
-        float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
+        FN_LANES float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
         int64_t stop = n - i >= RUN_LANES * run ? i + RUN_LANES * run : n - (n - i) % RUN_LANES;
         for (; i < stop; i += RUN_LANES)
             for (int j = 0; j < RUN_LANES; j++) {
@@ -195,7 +197,8 @@ FN_INLINE double mean_square_of_halves(const uint16_t *x, int64_t n)
 #define DEFINE_MEAN_SQUARE(NAME, T)                                                           \
     FN_INLINE double NAME(const T *x, int64_t n)                                              \
     {                                                                                         \
-        double a[MOMENT_LANES] = {0}, s = 0.0;                                                 \
+        FN_LANES double a[MOMENT_LANES] = {0};                                                \
+        double s = 0.0;                                                                       \
         int64_t i = 0;                                                                        \
         for (; i + MOMENT_LANES <= n; i += MOMENT_LANES)                                      \
             for (int j = 0; j < MOMENT_LANES; j++) a[j] += (double)x[i + j] * (double)x[i + j]; \
@@ -391,10 +394,11 @@ FN_INLINE void group_stats_f64(const double *x, int64_t n, enum fn_stat stat, do
 FN_INLINE void grad_sums_in_runs(const float *restrict x, const float *restrict dy, int64_t n, fn_affine c,
                                  double *sum_dy, double *sum_dy_xhat)
 {
-    double s1 = 0.0, s2 = 0.0, a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
+    double s1 = 0.0, s2 = 0.0;
+    FN_LANES double a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
     int64_t i = 0;
     while (i + RUN_LANES <= n) {
-        float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
+        FN_LANES float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
         const int64_t stop = n - i >= RUN_LANES * F32_RUN ? i + RUN_LANES * F32_RUN : n - (n - i) % RUN_LANES;
         for (; i < stop; i += RUN_LANES)
             for (int j = 0; j < RUN_LANES; j++) {

@@ -355,10 +355,11 @@ FN_VECTOR_CLONES void fn_affine_row_to_bf16s(uint16_t *dst, const uint16_t *x, i
  * either way. */
 FN_VECTOR_CLONES void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd)
 {
-    double s1 = 0.0, s2 = 0.0, a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
+    double s1 = 0.0, s2 = 0.0;
+    FN_LANES double a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
     int64_t i = HAS_AVX512F() ? half_sums_avx512(x, n, shift, a2, b2) : HAS_F16C() ? half_sums_f16c(x, n, shift, a2, b2) : 0;
     while (i + RUN_LANES <= n) {
-        float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
+        FN_LANES float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
         const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
         for (; i < stop; i += RUN_LANES)
             for (int j = 0; j < RUN_LANES; j++) {
