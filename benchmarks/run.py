@@ -7,6 +7,7 @@
     python benchmarks/run.py --budget 16         # seconds of timing per case: more rounds
     python benchmarks/run.py --json out.json     # also write every sample to a JSON file
     python benchmarks/run.py --memory            # also the peak-memory check (1 GiB input, ~2.5 GiB RAM)
+    python benchmarks/run.py --cases bfloat16    # only the bfloat16 rows (needs ml_dtypes)
 
 The main rows use each library's default thread count (fastnorm.get_num_threads(),
 torch.get_num_threads(), ONNX Runtime os.cpu_count() intra-op threads, JAX's CPU backend);
@@ -442,6 +443,66 @@ def measure(case, fns, cfg, impls=IMPLS):
     return samples, numbers, diffs
 
 
+# ---- bfloat16 rows (optional: ml_dtypes) ---------------------------------------------------------
+#
+# Layer norm of the same (rows, 1024) values in bfloat16, float16 and float32 (out=, weight and
+# bias), and np.copyto of each dtype's bytes (the floor), interleaved round by round. The goal:
+# bfloat16 no slower than float16, judged by the median of the per-round ratio (paired samples).
+
+BF16_TARGET = 1.0                     # bfloat16 / float16 <= 1.0
+
+
+def bfloat16_rows(quick: bool, cfg) -> dict | None:
+    """{"median_s": {impl: s}, "paired_bf16_over_f16": r, ...}, or None without ml_dtypes."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    shape = (2048 if quick else 16384, 1024)
+    x32 = rng.standard_normal(shape, dtype=np.float32) * 1.5 + 0.25
+    w, b = 1.0 + 0.1 * rng.standard_normal(1024), 0.1 * rng.standard_normal(1024)
+    fns = {}
+    for name, dtype in (("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16), ("float32", np.float32)):
+        x = x32.astype(dtype)
+        out, dst = np.empty_like(x), np.empty_like(x)
+        wd, bd = w.astype(dtype), b.astype(dtype)
+        fns[name] = lambda x=x, out=out, wd=wd, bd=bd: fastnorm.layer_norm(x, wd, bd, out=out)
+        fns[f"copy {name}"] = lambda x=x, dst=dst: np.copyto(dst, x)
+    for f in fns.values():
+        for _ in range(cfg["warmup"]):
+            f()
+    numbers = {k: max(1, math.ceil(cfg["sample_s"] / max(_loop(f, 1), 1e-9))) for k, f in fns.items()}
+    rounds = max(cfg["min_rounds"], min(cfg["max_rounds"], 31))
+    samples = {k: [] for k in fns}
+    names = list(fns)
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                samples[k].append(_loop(fns[k], numbers[k]))
+    finally:
+        gc.enable()
+    paired = np.array(samples["bfloat16"]) / np.array(samples["float16"])
+    return {"shape": list(shape), "rounds": rounds, "median_s": {k: float(np.median(v)) for k, v in samples.items()},
+            "samples_s": samples, "paired_bf16_over_f16": float(np.median(paired)),
+            "paired_bf16_over_f16_iqr": [float(q) for q in np.percentile(paired, [25, 75])]}
+
+
+def print_bfloat16(res):
+    med = res["median_s"]
+    print(f"\nbfloat16 (ml_dtypes): layer_norm {'x'.join(map(str, res['shape']))}, weight, bias, out=; "
+          f"{res['rounds']} interleaved rounds")
+    print(f"  {'dtype':<10}{'layer_norm':>12}{'copy':>12}{'/ copy':>9}")
+    for name in ("bfloat16", "float16", "float32"):
+        print(f"  {name:<10}{_fmt_t(med[name]):>12}{_fmt_t(med['copy ' + name]):>12}"
+              f"{med[name] / med['copy ' + name]:>9.2f}")
+    r, (q1, q3) = res["paired_bf16_over_f16"], res["paired_bf16_over_f16_iqr"]
+    ok = r <= BF16_TARGET
+    print(f"  bfloat16 / float16, median of per-round ratios: {r:.3f} (IQR {q1:.3f}-{q3:.3f}), "
+          f"target <= {BF16_TARGET}: {'ok' if ok else 'MISSED'}")
+
+
 # ---- machine -------------------------------------------------------------------------------------
 
 def _git_revision():
@@ -843,7 +904,7 @@ def main(argv=None):
         pat = re.compile(args.cases, re.IGNORECASE)
         cases = [c for c in cases if pat.search(c.label + " " + c.dtype.name)]
         add_cases = [c for c in add_cases if pat.search(c.label + " " + c.dtype.name)]
-        if not cases and not add_cases:
+        if not cases and not add_cases and not pat.search("layer_norm bfloat16"):
             sys.exit(f"no case matches {args.cases!r}")
 
     torch_default_threads = torch.get_num_threads() if torch is not None else None
@@ -893,6 +954,12 @@ def main(argv=None):
         print_table(rows, info, args.quick)
     if add_cases:
         result["add_norm"] = run_add_norm(add_cases, cfg, rng)
+    if not args.cases or re.search(args.cases, "layer_norm bfloat16", re.IGNORECASE):
+        print("  bfloat16 rows ...", file=sys.stderr)
+        bf16 = bfloat16_rows(args.quick, cfg)
+        if bf16 is not None:
+            print_bfloat16(bf16)
+            result["bfloat16"] = bf16
     if mismatches:
         print("\nWARNING: results disagree (the timings of these rows compare different computations):")
         for m in mismatches:

@@ -66,7 +66,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
-"${PIP[@]}" install "setuptools>=77" wheel "numpy>=2.1" pytest hypothesis
+"${PIP[@]}" install "setuptools>=77" wheel "numpy>=2.1" pytest hypothesis ml_dtypes
 if [[ "${SANITIZE_NOTEBOOK:-0}" == 1 ]]; then
     "${PIP[@]}" install nbclient nbformat ipykernel matplotlib
 fi

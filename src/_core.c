@@ -157,7 +157,26 @@ static PyObject *py_kept_output_bytes(PyObject *self, PyObject *unused)
 }
 
 
-/* obj must be an aligned, native float16/32/64 ndarray of `ndim` dims; fills v and shape. */
+/* ml_dtypes.bfloat16 is a user dtype: NumPy gives it a type number when ml_dtypes registers it. The
+ * Python side passes it to register_bfloat16 the first time it meets a bfloat16 array (it never
+ * imports ml_dtypes itself); -1 until then. */
+static int bfloat16_type = -1;
+
+/* register_bfloat16(dtype): the bfloat16 dtype's type number, for to_view. */
+static PyObject *py_register_bfloat16(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyArray_DescrCheck(arg) || PyDataType_ELSIZE((PyArray_Descr *)arg) != 2 ||
+        ((PyArray_Descr *)arg)->type_num < NPY_USERDEF) {
+        PyErr_SetString(PyExc_TypeError, "_core.register_bfloat16: expected the 2-byte ml_dtypes.bfloat16 dtype");
+        return NULL;
+    }
+    bfloat16_type = ((PyArray_Descr *)arg)->type_num;
+    Py_RETURN_NONE;
+}
+
+/* obj must be an aligned, native float16/32/64 (or registered bfloat16) ndarray of `ndim` dims;
+ * fills v and shape. */
 static int to_view(PyObject *obj, const char *name, int ndim, int writeable, fn_view *v, npy_intp *shape)
 {
     if (!PyArray_Check(obj) || PyArray_NDIM((PyArrayObject *)obj) != ndim) {
@@ -167,7 +186,7 @@ static int to_view(PyObject *obj, const char *name, int ndim, int writeable, fn_
     PyArrayObject *a = (PyArrayObject *)obj;
     int t = PyArray_TYPE(a);
     if (!PyArray_ISNBO(PyArray_DESCR(a)->byteorder) || !PyArray_ISALIGNED(a) ||
-        (t != NPY_HALF && t != NPY_FLOAT && t != NPY_DOUBLE)) {
+        (t != NPY_HALF && t != NPY_FLOAT && t != NPY_DOUBLE && t != bfloat16_type)) {
         PyErr_Format(PyExc_TypeError, "_core: %s must be aligned native float16/32/64", name);
         return -1;
     }
@@ -176,7 +195,7 @@ static int to_view(PyObject *obj, const char *name, int ndim, int writeable, fn_
         return -1;
     }
     v->data = PyArray_BYTES(a);
-    v->dtype = t == NPY_HALF ? FN_F16 : t == NPY_FLOAT ? FN_F32 : FN_F64;
+    v->dtype = t == NPY_HALF ? FN_F16 : t == NPY_FLOAT ? FN_F32 : t == NPY_DOUBLE ? FN_F64 : FN_BF16;
     for (int d = 0; d < 4; d++) v->stride[d] = d < ndim ? PyArray_STRIDE(a, d) : 0;
     for (int d = 0; d < ndim; d++) shape[d] = PyArray_DIM(a, d);
     return 0;
@@ -900,6 +919,7 @@ static PyMethodDef core_methods[] = {
     {"rows_function", py_rows_function, METH_VARARGS, "The public layer_norm/rms_norm around its Python function."},
     {"rows_backward_fast", (PyCFunction)(void (*)(void))py_rows_backward_fast, METH_FASTCALL,
      "Layer/RMS norm gradients along the last axis of plain arrays, or NotImplemented."},
+    {"register_bfloat16", py_register_bfloat16, METH_O, "The type number of ml_dtypes.bfloat16, for the kernels' views."},
     {"empty_like", py_empty_like, METH_VARARGS, "np.empty_like(x, dtype) from the output memory."},
     {"keep_output_memory", py_keep_output_memory, METH_O, "Largest freed output block kept for reuse; returns the previous."},
     {"kept_output_bytes", py_kept_output_bytes, METH_NOARGS, "Capacity of the output block kept now (0: none)."},

@@ -12,7 +12,29 @@ int fn_dtype_size(int dtype)
     case FN_F16: return 2;
     case FN_F32: return 4;
     case FN_F64: return 8;
+    case FN_BF16: return 2;
     default: return 0;
+    }
+}
+
+/* bfloat16 widens exactly; stores round once, from the double (double_to_bf16). */
+FN_INLINE void load_bf16(double *dst, const char *src, int64_t n, ptrdiff_t stride)
+{
+    if (stride == (ptrdiff_t)sizeof(uint16_t)) {
+        const uint16_t *h = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(h[i]);
+    } else {
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(*(const uint16_t *)(src + i * stride));
+    }
+}
+
+FN_INLINE void store_bf16(char *dst, const double *src, int64_t n, ptrdiff_t stride)
+{
+    if (stride == (ptrdiff_t)sizeof(uint16_t)) {
+        uint16_t *h = (uint16_t *)dst;
+        for (int64_t i = 0; i < n; i++) h[i] = double_to_bf16(src[i]);
+    } else {
+        for (int64_t i = 0; i < n; i++) *(uint16_t *)(dst + i * stride) = double_to_bf16(src[i]);
     }
 }
 
@@ -38,6 +60,8 @@ int fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype
         } else {
             for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(*(const uint16_t *)(src + i * stride));
         }
+    } else if (dtype == FN_BF16) {
+        load_bf16(dst, src, n, stride);
     } else {
         return FN_EINVAL;
     }
@@ -67,6 +91,8 @@ FN_VECTOR_CLONES int fn_store(char *dst, const double *src, int64_t n, ptrdiff_t
         } else {
             for (int64_t i = 0; i < n; i++) *(uint16_t *)(dst + i * stride) = float_to_half((float)src[i]);
         }
+    } else if (dtype == FN_BF16) {
+        store_bf16(dst, src, n, stride);
     } else {
         return FN_EINVAL;
     }
@@ -76,3 +102,9 @@ FN_VECTOR_CLONES int fn_store(char *dst, const double *src, int64_t n, ptrdiff_t
 float fn_half_to_float(uint16_t h) { return half_to_float(h); }
 
 uint16_t fn_float_to_half(float f) { return float_to_half(f); }
+
+float fn_bf16_to_float(uint16_t h) { return bf16_to_float(h); }
+
+uint16_t fn_float_to_bf16(float f) { return float_to_bf16(f); }
+
+uint16_t fn_double_to_bf16(double d) { return double_to_bf16(d); }

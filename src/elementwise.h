@@ -2,11 +2,12 @@
  * named coefficient struct. The loops of group_norm.c and batch_norm.c call these (GCC vectorizes
  * them inside `omp simd` loops); the intrinsic writers of vector.c compute the same operations in
  * the same order, and tests/c checks each of them against these functions bit for bit.
- * Also the exact float16 <-> float32 conversions, which the formulas on float16 data use.
+ * Also the exact float16 and bfloat16 <-> float32 conversions, which the formulas on those data use.
  * Internal to src/. */
 #ifndef FASTNORM_ELEMENTWISE_H
 #define FASTNORM_ELEMENTWISE_H
 
+#include <math.h>
 #include <string.h>
 
 #include "fastnorm.h"
@@ -168,6 +169,33 @@ FN_INLINE uint16_t float_to_half(float f)
     uint32_t huge = 0u - (uint32_t)(ax >= 0x47800000u), tiny = 0u - (uint32_t)(ax < 0x38800000u);
     uint32_t o = (big & huge) | (sub & tiny) | (nrm & ~(huge | tiny));      /* >= 2**16, < 2**-14 */
     return (uint16_t)(o | sign);
+}
+
+/* ---- bfloat16 <-> float32: the upper 16 bits of a float ----------------------------------------- */
+
+/* bfloat16 -> binary32, exact: a shift. */
+FN_INLINE float bf16_to_float(uint16_t h) { return fn_float_of((uint32_t)h << 16); }
+
+/* binary32 -> bfloat16, round to nearest even; overflow gives Inf, NaN stays NaN (made quiet, sign
+ * and upper payload kept). Selects only, so loops of it vectorize. */
+FN_INLINE uint16_t float_to_bf16(float f)
+{
+    const uint32_t u = fn_bits_of(f);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = 0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u);
+    return (uint16_t)((((u >> 16) | 0x0040u) & nan) | (rounded & ~nan));
+}
+
+/* binary64 -> bfloat16, correctly rounded (nearest even): rounded to float32 by round-to-odd (24
+ * bits, at least 2 more than bfloat16's 8), then to bfloat16 -- which rounds as one rounding would.
+ * Round-to-odd from the nearest float f: an inexact f with an even last bit moves one ulp toward d. */
+FN_INLINE uint16_t double_to_bf16(double d)
+{
+    const float f = (float)d;
+    uint32_t u = fn_bits_of(f);
+    const int inexact = (double)f != d && d == d;
+    if (inexact && !(u & 1u)) u = fabs((double)f) > fabs(d) ? u - 1u : u + 1u;
+    return float_to_bf16(fn_float_of(u));
 }
 
 #endif

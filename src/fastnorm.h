@@ -50,7 +50,8 @@
 #define FN_OUT_OF_LINE static
 #endif
 
-enum fn_dtype { FN_F16 = 0, FN_F32 = 1, FN_F64 = 2 };
+/* FN_BF16: bfloat16 (ml_dtypes.bfloat16), the upper half of a float32; computed in float32/double. */
+enum fn_dtype { FN_F16 = 0, FN_F32 = 1, FN_F64 = 2, FN_BF16 = 3 };
 enum fn_status { FN_OK = 0, FN_ENOMEM = 1, FN_EINVAL = 2 };
 /* The statistic a group is normalized by: mean and variance (layer, instance, group norm), or the
  * mean square alone, with no centering (RMS norm). */
@@ -114,6 +115,9 @@ int fn_load(double *dst, const char *src, int64_t n, ptrdiff_t stride, int dtype
 int fn_store(char *dst, const double *src, int64_t n, ptrdiff_t stride, int dtype);
 float fn_half_to_float(uint16_t h);
 uint16_t fn_float_to_half(float f);
+float fn_bf16_to_float(uint16_t h);
+uint16_t fn_float_to_bf16(float f);
+uint16_t fn_double_to_bf16(double d);
 
 /* ---- vector.c: the intrinsics, and non-temporal writing of large outputs ----
  * The coefficient structs (fn_affine, fn_scale_shift, fn_dx) and the formulas they stand for are in
@@ -127,6 +131,10 @@ void fn_floats_to_halves(uint16_t *dst, const float *src, int64_t n);
 void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, int64_t n, fn_affine c, const float *w,
                              const float *b);
 void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd);
+void fn_bf16s_to_floats(float *dst, const uint16_t *src, int64_t n);
+void fn_floats_to_bf16s(uint16_t *dst, const float *src, int64_t n);
+void fn_affine_row_to_bf16s(uint16_t *dst, const uint16_t *x, int64_t n, fn_affine c, const float *w,
+                            const float *b);
 /* The streamed writers compute the same formulas with non-temporal stores (the same bits).
  * next: the next row's x (n elements), brought into L1 while this row is written, or NULL.
  * carry (or NULL): for rows written one after another into contiguous memory by one thread, the

@@ -6,7 +6,7 @@
  *
  * weight/bias index the channel g*K + k; the mask marks real (a, s) positions.
  * Each call chooses one path (enum forward_path, enum backward_path) from the dtypes and layout:
- * contiguous float32 rows or groups, float16 and float64 groups are read in place; anything else
+ * contiguous float32 rows or groups, float16, bfloat16 and float64 groups are read in place; anything else
  * (strided groups, mixed dtypes) goes through a contiguous double buffer, and so does every group
  * with padding. The statistics come from moments.h, every output formula from elementwise.h. */
 #include <stdlib.h>
@@ -210,6 +210,7 @@ enum forward_path {
     FWD_F32,                         /* contiguous float32 groups (padded groups: buffered) */
     FWD_F16,                         /* contiguous float16 groups (padded groups: buffered) */
     FWD_F64,                         /* contiguous float64 groups (padded groups: buffered) */
+    FWD_BF16,                        /* contiguous bfloat16 groups (padded groups: buffered) */
     FWD_BUFFERED                     /* every group through a double buffer */
 };
 
@@ -295,6 +296,28 @@ FN_INLINE void forward_f16(const group_args *p, const slice_scratch *sc, int64_t
     }
 }
 
+/* Group (a, g) of a contiguous bfloat16 call: widened into the slice's float copy (exactly) for the
+ * float32 group's statistics, then the float32 arithmetic, each output rounded once to bfloat16
+ * (a row in one pass from x, planes through the copy): the bits the float32 path gives for the
+ * widened data, rounded. */
+FN_INLINE void forward_bf16(const group_args *p, const slice_scratch *sc, int64_t a, int64_t g, double *mu, double *r)
+{
+    const int64_t K = p->K, S = p->S;
+    const uint16_t *x = (const uint16_t *)group_at(p->x, a, g);
+    uint16_t *y = (uint16_t *)group_at(p->y, a, g);
+    const float *w = p->q.wf + g * K, *b = p->q.bf + g * K;
+    fn_bf16s_to_floats(sc->floats, x, K * S);
+    group_stats_f32(sc->floats, K * S, p->stat, p->eps, mu, r);
+    if (!float_arithmetic_fits(*r, p->q.w_max, K * S)) {
+        affine_group_in_double(y, x, FN_BF16, K, S, *mu, *r, w, b);
+    } else if (S == 1) {
+        fn_affine_row_to_bf16s(y, x, K, fn_affine_of(*mu, *r), w, b);
+    } else {
+        affine_group_f32(sc->floats, sc->floats, K, S, *mu, *r, w, b);
+        fn_floats_to_bf16s(y, sc->floats, K * S);
+    }
+}
+
 /* Group i of a contiguous float64 call. */
 FN_INLINE void forward_f64(const group_args *p, int64_t i, int64_t end, double *mu, double *r, fn_line_carry *carry)
 {
@@ -333,7 +356,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
     (void)part;
     /* the double buffer and the real elements for buffered groups, or a float copy of float16 planes */
     const int64_t n_group = p->K * p->S;
-    const int64_t n_floats = p->path == FWD_F16 && p->S > 1 ? n_group : 0;
+    const int64_t n_floats = (p->path == FWD_F16 && p->S > 1) || p->path == FWD_BF16 ? n_group : 0;
     int64_t n_doubles = 0;
     if ((p->path == FWD_BUFFERED || p->mask.data) && fn_mul_add_size(2, n_group, 0, &n_doubles)) return FN_ENOMEM;
     if (scratch_make(&sc, n_doubles, n_floats, n_group, p->S)) return FN_ENOMEM;
@@ -344,6 +367,7 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         if (s_real < p->S || p->path == FWD_BUFFERED) forward_buffered(p, &sc, a, g, s_real, &mu, &r);
         else if (p->path == FWD_F32) forward_f32(p, i, end, &mu, &r, &carry);
         else if (p->path == FWD_F16) forward_f16(p, &sc, a, g, &mu, &r);
+        else if (p->path == FWD_BF16) forward_bf16(p, &sc, a, g, &mu, &r);
         else forward_f64(p, i, end, &mu, &r, &carry);
         p->mean[i] = mu;
         p->rstd[i] = r;
@@ -391,7 +415,9 @@ static enum forward_path forward_path_of(fn_view y, fn_view x, fn_mask mask, int
     const int contiguous = x.dtype == y.dtype && group_contiguous(x, K, S) && group_contiguous(y, K, S);
     if (!contiguous) return FWD_BUFFERED;
     if (x.dtype == FN_F32) return G == 1 && S == 1 && !mask.data ? FWD_F32_ROWS : FWD_F32;
-    return x.dtype == FN_F16 ? FWD_F16 : FWD_F64;
+    if (x.dtype == FN_F16) return FWD_F16;
+    if (x.dtype == FN_BF16) return FWD_BF16;
+    return x.dtype == FN_F64 ? FWD_F64 : FWD_BUFFERED;   /* a dtype with no in-place path: buffered */
 }
 
 static int valid_views(fn_view a, fn_view b, int64_t A, int64_t G, int64_t K, int64_t S)
@@ -406,7 +432,7 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
     if (!valid_views(x, y, A, G, K, S)) return FN_EINVAL;
     group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .mask = mask, .A = A, .G = G, .K = K, .S = S,
                     .eps = eps, .stat = stat, .path = forward_path_of(y, x, mask, G, K, S),
-                    .stream = S == 1 && y.dtype != FN_F16 &&
+                    .stream = S == 1 && (y.dtype == FN_F32 || y.dtype == FN_F64) &&
                               fn_streaming_pays(A * G * K, y.dtype == FN_F64 ? 8 : 4)};
     if (params_make(&p.q, weight, bias, G * K)) return FN_ENOMEM;
     const int parts = fn_parts(nthreads, A * G * K * S);

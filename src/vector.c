@@ -1,5 +1,6 @@
 /* Everything that uses x86-64 intrinsics, and the non-temporal (streamed) writing of large outputs:
  *   float16 <-> float32 runs and the float16 statistics with AVX-512F or F16C conversions,
+ *   bfloat16 <-> float32 runs and the bfloat16 row writer with AVX-512F,
  *   the streamed row writers of float32/64 outputs and the line carry between their rows.
  * Each vector loop computes the formula of elementwise.h (or the lanes of moments.h) with the same
  * operations in the same order, so its results equal the scalar ones bit for bit; the scalar code
@@ -269,6 +270,87 @@ FN_VECTOR_CLONES void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, 
     int64_t i = HAS_AVX512F() ? affine_row_to_halves_avx512(dst, x, n, c, w, b) : 0;
     if (HAS_F16C()) i += affine_row_to_halves_f16c(dst + i, x + i, n - i, c, w + i, b + i);
     for (; i < n; i++) dst[i] = float_to_half(fn_affine_at(c, half_to_float(x[i]), w[i], b[i]));
+}
+
+/* ---- bfloat16 runs (the bfloat16 path of the group kernels) ----------------------------------------
+ * The conversions of elementwise.h, 16 at a time with AVX-512F: the same integer shift, rounding
+ * add and NaN select, so the same bits (AVX-512 BF16's conversion instructions would flush
+ * subnormals to zero). Without AVX-512F, loops each clone vectorizes at its width. */
+#if FN_X86_DISPATCH
+__attribute__((target("avx512f"))) static inline __m512 bf16s_widen_avx512(const uint16_t *src)
+{
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+/* float_to_bf16 of 16 floats */
+__attribute__((target("avx512f"))) static inline __m256i bf16s_round_avx512(__m512 f)
+{
+    const __m512i u = _mm512_castps_si512(f), top = _mm512_srli_epi32(u, 16);
+    const __m512i odd = _mm512_and_si512(top, _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    const __m512i quiet = _mm512_or_si512(top, _mm512_set1_epi32(0x0040));
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+
+__attribute__((target("avx512f"))) static int64_t bf16s_to_floats_avx512(float *dst, const uint16_t *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, bf16s_widen_avx512(src + i));
+    return i;
+}
+
+__attribute__((target("avx512f"))) static int64_t floats_to_bf16s_avx512(uint16_t *dst, const float *src, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(dst + i), bf16s_round_avx512(_mm512_loadu_ps(src + i)));
+    return i;
+}
+
+/* fn_affine_at of 16 bfloat16 at a time, as affine_row_to_halves_avx512 */
+__attribute__((target("avx512f"))) static int64_t affine_row_to_bf16s_avx512(uint16_t *dst, const uint16_t *x, int64_t n,
+                                                                           fn_affine c, const float *w, const float *b)
+{
+    const __m512 hi = _mm512_set1_ps(c.mu_hi), lo = _mm512_set1_ps(c.mu_lo), r = _mm512_set1_ps(c.rstd);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 d = _mm512_sub_ps(_mm512_sub_ps(bf16s_widen_avx512(x + i), hi), lo);
+        __m512 y = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(r, _mm512_loadu_ps(w + i))), _mm512_loadu_ps(b + i));
+        _mm256_storeu_si256((__m256i *)(dst + i), bf16s_round_avx512(y));
+    }
+    return i;
+}
+#define HAS_AVX512F_BF16_RUNS() __builtin_cpu_supports("avx512f")
+#else
+#define HAS_AVX512F_BF16_RUNS() 0
+#define bf16s_to_floats_avx512(dst, src, n) ((int64_t)0)
+#define floats_to_bf16s_avx512(dst, src, n) ((int64_t)0)
+#define affine_row_to_bf16s_avx512(dst, x, n, c, w, b) ((int64_t)0)
+#endif
+
+FN_VECTOR_CLONES void fn_bf16s_to_floats(float *dst, const uint16_t *src, int64_t n)
+{
+    int64_t i = HAS_AVX512F_BF16_RUNS() ? bf16s_to_floats_avx512(dst, src, n) : 0;
+#pragma omp simd
+    for (int64_t k = i; k < n; k++) dst[k] = bf16_to_float(src[k]);
+}
+
+FN_VECTOR_CLONES void fn_floats_to_bf16s(uint16_t *dst, const float *src, int64_t n)
+{
+    int64_t i = HAS_AVX512F_BF16_RUNS() ? floats_to_bf16s_avx512(dst, src, n) : 0;
+#pragma omp simd
+    for (int64_t k = i; k < n; k++) dst[k] = float_to_bf16(src[k]);
+}
+
+/* dst[k] = bf16(fn_affine_at(c, bf16 x[k], w[k], b[k])) on a bfloat16 row, in one pass; dst may be x. */
+FN_VECTOR_CLONES void fn_affine_row_to_bf16s(uint16_t *dst, const uint16_t *x, int64_t n, fn_affine c, const float *w,
+                                             const float *b)
+{
+    int64_t i = HAS_AVX512F_BF16_RUNS() ? affine_row_to_bf16s_avx512(dst, x, n, c, w, b) : 0;
+#pragma omp simd
+    for (int64_t k = i; k < n; k++) dst[k] = float_to_bf16(fn_affine_at(c, bf16_to_float(x[k]), w[k], b[k]));
 }
 
 /* shifted_sums_in_runs (moments.h) with run HALF_RUN over float16 values, read in place: sums of

@@ -1,20 +1,35 @@
 """Argument checking and the canonical strided views the C kernels work on.
 
 Every public function turns its arguments into clean NumPy arrays here, so the C entry points
-receive aligned, native-endian float16/32/64 views and every error message is written once.
+receive aligned, native-endian float16/32/64 (or bfloat16) views and every error message is written once.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import operator
+import sys
 
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
 
 from . import _core
 
-KERNEL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+KERNEL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))   # and bfloat16 (is_bfloat16)
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether dtype is ml_dtypes.bfloat16, a user dtype of kind 'V' (computed in float32 by the
+    kernels). ml_dtypes is never imported here: an array of its dtype exists only once it is."""
+    if dtype.kind != "V" or dtype.itemsize != 2:
+        return False
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return ml_dtypes is not None and dtype == ml_dtypes.bfloat16
+
+
+def is_real_dtype(dtype: np.dtype) -> bool:
+    """Real numbers a parameter or statistic may hold: bool, integers, floats, bfloat16."""
+    return dtype.kind in "biuf" or is_bfloat16(dtype)
 
 
 def as_input(x, name: str, fn: str) -> np.ndarray:
@@ -35,8 +50,11 @@ def as_input(x, name: str, fn: str) -> np.ndarray:
         if not arr.dtype.isnative or not arr.flags.aligned:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         return arr
+    if is_bfloat16(arr.dtype):
+        _core.register_bfloat16(arr.dtype)
+        return arr if arr.flags.aligned else arr.copy()
     raise TypeError(
-        f"{fn}: {name} must hold real numbers (float16, float32, float64, integer or bool); "
+        f"{fn}: {name} must hold real numbers (float16, bfloat16, float32, float64, integer or bool); "
         f"got dtype {arr.dtype}"
     )
 
@@ -139,7 +157,7 @@ def param(p, name: str, shape: tuple[int, ...], fn: str, what: str, x_shape=None
         return None
     refuse_masked(p, name, fn)
     arr = np.asarray(p)
-    if arr.dtype.kind not in "biuf":
+    if not is_real_dtype(arr.dtype):
         raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {arr.dtype}")
     if arr.shape != shape:
         hint = axis_hint(arr.shape[0], x_shape, axes) if x_shape is not None and arr.ndim == 1 else ""
@@ -171,7 +189,7 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype, fn: str, name: str =
     refuse_masked(out, name, fn)
     if out.shape != shape:
         raise ValueError(f"{fn}: {name} has shape {out.shape}; expected {shape}, the shape of x")
-    if out.dtype.kind != "f" or out.dtype.itemsize != dtype.itemsize:
+    if not _holds_result(out.dtype, dtype):
         raise ValueError(f"{fn}: {name} has dtype {out.dtype}; expected {dtype}, the dtype of the result")
     if not out.flags.writeable:
         raise ValueError(f"{fn}: {name} is read-only; expected a writeable array")
@@ -181,13 +199,20 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype, fn: str, name: str =
     return out
 
 
+def _holds_result(out_dtype: np.dtype, dtype: np.dtype) -> bool:
+    """out may hold a result of `dtype`: a float of its size (any byte order), or bfloat16 itself."""
+    if is_bfloat16(out_dtype) or is_bfloat16(dtype):
+        return out_dtype == dtype
+    return out_dtype.kind == "f" and out_dtype.itemsize == dtype.itemsize
+
+
 def check_stat(s, name: str, shape: tuple[int, ...], fn: str) -> np.ndarray:
     """mean/rstd given to a backward function: contiguous float64 of `shape`."""
     if s is None:
         raise ValueError(f"{fn}: {name} is required (from return_stats=True of the forward call)")
     refuse_masked(s, name, fn)
     arr = np.asarray(s)
-    if arr.dtype.kind not in "biuf":
+    if not is_real_dtype(arr.dtype):
         raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {arr.dtype}")
     if arr.shape != shape:
         raise ValueError(f"{fn}: {name} has shape {arr.shape}; expected {shape}")

@@ -176,7 +176,8 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, mask=None, out=N
     Parameters
     ----------
     x : array_like
-        float16/32/64 keep their dtype; integer and bool become float64. Any layout.
+        float16/32/64 (and ``ml_dtypes.bfloat16``) keep their dtype; integer and bool become
+        float64. Any layout.
     weight, bias : array_like, optional
         Shape of x along the feature axes (in increasing axis order). None means 1 and 0.
     axis : int or tuple of int
@@ -307,7 +308,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=-1, eps=1e-5, mask
 
 def _running_buffer(r, name, C, fn, writeable, x_shape, ax):
     ck.refuse_masked(r, name, fn)
-    if not isinstance(r, np.ndarray) or r.dtype.kind != "f":
+    if not isinstance(r, np.ndarray) or not (r.dtype.kind == "f" or ck.is_bfloat16(r.dtype)):
         raise TypeError(f"{fn}: {name} must be a float numpy.ndarray of shape ({C},); got "
                         f"{type(r).__name__ if not isinstance(r, np.ndarray) else r.dtype}")
     if r.shape != (C,):

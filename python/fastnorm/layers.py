@@ -50,7 +50,7 @@ class _Norm:
         self.eps = ck.check_eps(eps, fn)
         affine = ck.check_bool(affine, "affine", fn)
         dtype = np.dtype(dtype)
-        if dtype.kind != "f":
+        if dtype.kind != "f" and not ck.is_bfloat16(dtype):
             raise TypeError(f"{fn}: dtype must be a float dtype for weight and bias; got {dtype}")
         self.weight_shape = tuple(param_shape)
         self.training = True

@@ -435,24 +435,134 @@ static void test_size_checks(void)
     check_close("slices of 2**63 - 1 items", exact, 1, 0);
 }
 
+/* ---- bfloat16: the conversions against references written out here, with branches and ldexp ---- */
+
+/* the value of bfloat16 bits h, decoded field by field */
+static double bf16_value_ref(uint16_t h)
+{
+    const int sign = h >> 15, e = (h >> 7) & 0xff, m = h & 0x7f;
+    double v = e == 0 ? ldexp(m, -133) : e == 255 ? (m ? NAN : INFINITY) : ldexp(128 + m, e - 134);
+    return sign ? -v : v;
+}
+
+/* bfloat16 nearest to the finite or infinite double d (ties to even; beyond the largest bfloat16
+ * by half an ulp or more, Inf). The two neighbours of |d| are found by search over the decoded
+ * values, independently of any bit trick. */
+static uint16_t bf16_nearest_ref(double d)
+{
+    const uint16_t sign = signbit(d) ? 0x8000 : 0;
+    const double a = fabs(d);
+    uint16_t lo = 0, hi = 0x7f81;         /* bisection: the largest bf16 magnitude <= |d| (values grow with bits) */
+    while (hi - lo > 1) {
+        const uint16_t mid = (uint16_t)((lo + hi) / 2);
+        if (bf16_value_ref(mid) <= a) lo = mid;
+        else hi = mid;
+    }
+    if (lo == 0x7f80 || bf16_value_ref(lo) == a) return (uint16_t)(sign | lo);
+    const double hi_value = lo + 1 == 0x7f80 ? ldexp(1.0, 128) : bf16_value_ref((uint16_t)(lo + 1));
+    const double below = a - bf16_value_ref(lo), above = hi_value - a;
+    const int up = above < below || (above == below && (lo & 1));
+    return (uint16_t)(sign | (lo + up));
+}
+
+/* every bfloat16 widens exactly; every float32 (a sweep: each bfloat16, the float32s one ulp
+ * around it and around the half-way point above it, NaNs) rounds to nearest even. */
+static void test_bf16_conversion(void)
+{
+    int bad_widen = 0, bad_round = 0, bad_nan = 0, bad_double = 0, bad_runs = 0, bad_roundtrip = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        const float f = fn_bf16_to_float((uint16_t)h);
+        const double want = bf16_value_ref((uint16_t)h);
+        if (isnan(want) ? !(isnan(f) && fn_bits_of(f) == h << 16) : (double)f != want || !signbit(f) != !signbit(want))
+            bad_widen++;
+        if (!isnan(want) && fn_float_to_bf16(f) != h) bad_roundtrip++;
+    }
+    /* float32s near each bfloat16 and near each half-way point: bit patterns u + delta */
+    static const int32_t deltas[] = {-1, 1, 0x7fff, 0x8000, 0x8001, 0xffff};
+    for (uint32_t h = 0; h < 0x7f80; h += (h < 0x100 || h > 0x7e00) ? 1 : 7) {   /* all ends, a stride between */
+        for (unsigned j = 0; j < sizeof deltas / sizeof deltas[0]; j++) {
+            const uint32_t u = (h << 16) + (uint32_t)deltas[j];
+            if (h == 0 && deltas[j] < 0) continue;
+            for (int sign = 0; sign < 2; sign++) {
+                const float f = fn_float_of(u | (uint32_t)sign << 31);
+                if (isnan(f)) continue;
+                if (fn_float_to_bf16(f) != bf16_nearest_ref((double)f)) bad_round++;
+                /* doubles just off the float: one rounding from the double, never two */
+                const double off = ldexp(fabs((double)f), -40), d1 = (double)f + off, d2 = (double)f - off;
+                if (fn_double_to_bf16(d1) != bf16_nearest_ref(d1) || fn_double_to_bf16(d2) != bf16_nearest_ref(d2))
+                    bad_double++;
+            }
+        }
+    }
+    /* NaNs: any payload stays NaN, quiet, with its sign */
+    static const uint32_t nans[] = {0x7f800001u, 0x7fbfffffu, 0x7fc00000u, 0xff800001u, 0xffffffffu, 0x7f80ffffu};
+    for (unsigned j = 0; j < sizeof nans / sizeof nans[0]; j++) {
+        const uint16_t b = fn_float_to_bf16(fn_float_of(nans[j]));
+        if ((b & 0x7f80) != 0x7f80 || !(b & 0x0040) || (b >> 15) != (nans[j] >> 31)) bad_nan++;
+        const uint16_t bd = fn_double_to_bf16((double)fn_float_of(nans[j]));
+        if ((bd & 0x7f80) != 0x7f80 || !(bd & 0x0040)) bad_nan++;
+    }
+    /* the run conversions of vector.c: the scalar ones, at odd lengths (vector tails) */
+    static uint16_t all[65536], back[65536];
+    static float wide[65536];
+    for (uint32_t h = 0; h < 65536; h++) all[h] = (uint16_t)h;
+    for (int64_t n = 65536; n > 0; n = n / 3 - 1) {
+        fn_bf16s_to_floats(wide, all, n);
+        for (int64_t i = 0; i < n; i++) bad_runs += fn_bits_of(wide[i]) != fn_bits_of(fn_bf16_to_float(all[i]));
+        for (int64_t i = 0; i < n; i++) wide[i] = fn_float_of(((uint32_t)all[i] << 16) + (uint32_t)(i * 2654435761u >> 16));
+        fn_floats_to_bf16s(back, wide, n);
+        for (int64_t i = 0; i < n; i++) bad_runs += back[i] != fn_float_to_bf16(wide[i]);
+    }
+    check_close("bf16 -> float differing from the decoded value", bad_widen, 0, 0);
+    check_close("bf16 -> float -> bf16 not the identity", bad_roundtrip, 0, 0);
+    check_close("float -> bf16 not the nearest (even)", bad_round, 0, 0);
+    check_close("double -> bf16 not rounded once", bad_double, 0, 0);
+    check_close("NaN -> bf16 not a quiet NaN", bad_nan, 0, 0);
+    check_close("bf16 runs differing from the scalar conversions", bad_runs, 0, 0);
+    /* the fused normalize-and-round of a bfloat16 row (AVX-512F where the CPU has it) equals the
+     * scalar steps, at every length up to 40 (vector body and tail) and for a long row */
+    enum { N = 1003 };
+    static float w[N], b[N];
+    static uint16_t x[N], y[N];
+    const fn_affine c = {1234.5f, 0.000123f, 0.37f};
+    int bad_rows = 0;
+    for (int i = 0; i < N; i++) {
+        x[i] = fn_float_to_bf16(1234.5f + (float)((i * 7919) % 2001 - 1000) / 8.0f);
+        w[i] = (float)(i % 13) / 4.0f - 1.0f;
+        b[i] = (float)(i % 5) * 0.1f;
+    }
+    x[5] = 0x7fc1, x[17] = 0x7f80, x[40] = 0x0001;           /* NaN, Inf, a subnormal */
+    for (int n = 0; n <= 40; n++) {
+        fn_affine_row_to_bf16s(y, x, n, c, w, b);
+        for (int i = 0; i < n; i++) bad_rows += y[i] != fn_float_to_bf16(fn_affine_at(c, fn_bf16_to_float(x[i]), w[i], b[i]));
+    }
+    fn_affine_row_to_bf16s(y, x, N, c, w, b);
+    for (int i = 0; i < N; i++) bad_rows += y[i] != fn_float_to_bf16(fn_affine_at(c, fn_bf16_to_float(x[i]), w[i], b[i]));
+    check_close("fused bfloat16 rows differing", bad_rows, 0, 0);
+    check_close("bf16(1/3)", fn_bf16_to_float(fn_float_to_bf16(1.0f / 3.0f)), 0.333984375, 0);
+    check_close("bf16(FLT_MAX) = inf", fn_bf16_to_float(fn_float_to_bf16(3.4028235e38f)), INFINITY, 0);
+}
+
 /* A dtype convert.c does not know is refused, never decoded as another one; so is a kernel
  * call with one (nothing written). */
 static void test_unknown_dtype(void)
 {
+    enum { UNKNOWN = 99 };     /* no fn_dtype value */
     double d[4] = {1, 2, 3, 4}, y[4] = {0}, mean = -1, rstd = -1;
     char raw[32] = {0};
-    check_close("load of dtype 3", fn_load(d, raw, 4, 8, 3), FN_EINVAL, 0);
+    check_close("load of an unknown dtype", fn_load(d, raw, 4, 8, UNKNOWN), FN_EINVAL, 0);
     check_close("store of dtype -1", fn_store(raw, d, 4, 8, -1), FN_EINVAL, 0);
     check_close("raw untouched", raw[0] == 0 && raw[31] == 0, 1, 0);
     check_close("size of dtype 7", fn_dtype_size(7), 0, 0);
     check_close("size of float16", fn_dtype_size(FN_F16), 2, 0);
-    fn_view x = {(char *)d, 3, {32, 32, 8, 8}}, out = {(char *)y, FN_F64, {32, 32, 8, 8}};
+    check_close("size of bfloat16", fn_dtype_size(FN_BF16), 2, 0);
+    fn_view x = {(char *)d, UNKNOWN, {32, 32, 8, 8}}, out = {(char *)y, FN_F64, {32, 32, 8, 8}};
     fn_mask none = {0};
-    check_close("group_norm_forward of dtype 3",
+    check_close("group_norm_forward of an unknown dtype",
                 group_norm_forward(out, &mean, &rstd, x, NULL, NULL, none, 1, 1, 4, 1, 0.0, FN_MEAN_VAR, 1), FN_EINVAL, 0);
     check_close("output untouched", y[0] == 0 && mean == -1, 1, 0);
     double cnt, mu, var;
-    check_close("channel_moments of dtype 3", channel_moments(&cnt, &mu, &var, x, none, 1, 4, 1, 1), FN_EINVAL, 0);
+    check_close("channel_moments of an unknown dtype", channel_moments(&cnt, &mu, &var, x, none, 1, 4, 1, 1), FN_EINVAL, 0);
 }
 
 int main(void)
@@ -467,6 +577,7 @@ int main(void)
     test_half_conversion();
     test_half_runs();
     test_half_sums();
+    test_bf16_conversion();
     test_threads_agree();
     test_streamed_rows();
     test_unknown_dtype();
