@@ -359,55 +359,81 @@ typedef struct {
     int stream;                      /* write out with non-temporal stores */
 } planes_args;
 
-/* mean and var of channels [c0, c1), their planes merged in o order. */
-FN_INLINE void block_moments(const planes_args *p, int64_t c0, int64_t c1)
+/* The channel after block b's last. */
+FN_INLINE int64_t block_end(const planes_args *p, int64_t b)
+{
+    return (b + 1) * p->block < p->C ? (b + 1) * p->block : p->C;
+}
+
+/* The running moments of one block's channels, plane by plane in o order. */
+typedef struct {
+    double n[PLANE_BLOCK_CHANNELS], mu[PLANE_BLOCK_CHANNELS], m2[PLANE_BLOCK_CHANNELS];
+} block_sums;
+static const block_sums no_sums;           /* all zero */
+
+/* Plane o of channels [c0, c1) merged into s. */
+FN_INLINE void block_moments_add(const planes_args *p, int64_t c0, int64_t c1, int64_t o, block_sums *s)
 {
     for (int64_t c = c0; c < c1; c++) {
-        double n = 0.0, mu = 0.0, m2 = 0.0, count = 0.0, mean = 0.0, var = 0.0;
-        for (int64_t o = 0; o < p->O; o++) {
-            double pm, pv;
-            moments_of_f32((const float *)(p->x.data + o * p->x.stride[0] + c * p->x.stride[1]), p->S, &pm, &pv);
-            merge_moments(&n, &mu, &m2, (double)p->S, pm, pv * (double)p->S);
-        }
-        merge_moments(&count, &mean, &var, n, mu, m2);      /* as channel_moments merges its slice */
+        double pm, pv;
+        moments_of_f32((const float *)(p->x.data + o * p->x.stride[0] + c * p->x.stride[1]), p->S, &pm, &pv);
+        merge_moments(&s->n[c - c0], &s->mu[c - c0], &s->m2[c - c0], (double)p->S, pm, pv * (double)p->S);
+    }
+}
+
+/* mean and var of channels [c0, c1) from their merged planes. */
+FN_INLINE void block_moments_finish(const planes_args *p, int64_t c0, int64_t c1, const block_sums *s)
+{
+    for (int64_t c = c0; c < c1; c++) {
+        double count = 0.0, mean = 0.0, var = 0.0;
+        merge_moments(&count, &mean, &var, s->n[c - c0], s->mu[c - c0], s->m2[c - c0]);  /* as channel_moments merges its slice */
         p->mean[c] = count == 0.0 ? NAN : mean;
         p->var[c] = count == 0.0 ? NAN : var / count;
     }
 }
 
-/* The output of channels [c0, c1): in float (streamed when large) or, where float could overflow,
- * in double. */
-FN_INLINE void block_output(const planes_args *p, int64_t c0, int64_t c1, fn_line_carry *carry)
+/* Plane o of the output of channels [c0, c1), whose coefficients are k and coef (rstd * weight in
+ * double, for the fallback): in float (streamed when large) or, where float could overflow, in double. */
+FN_INLINE void block_output_plane(const planes_args *p, int64_t c0, int64_t c1, int64_t o, const fn_scale_shift *k,
+                                  const double *coef, fn_line_carry *carry)
 {
-    fn_scale_shift k[PLANE_BLOCK_CHANNELS];
-    double coef[PLANE_BLOCK_CHANNELS];                  /* rstd * weight in double, for the fallback */
     for (int64_t c = c0; c < c1; c++) {
-        const double r = rstd_of(p->var[c], p->eps);
-        coef[c - c0] = p->weight ? r * p->weight[c] : r;
-        k[c - c0] = fn_scale_shift_of(p->mean[c], coef[c - c0], p->bias ? p->bias[c] : 0.0, 0.0);
+        float *y = (float *)(p->out.data + o * p->out.stride[0] + c * p->out.stride[1]);
+        const float *x = (const float *)(p->x.data + o * p->x.stride[0] + c * p->x.stride[1]);
+        if (!channel_fits_float(p->mean[c], coef[c - c0], 0.0))
+            scale_shift_in_double(y, x, p->S, p->mean[c], coef[c - c0], p->bias ? p->bias[c] : 0.0);
+        else if (p->stream)
+            fn_scale_shift_streamed(y, x, p->S, k[c - c0], carry);
+        else
+            combine_plane_f32(y, x, NULL, p->S, k[c - c0]);
     }
-    for (int64_t o = 0; o < p->O; o++)
-        for (int64_t c = c0; c < c1; c++) {
-            float *y = (float *)(p->out.data + o * p->out.stride[0] + c * p->out.stride[1]);
-            const float *x = (const float *)(p->x.data + o * p->x.stride[0] + c * p->x.stride[1]);
-            if (!channel_fits_float(p->mean[c], coef[c - c0], 0.0))
-                scale_shift_in_double(y, x, p->S, p->mean[c], coef[c - c0], p->bias ? p->bias[c] : 0.0);
-            else if (p->stream)
-                fn_scale_shift_streamed(y, x, p->S, k[c - c0], carry);
-            else
-                combine_plane_f32(y, x, NULL, p->S, k[c - c0]);
-        }
 }
 
-FN_VECTOR_CLONES static int normalize_planes_slice(void *ctx, int64_t begin, int64_t end, int part)
+/* The blocks [first, last) of a slice, software-pipelined: while block b's output is written,
+ * plane by plane, the statistics of block b + 1 are read plane by plane, so that reads from
+ * memory and writes overlap as in a copy; block b's x is still in cache when its output reads it. */
+FN_VECTOR_CLONES static int normalize_planes_slice(void *ctx, int64_t first, int64_t last, int part)
 {
     const planes_args *p = ctx;
     fn_line_carry carry = {.line = NULL};      /* streamed planes: the line shared with the next one */
+    fn_scale_shift k[PLANE_BLOCK_CHANNELS];
+    double coef[PLANE_BLOCK_CHANNELS];
+    block_sums sums = no_sums;
     (void)part;
-    for (int64_t c0 = begin * p->block; c0 < end * p->block && c0 < p->C; c0 += p->block) {
-        const int64_t c1 = c0 + p->block < p->C ? c0 + p->block : p->C;
-        block_moments(p, c0, c1);
-        block_output(p, c0, c1, &carry);
+    for (int64_t o = 0; first < last && o < p->O; o++)
+        block_moments_add(p, first * p->block, block_end(p, first), o, &sums);
+    for (int64_t b = first; b < last; b++) {
+        const int64_t c0 = b * p->block, c1 = block_end(p, b), has_next = b + 1 < last;
+        block_moments_finish(p, c0, c1, &sums);
+        for (int64_t c = c0; c < c1; c++) {
+            coef[c - c0] = rstd_of(p->var[c], p->eps) * (p->weight ? p->weight[c] : 1.0);
+            k[c - c0] = fn_scale_shift_of(p->mean[c], coef[c - c0], p->bias ? p->bias[c] : 0.0, 0.0);
+        }
+        sums = no_sums;
+        for (int64_t o = 0; o < p->O; o++) {
+            block_output_plane(p, c0, c1, o, k, coef, &carry);
+            if (has_next) block_moments_add(p, c1, block_end(p, b + 1), o, &sums);
+        }
     }
     fn_line_carry_flush(&carry);
     if (p->stream) fn_stream_fence();
