@@ -19,17 +19,18 @@
 
 /* ---- output memory -------------------------------------------------------------------------------
  * New outputs of KEEP_FROM bytes or more come from this NumPy memory handler, which keeps the
- * most recently freed of its blocks (one, of at most keep_limit bytes) and gives it to the next
- * output that fits. Memory fresh from the operating system is zero-filled on first touch, which
- * costs a large call as much as its own kernel; a loop that drops each step's output gets it back
- * without that. Blocks come from NumPy's default handler (its huge-page advice included) with a
- * header holding their capacity. The header is a whole page, so the data has the offset in its page
- * that NumPy's own arrays have (another offset makes some kernels meet 4 KiB address aliasing).
- * keep_limit 0 keeps nothing. The handler runs with the GIL held
- * (NumPy calls it from array creation and deallocation); the kept block is swapped atomically. */
-enum { BLOCK_HEAD = 4096 };
+ * most recently freed of its blocks (up to KEPT_BLOCKS of them, at most keep_limit bytes in all)
+ * and gives one to the next output that it fits. Memory fresh from the operating system is
+ * zero-filled on first touch, which costs a large call as much as its own kernel; a loop that drops
+ * each step's outputs gets them back without that. Two, because add_layer_norm/add_rms_norm make
+ * two outputs a call. Blocks come from NumPy's default handler (its huge-page advice included) with
+ * a header holding their capacity. The header is a whole page, so the data has the offset in its
+ * page that NumPy's own arrays have (another offset makes some kernels meet 4 KiB address aliasing).
+ * keep_limit 0 keeps nothing. The handler runs with the GIL held (NumPy calls it from array
+ * creation and deallocation); each slot is swapped atomically. */
+enum { BLOCK_HEAD = 4096, KEPT_BLOCKS = 2 };
 #define KEEP_FROM ((size_t)1 << 20)
-static _Atomic(char *) kept_block;                        /* a block's start (its header), or NULL */
+static _Atomic(char *) kept_blocks[KEPT_BLOCKS];           /* the newest first; a block's header, or NULL */
 static _Atomic size_t keep_limit = (size_t)256 << 20;
 static PyObject *output_handler_capsule;
 
@@ -39,7 +40,7 @@ static PyDataMemAllocator *default_allocator(void)
     return &h->allocator;
 }
 
-static size_t block_capacity(const char *block) { return *(const size_t *)block; }
+static size_t block_capacity(const char *block) { return block ? *(const size_t *)block : 0; }
 
 static void release_block(char *block)
 {
@@ -47,14 +48,43 @@ static void release_block(char *block)
     if (block) d->free(d->ctx, block, block_capacity(block) + BLOCK_HEAD);
 }
 
+/* Whether a block of `capacity` bytes serves an output of `size`: large enough, and not so large
+ * that holding it would waste more than an eighth. */
+static int block_fits(size_t capacity, size_t size) { return capacity >= size && capacity - size <= size / 8; }
+
+/* A kept block that fits `size`, taken out of its slot, or NULL; when none fits, every kept block is
+ * released (a program whose sizes changed does not hold the old ones). */
+static char *take_kept_block(size_t size)
+{
+    for (int i = 0; i < KEPT_BLOCKS; i++) {
+        char *block = atomic_load(&kept_blocks[i]);
+        if (block && block_fits(block_capacity(block), size) &&
+            atomic_compare_exchange_strong(&kept_blocks[i], &block, NULL))
+            return block;
+    }
+    for (int i = 0; i < KEPT_BLOCKS; i++) release_block(atomic_exchange(&kept_blocks[i], NULL));
+    return NULL;
+}
+
+/* Capacity of the blocks kept now. */
+static size_t kept_bytes(void)
+{
+    size_t total = 0;
+    for (int i = 0; i < KEPT_BLOCKS; i++) total += block_capacity(atomic_load(&kept_blocks[i]));
+    return total;
+}
+
+/* Release the oldest kept blocks until the rest fit within `limit` in all. */
+static void trim_kept_blocks(size_t limit)
+{
+    for (int i = KEPT_BLOCKS - 1; i >= 0 && kept_bytes() > limit; i--)
+        release_block(atomic_exchange(&kept_blocks[i], NULL));
+}
+
 static void *output_malloc(void *ctx, size_t size)
 {
     (void)ctx;
-    char *block = atomic_exchange(&kept_block, NULL);
-    if (block && (block_capacity(block) < size || block_capacity(block) - size > size / 8)) {
-        release_block(block);                       /* too small, or too big to be worth holding */
-        block = NULL;
-    }
+    char *block = take_kept_block(size);
     if (!block) {
         if (size > SIZE_MAX - BLOCK_HEAD) return NULL;
         PyDataMemAllocator *d = default_allocator();
@@ -69,9 +99,15 @@ static void output_free(void *ctx, void *ptr, size_t size)
     (void)ctx, (void)size;                          /* the header has the capacity */
     if (!ptr) return;
     char *block = (char *)ptr - BLOCK_HEAD;
-    if (block_capacity(block) >= KEEP_FROM && block_capacity(block) <= atomic_load(&keep_limit))
-        block = atomic_exchange(&kept_block, block);  /* keep this one, release the one kept before */
-    release_block(block);
+    const size_t limit = atomic_load(&keep_limit);
+    if (block_capacity(block) < KEEP_FROM || block_capacity(block) > limit) {
+        release_block(block);
+        return;
+    }
+    for (int i = 0; i < KEPT_BLOCKS; i++)           /* the newest into slot 0, the others one down */
+        block = atomic_exchange(&kept_blocks[i], block);
+    release_block(block);                           /* the oldest, pushed out */
+    trim_kept_blocks(limit);
 }
 
 static void *output_calloc(void *ctx, size_t nelem, size_t elsize)
@@ -131,8 +167,8 @@ static PyObject *py_empty_like(PyObject *self, PyObject *args)
     return new_output(x, dtype);
 }
 
-/* _core.keep_output_memory(limit): the largest block kept (0: none; releases what is kept
- * above the new limit); returns the previous limit. */
+/* _core.keep_output_memory(limit): the bytes of blocks kept, in all (0: none; releases the oldest
+ * kept blocks above the new limit); returns the previous limit. */
 static PyObject *py_keep_output_memory(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -142,18 +178,15 @@ static PyObject *py_keep_output_memory(PyObject *self, PyObject *arg)
         return NULL;
     }
     size_t previous = atomic_exchange(&keep_limit, (size_t)limit);
-    char *block = atomic_exchange(&kept_block, NULL);
-    if (block && block_capacity(block) > (size_t)limit) release_block(block);
-    else if (block) release_block(atomic_exchange(&kept_block, block));
+    trim_kept_blocks((size_t)limit);
     return PyLong_FromSize_t(previous);
 }
 
-/* _core.kept_output_bytes(): the capacity of the block kept now (0: none), for the tests. */
+/* _core.kept_output_bytes(): the capacity of the blocks kept now (0: none), for the tests. */
 static PyObject *py_kept_output_bytes(PyObject *self, PyObject *unused)
 {
     (void)self, (void)unused;
-    const char *block = atomic_load(&kept_block);
-    return PyLong_FromSize_t(block ? block_capacity(block) : 0);
+    return PyLong_FromSize_t(kept_bytes());
 }
 
 
@@ -421,6 +454,46 @@ static PyObject *py_channel_grad_sums(PyObject *self, PyObject *args)
     status = channel_grad_sums(sdy_sum, sxc, dy, x, center, m, sx[0], sx[1], sx[2], nthreads);
     Py_END_ALLOW_THREADS
     return status_to_result(status);
+}
+
+/* channel_backward_planes(dx, dy, x, mean, rstd, wr, sum_dy, sum_dy_xc, nthreads) */
+static PyObject *py_channel_backward_planes(PyObject *self, PyObject *args)
+{
+    PyObject *o[3], *od[5];
+    static const char *const views[3] = {"dx", "dy", "x"}, *const names[5] = {"mean", "rstd", "wr", "sum_dy", "sum_dy_xc"};
+    double *d[5];
+    npy_intp shape[3][3];
+    fn_view v[3];
+    int status, nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOi", &o[0], &o[1], &o[2], &od[0], &od[1], &od[2], &od[3], &od[4], &nthreads))
+        return NULL;
+    for (int k = 0; k < 3; k++)
+        if (to_view(o[k], views[k], 3, k == 0, &v[k], shape[k]) || (k > 0 && !same_shape(shape[0], shape[k], 3)))
+            return NULL;
+    for (int k = 0; k < 5; k++)
+        if (to_doubles(od[k], names[k], shape[0][1], 0, k >= 3, &d[k])) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    status = channel_backward_planes_f32(v[0], v[1], v[2], d[0], d[1], d[2], d[3], d[4], shape[0][0], shape[0][1],
+                                         shape[0][2], nthreads);
+    Py_END_ALLOW_THREADS
+    return status_to_result(status);
+}
+
+/* channel_dx_coefs(coef_x, shift, wr, rstd, sum_dy, sum_dy_xc, n) */
+static PyObject *py_channel_dx_coefs(PyObject *self, PyObject *args)
+{
+    PyObject *o[6];
+    static const char *const names[6] = {"coef_x", "shift", "wr", "rstd", "sum_dy", "sum_dy_xc"};
+    double *d[6], n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &n)) return NULL;
+    if (!PyArray_Check(o[0])) return PyErr_Format(PyExc_TypeError, "_core: coef_x must be an ndarray");
+    const npy_intp C = PyArray_SIZE((PyArrayObject *)o[0]);
+    for (int k = 0; k < 6; k++)
+        if (to_doubles(o[k], names[k], C, 0, k < 2, &d[k])) return NULL;
+    channel_dx_coefs(d[0], d[1], d[2], d[3], d[4], d[5], n, C);
+    Py_RETURN_NONE;
 }
 
 /* A C-contiguous, aligned, native float32/64 ndarray (the fast path's x, out, weight, bias). */
@@ -921,8 +994,8 @@ static PyMethodDef core_methods[] = {
      "Layer/RMS norm gradients along the last axis of plain arrays, or NotImplemented."},
     {"register_bfloat16", py_register_bfloat16, METH_O, "The type number of ml_dtypes.bfloat16, for the kernels' views."},
     {"empty_like", py_empty_like, METH_VARARGS, "np.empty_like(x, dtype) from the output memory."},
-    {"keep_output_memory", py_keep_output_memory, METH_O, "Largest freed output block kept for reuse; returns the previous."},
-    {"kept_output_bytes", py_kept_output_bytes, METH_NOARGS, "Capacity of the output block kept now (0: none)."},
+    {"keep_output_memory", py_keep_output_memory, METH_O, "Bytes of freed output blocks kept for reuse, in all; returns the previous limit."},
+    {"kept_output_bytes", py_kept_output_bytes, METH_NOARGS, "Capacity of the output blocks kept now (0: none)."},
     {"group_forward", py_group_forward, METH_VARARGS, "Layer/RMS/instance/group norm on an (A, G, K, S) view."},
     {"group_backward", py_group_backward, METH_VARARGS, "Gradients of group_forward."},
     {"channel_moments", py_channel_moments, METH_VARARGS, "Per-channel count, mean, biased var of an (O, C, S) view."},
@@ -933,6 +1006,9 @@ static PyMethodDef core_methods[] = {
      "Batch norm training of float32 planes (O, C, S), channel blocks at a time; writes mean, var."},
     {"cpu_dispatch", py_cpu_dispatch, METH_NOARGS, "CPU features and the kernel variants picked for them."},
     {"channel_grad_sums", py_channel_grad_sums, METH_VARARGS, "Per-channel sums of dy and dy*(x - center)."},
+    {"channel_backward_planes", py_channel_backward_planes, METH_VARARGS,
+     "Batch norm training dx of float32 planes (O, C, S), channel blocks at a time; writes the sums."},
+    {"channel_dx_coefs", py_channel_dx_coefs, METH_VARARGS, "Batch norm dx coefficients coef_x, shift from the sums."},
     {"add_rows_fast", (PyCFunction)(void (*)(void))py_add_rows_fast, METH_FASTCALL,
      "h = x + residual and layer/RMS norm of h along the last axis of plain arrays, or NotImplemented."},
     {NULL, NULL, 0, NULL},

@@ -345,10 +345,11 @@ FN_OUT_OF_LINE void scale_shift_in_double(float *y, const float *x, int64_t n, d
 }
 
 /* channel_normalize_planes_f32: the channels in blocks of at most PLANE_BLOCK_BYTES of x (at least
- * one channel, at most 64), each block's statistics and then its output while the block is in L2,
- * so that x is read from memory once instead of twice; large outputs are streamed. Threads take
- * whole blocks, so the results do not depend on their number: each channel's planes are merged in
- * o order, as channel_moments with one thread. */
+ * one channel, at most 64), each block's statistics and then its output while the block is in
+ * cache, so that x is read from memory once instead of twice; large outputs are streamed. Threads
+ * take whole blocks, so the results do not depend on their number: each channel's planes are
+ * merged in o order, as channel_moments with one thread. A constant block size: from 128 KiB to
+ * 8 MiB it made no difference (docs/performance.md). */
 enum { PLANE_BLOCK_BYTES = 1 << 20, PLANE_BLOCK_CHANNELS = 64 };
 
 typedef struct {
@@ -403,7 +404,7 @@ FN_INLINE void block_output_plane(const planes_args *p, int64_t c0, int64_t c1, 
         if (!channel_fits_float(p->mean[c], coef[c - c0], 0.0))
             scale_shift_in_double(y, x, p->S, p->mean[c], coef[c - c0], p->bias ? p->bias[c] : 0.0);
         else if (p->stream)
-            fn_scale_shift_streamed(y, x, p->S, k[c - c0], carry);
+            fn_scale_shift_streamed(y, x, NULL, p->S, k[c - c0], carry);
         else
             combine_plane_f32(y, x, NULL, p->S, k[c - c0]);
     }
@@ -483,6 +484,20 @@ FN_INLINE void grad_sums_four_rows_f32(const channel_args *p, int64_t o, int64_t
     }
 }
 
+/* The sums of dy and dy * (x - mu) over one contiguous float32 plane of S positions. */
+FN_INLINE void plane_grad_sums_f32(const float *x, const float *dy, int64_t S, double mu, double *sum_dy,
+                                   double *sum_dy_xc)
+{
+    double sd = 0.0, sxc = 0.0;
+#pragma omp simd reduction(+ : sd, sxc)
+    for (int64_t i = 0; i < S; i++) {
+        sd += (double)dy[i];
+        sxc += (double)dy[i] * ((double)x[i] - mu);
+    }
+    *sum_dy = sd;
+    *sum_dy_xc = sxc;
+}
+
 /* The gradient sums of row or planes o, contiguous float32 lines with no padding, read in place. */
 FN_INLINE void grad_sums_f32(const channel_args *p, int64_t o, double *sum_dy, double *sum_dy_xc)
 {
@@ -498,13 +513,9 @@ FN_INLINE void grad_sums_f32(const channel_args *p, int64_t o, double *sum_dy, d
         return;
     }
     for (int64_t c = 0; c < p->C; c++) {
-        const float *xr = (const float *)(xo + c * p->x.stride[1]), *dyr = (const float *)(dyo + c * p->dy.stride[1]);
-        double sd = 0.0, sxc = 0.0, mu = p->center[c];
-#pragma omp simd reduction(+ : sd, sxc)
-        for (int64_t i = 0; i < p->S; i++) {
-            sd += (double)dyr[i];
-            sxc += (double)dyr[i] * ((double)xr[i] - mu);
-        }
+        double sd, sxc;
+        plane_grad_sums_f32((const float *)(xo + c * p->x.stride[1]), (const float *)(dyo + c * p->dy.stride[1]),
+                            p->S, p->center[c], &sd, &sxc);
         sum_dy[c] += sd;
         sum_dy_xc[c] += sxc;
     }
@@ -587,4 +598,125 @@ int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
     }
     free(partial);
     return status;
+}
+
+/* channel_backward_planes_f32: the gradient sums of a block of channels, then its dx while the
+ * block is in cache, the next block's sums read while this block's dx is written (as
+ * channel_normalize_planes_f32 does forward). Threads take whole blocks. Each channel's sums keep
+ * channel_grad_sums' bits: its slices of o (`parts` of them) summed apart, then added in order. */
+typedef struct {
+    fn_view dx, dy, x;
+    const double *mean, *rstd, *wr;
+    double *sum_dy, *sum_dy_xc, n;
+    int64_t O, C, S, block;
+    int parts;                       /* channel_grad_sums' slices of o */
+    int stream;                      /* write dx with non-temporal stores */
+} grad_planes_args;
+
+/* The running sums of one block's channels: the current slice's and the total of those before. */
+typedef struct {
+    double dy[PLANE_BLOCK_CHANNELS], dy_xc[PLANE_BLOCK_CHANNELS];
+    double total_dy[PLANE_BLOCK_CHANNELS], total_dy_xc[PLANE_BLOCK_CHANNELS];
+    int part;                        /* the slice of o being summed */
+} grad_block_sums;
+static const grad_block_sums no_grad_sums;  /* all zero */
+
+/* The first o of channel_grad_sums' slice q (parallel.c's split of [0, O) into parts). */
+FN_INLINE int64_t grad_slice_start(const grad_planes_args *p, int q)
+{
+    return p->O / p->parts * q + p->O % p->parts * q / p->parts;
+}
+
+/* Plane o of channels [c0, c1) added into s; at a slice's start the slice before goes into the total. */
+FN_INLINE void grad_block_add(const grad_planes_args *p, int64_t c0, int64_t c1, int64_t o, grad_block_sums *s)
+{
+    if (s->part + 1 < p->parts && o == grad_slice_start(p, s->part + 1)) {
+        for (int64_t j = 0; j < c1 - c0; j++)
+            s->total_dy[j] += s->dy[j], s->total_dy_xc[j] += s->dy_xc[j], s->dy[j] = s->dy_xc[j] = 0.0;
+        s->part++;
+    }
+    for (int64_t c = c0; c < c1; c++) {
+        double sd, sxc;
+        plane_grad_sums_f32((const float *)(p->x.data + o * p->x.stride[0] + c * p->x.stride[1]),
+                            (const float *)(p->dy.data + o * p->dy.stride[0] + c * p->dy.stride[1]), p->S,
+                            p->mean[c], &sd, &sxc);
+        s->dy[c - c0] += sd;
+        s->dy_xc[c - c0] += sxc;
+    }
+}
+
+/* Plane o of dx for channels [c0, c1): in float, or in double where float could overflow. */
+FN_INLINE void grad_block_dx(const grad_planes_args *p, int64_t c0, int64_t c1, int64_t o, const double *coef_x,
+                             const double *shift, fn_line_carry *carry)
+{
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t j = c - c0;
+        float *dx = (float *)(p->dx.data + o * p->dx.stride[0] + c * p->dx.stride[1]);
+        const float *x = (const float *)(p->x.data + o * p->x.stride[0] + c * p->x.stride[1]);
+        const float *dy = (const float *)(p->dy.data + o * p->dy.stride[0] + c * p->dy.stride[1]);
+        const fn_scale_shift k = fn_scale_shift_of(p->mean[c], coef_x[j], shift[j], p->wr[c]);
+        if (channel_fits_float(p->mean[c], coef_x[j], p->wr[c])) {
+            if (p->stream) fn_scale_shift_streamed(dx, x, dy, p->S, k, carry);
+            else combine_plane_f32(dx, x, dy, p->S, k);
+            continue;
+        }
+        for (int64_t i = 0; i < p->S; i++)
+            dx[i] = (float)fn_combine_dy_f64_at(p->mean[c], coef_x[j], p->wr[c], shift[j], x[i], dy[i]);
+    }
+}
+
+FN_VECTOR_CLONES static int grad_planes_slice(void *ctx, int64_t first, int64_t last, int part)
+{
+    const grad_planes_args *p = ctx;
+    double coef_x[PLANE_BLOCK_CHANNELS], shift[PLANE_BLOCK_CHANNELS];
+    grad_block_sums s = no_grad_sums;
+    fn_line_carry carry = {.line = NULL};      /* streamed planes: the line shared with the next one */
+    (void)part;
+    for (int64_t o = 0; first < last && o < p->O; o++)
+        grad_block_add(p, first * p->block, first * p->block + p->block < p->C ? first * p->block + p->block : p->C, o, &s);
+    for (int64_t b = first; b < last; b++) {
+        const int64_t c0 = b * p->block, c1 = c0 + p->block < p->C ? c0 + p->block : p->C;
+        const int64_t c2 = c1 + p->block < p->C ? c1 + p->block : p->C;      /* the next block's end */
+        for (int64_t c = c0; c < c1; c++) {
+            const int64_t j = c - c0;
+            p->sum_dy[c] = s.total_dy[j] + s.dy[j];
+            p->sum_dy_xc[c] = s.total_dy_xc[j] + s.dy_xc[j];
+            fn_batch_dx_coefs(p->wr[c], p->rstd[c], p->sum_dy[c], p->sum_dy_xc[c], p->n, &coef_x[j], &shift[j]);
+        }
+        s = no_grad_sums;
+        for (int64_t o = 0; o < p->O; o++) {
+            grad_block_dx(p, c0, c1, o, coef_x, shift, &carry);
+            if (b + 1 < last) grad_block_add(p, c1, c2, o, &s);
+        }
+    }
+    fn_line_carry_flush(&carry);
+    if (p->stream) fn_stream_fence();
+    return FN_OK;
+}
+
+int channel_backward_planes_f32(fn_view dx, fn_view dy, fn_view x, const double *mean, const double *rstd,
+                                const double *wr, double *sum_dy, double *sum_dy_xc, int64_t O, int64_t C,
+                                int64_t S, int nthreads)
+{
+    const fn_view *v[3] = {&dx, &dy, &x};
+    if (O < 1 || C < 0 || S < 2) return FN_EINVAL;
+    for (int k = 0; k < 3; k++)
+        if (v[k]->dtype != FN_F32 || v[k]->stride[2] != 4) return FN_EINVAL;
+    int64_t channel_bytes;
+    if (fn_mul_add_size(O * S, 2 * sizeof(float), 0, &channel_bytes)) channel_bytes = INT64_MAX;   /* x and dy */
+    int64_t block = channel_bytes > 0 ? PLANE_BLOCK_BYTES / channel_bytes : PLANE_BLOCK_CHANNELS;
+    block = block < 1 ? 1 : block > PLANE_BLOCK_CHANNELS ? PLANE_BLOCK_CHANNELS : block;
+    const int64_t blocks = (C + block - 1) / block;
+    grad_planes_args p = {.dx = dx, .dy = dy, .x = x, .mean = mean, .rstd = rstd, .wr = wr, .sum_dy = sum_dy,
+                          .sum_dy_xc = sum_dy_xc, .n = (double)(O * S), .O = O, .C = C, .S = S, .block = block,
+                          .parts = channel_parts(nthreads, O, O * C * S),
+                          .stream = fn_streaming_pays(O * C * S, sizeof(float))};
+    int parts = fn_parts(nthreads, O * C * S);
+    return fn_parallel_for(parts > blocks ? (blocks > 0 ? (int)blocks : 1) : parts, blocks, grad_planes_slice, &p);
+}
+
+void channel_dx_coefs(double *coef_x, double *shift, const double *wr, const double *rstd, const double *sum_dy,
+                      const double *sum_dy_xc, double n, int64_t C)
+{
+    for (int64_t c = 0; c < C; c++) fn_batch_dx_coefs(wr[c], rstd[c], sum_dy[c], sum_dy_xc[c], n, &coef_x[c], &shift[c]);
 }

@@ -107,6 +107,16 @@ FN_INLINE double fn_combine_dy_f64_at(double center, double coef_x, double coef_
     return coef_x * (x - center) + coef_dy * dy + shift;
 }
 
+/* Batch norm's training dx, dx = wr * (dy - sum_dy/n - xhat * sum_dy_xhat/n) with wr = weight * rstd,
+ * as a channel_combine of dy and x: coef_dy = wr and these two (sum_dy_xc: the sum of
+ * dy * (x - mean), n the real values per channel). */
+FN_INLINE void fn_batch_dx_coefs(double wr, double rstd, double sum_dy, double sum_dy_xc, double n, double *coef_x,
+                                 double *shift)
+{
+    *coef_x = -wr * rstd * rstd * sum_dy_xc / n;
+    *shift = -wr * sum_dy / n;
+}
+
 /* the float paths' fallback of a line: y = (x - center) * scale + shift, in double */
 FN_INLINE double fn_scale_shift_f64_at(double center, double scale, double shift, double x)
 {

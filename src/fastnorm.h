@@ -158,7 +158,8 @@ void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu
                                 const double *b, const double *next, fn_line_carry *carry);
 void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, fn_dx c, const float *w,
                         fn_line_carry *carry);
-void fn_scale_shift_streamed(float *y, const float *x, int64_t n, fn_scale_shift c, fn_line_carry *carry);
+void fn_scale_shift_streamed(float *y, const float *x, const float *dy, int64_t n, fn_scale_shift c,
+                             fn_line_carry *carry);
 void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C,
                               const fn_channel_coefs *f);
 void fn_stream_fence(void);
@@ -212,6 +213,20 @@ int channel_normalize_planes_f32(fn_view out, fn_view x, const double *weight, c
  * Both (C) doubles, written. */
 int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
                       const double *center, fn_mask mask, int64_t O, int64_t C, int64_t S, int nthreads);
+
+/* Batch norm's training gradient of float32 planes (O, C, S), O >= 1, S > 1, each plane contiguous
+ * in dx, dy and x, no mask: sum_dy, sum_dy_xc (C, written) as channel_grad_sums with `nthreads`,
+ * then dx as channel_combine with coef_dy = wr (weight * rstd) and fn_batch_dx_coefs' coef_x and
+ * shift, n = O * S; a block of channels at a time so that x and dy are read from memory once.
+ * Where one channel's coefficients could overflow float, that channel is computed in double.
+ * dx may be exactly dy or x. FN_EINVAL for anything else. */
+int channel_backward_planes_f32(fn_view dx, fn_view dy, fn_view x, const double *mean, const double *rstd,
+                                const double *wr, double *sum_dy, double *sum_dy_xc, int64_t O, int64_t C,
+                                int64_t S, int nthreads);
+
+/* coef_x, shift (C, written): fn_batch_dx_coefs of each channel, for channel_combine. */
+void channel_dx_coefs(double *coef_x, double *shift, const double *wr, const double *rstd, const double *sum_dy,
+                      const double *sum_dy_xc, double n, int64_t C);
 
 /* ---- summary.c: the per-channel statistics of fastnorm.Moments ---- */
 

@@ -170,15 +170,18 @@ __attribute__((target("avx512f"))) static int64_t affine_row_streamed_avx512(flo
     return whole;
 }
 
-__attribute__((target("avx512f"))) static int64_t scale_shift_streamed_avx512(float *y, const float *x, int64_t n,
+__attribute__((target("avx512f"))) static int64_t scale_shift_streamed_avx512(float *y, const float *x,
+                                                                           const float *dy, int64_t n,
                                                                            fn_scale_shift c)
 {
     const __m512 hi = _mm512_set1_ps(c.mu_hi), lo = _mm512_set1_ps(c.mu_lo), k = _mm512_set1_ps(c.scale),
-                 sh = _mm512_set1_ps(c.shift);
+                 sh = _mm512_set1_ps(c.shift), kdy = _mm512_set1_ps(c.scale_dy);
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_stream_ps(y + i, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi),
-                                                                          lo), k), sh));
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), hi), lo), k);
+        if (dy) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_loadu_ps(dy + i), kdy));
+        _mm512_stream_ps(y + i, _mm512_add_ps(v, sh));
+    }
     return i;
 }
 
@@ -243,7 +246,7 @@ __attribute__((target("avx512f"))) static int64_t combine_rows_streamed_avx512(f
 #define affine_row_to_halves_f16c(dst, x, n, c, w, b) ((int64_t)0)
 #define stream_line(line, bytes) memcpy((line), (bytes), 64)
 #define affine_row_streamed_avx512(y, x, n, c, w, b, next, backward) ((void)(next), (void)(backward), (int64_t)0)
-#define scale_shift_streamed_avx512(y, x, n, c) ((int64_t)0)
+#define scale_shift_streamed_avx512(y, x, dy, n, c) ((int64_t)0)
 #define dx_row_streamed_avx512(dx, dy, x, n, c, w) ((int64_t)0)
 #define affine_row_streamed_f64_avx512(y, x, n, mu, r, w, b, next) ((void)(next), (int64_t)0)
 #define combine_rows_streamed_avx512(y, x, dy, n, C, f) ((int64_t)0)
@@ -538,11 +541,14 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, fn_affine c, co
 #undef AFFINE
 }
 
-/* y[i] = fn_scale_shift_at(c, x[i]) (one channel's plane), streamed. */
-void fn_scale_shift_streamed(float *y, const float *x, int64_t n, fn_scale_shift c, fn_line_carry *carry)
+/* y[i] = fn_scale_shift_at(c, x[i]), or with dy fn_scale_shift_dy_at(c, x[i], dy[i]) (one channel's
+ * plane), streamed. y may be x or dy. */
+void fn_scale_shift_streamed(float *y, const float *x, const float *dy, int64_t n, fn_scale_shift c,
+                             fn_line_carry *carry)
 {
-#define SCALE_SHIFT(i) fn_scale_shift_at(c, x[i])
-    STREAMED_ROW(float, y, n, SCALE_SHIFT, scale_shift_streamed_avx512(y + h_, x + h_, n - h_, c));
+#define SCALE_SHIFT(i) (dy ? fn_scale_shift_dy_at(c, x[i], dy[i]) : fn_scale_shift_at(c, x[i]))
+    STREAMED_ROW(float, y, n, SCALE_SHIFT,
+                 scale_shift_streamed_avx512(y + h_, x + h_, dy ? dy + h_ : NULL, n - h_, c));
 #undef SCALE_SHIFT
 }
 

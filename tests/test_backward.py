@@ -659,3 +659,52 @@ def test_float32_instance_norm_backward_plane_sums_in_float_runs(shape, offset, 
     assert np.abs(dx - dx_ref).max() <= 4 * ulp * np.abs(r * g).max()
     assert np.all(np.abs(dw - (dy64 * xhat).sum((0, 2, 3))) <= 4 * ulp * np.abs(dy64 * xhat).sum((0, 2, 3)))
     assert np.all(np.abs(db - dy64.sum((0, 2, 3))) <= 4 * ulp * np.abs(dy64).sum((0, 2, 3)))
+
+
+# ---- batch norm's float32 planes: sums and dx a block of channels at a time (src/batch_norm.c) ----
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (7, 130, 9, 33), (16, 8, 64, 64), (1, 4, 2, 1)])
+def test_batch_norm_planes_backward_has_the_bits_of_the_general_path(shape, threads):
+    """(N, C, H, W) float32 without a mask takes the blocked kernel; an all-True mask takes the
+    general path (sums over the whole batch, then dx). Same sums, same dx, bit for bit, for any
+    thread count; in place too; and both within float32 accuracy of the float64 gradient."""
+    rng = np.random.default_rng(sum(shape) + threads)
+    x = (rng.standard_normal(shape) * 3 + 100).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(shape[1]).astype(np.float32)
+    mask = np.ones((shape[0],) + shape[2:], bool)
+    previous = fastnorm.get_num_threads()
+    fastnorm.set_num_threads(threads)
+    try:
+        _, mean, rstd = fastnorm.batch_norm(x, w, axis=1, return_stats=True)
+        blocked = fastnorm.batch_norm_backward(dy, x, mean, rstd, w, axis=1)
+        general = fastnorm.batch_norm_backward(dy, x, mean, rstd, w, axis=1, mask=mask)
+        in_place = dy.copy()
+        fastnorm.batch_norm_backward(in_place, x, mean, rstd, w, axis=1, out=in_place)
+    finally:
+        fastnorm.set_num_threads(previous)
+    for b, g in zip(blocked, general):
+        np.testing.assert_array_equal(b, g)
+    np.testing.assert_array_equal(in_place, blocked[0])
+    expected = gref.analytic_grads("batch_norm", dy, x, w, axis=1)
+    scale = np.max(np.abs(w)) * np.max(rstd) * np.max(np.abs(dy))     # dx's natural scale
+    np.testing.assert_allclose(blocked[0], expected[0], rtol=0, atol=1e-5 * scale)
+    for got, want in zip(blocked[1:], expected[1:]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.max(np.abs(want)))
+
+
+def test_batch_norm_planes_backward_one_channel_past_float():
+    """A channel whose coefficients the float arithmetic may not take (weight 1e31, past 2**100) is
+    computed in double, the others in float: all finite and right."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = np.array([1e31, 0.5, -2.0], np.float32)
+    _, mean, rstd = fastnorm.batch_norm(x, axis=1, return_stats=True)
+    dx = fastnorm.batch_norm_backward(dy, x, mean, rstd, w, axis=1)[0].astype(np.float64)
+    want = gref.analytic_grads("batch_norm", dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+                               axis=1)[0]
+    assert np.isfinite(dx).all()
+    for c in range(3):
+        np.testing.assert_allclose(dx[:, c], want[:, c], rtol=0, atol=1e-4 * np.max(np.abs(want[:, c])))

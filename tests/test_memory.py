@@ -1,4 +1,4 @@
-"""The output memory: fastnorm keeps the last freed large output (``set_output_cache``) and reuses it.
+"""The output memory: fastnorm keeps the last two freed large outputs (``set_output_cache``) and reuses them.
 
 A reused block holds whatever the previous output left there, so every test here first poisons
 the block (fills the dropped output with NaN) and then checks the new output against the float64
@@ -95,6 +95,45 @@ def test_a_kept_block_is_reused_and_fully_overwritten(make, shape, dtype, tol):
     assert _core.kept_output_bytes() == 0
     scale = np.max(np.abs(expected))
     np.testing.assert_allclose(second, expected, rtol=0, atol=tol * scale)   # ... every element rewritten
+
+
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_both_outputs_of_an_add_norm_call_come_back(op):
+    """add_layer_norm/add_rms_norm make two large outputs (y, h): both are kept and both reused."""
+    x, r = (RNG.standard_normal((2, 512, 1024)) * 3 + 1).astype(np.float32)
+    w = RNG.standard_normal(1024).astype(np.float32)
+    call = lambda: getattr(fastnorm, op)(x, r, w)                              # noqa: E731
+    y, h = call()
+    addresses = {y.ctypes.data, h.ctypes.data}
+    assert {get_handler_name(y), get_handler_name(h)} == {"fastnorm_output"}
+    y[...] = np.nan                              # poison both blocks before they are kept
+    h[...] = np.nan
+    del y, h
+    assert _core.kept_output_bytes() == 2 * x.nbytes
+    y, h = call()
+    assert {y.ctypes.data, h.ctypes.data} == addresses and _core.kept_output_bytes() == 0
+    np.testing.assert_array_equal(h, x + r)
+    expected = getattr(ref, op[4:])(x.astype(np.float64) + r, w)[0]
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.max(np.abs(expected)))
+
+
+def test_the_kept_blocks_share_the_limit_and_the_oldest_goes_first():
+    x = RNG.standard_normal((512, 1024)).astype(np.float32)                  # 2 MiB outputs
+    first, second = fastnorm.layer_norm(x), fastnorm.layer_norm(x + 1)
+    newest = second.ctypes.data
+    del first, second                            # second freed last: the newest
+    assert _core.kept_output_bytes() == 4 * MIB
+    fastnorm.set_output_cache(3 * MIB)           # both no longer fit: the oldest is released
+    assert _core.kept_output_bytes() == 2 * MIB
+    y = fastnorm.layer_norm(x)
+    assert y.ctypes.data == newest and _core.kept_output_bytes() == 0
+    a = fastnorm.layer_norm(x)                   # two live 2 MiB outputs under a 3 MiB limit
+    newest = y.ctypes.data
+    del a, y                                     # y freed last
+    assert _core.kept_output_bytes() == 2 * MIB  # only the newest is kept
+    z = fastnorm.layer_norm(x)
+    assert z.ctypes.data == newest
+    np.testing.assert_allclose(z, ref.layer_norm(x)[0], rtol=0, atol=1e-5)
 
 
 def test_live_outputs_never_share_memory():

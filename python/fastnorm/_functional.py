@@ -730,9 +730,19 @@ def _batch_norm_backward(fn, dy, arr, mean, rstd, weight, axis, training, mask, 
     identity = tuple(range(arr.ndim))
     xv, gv = ck.input_view(arr, identity, view), ck.input_view(g, identity, view)
 
-    sums = _channel_grad_sums(gv, xv, mu, m)
     target = ck.Output(out, arr, arr.dtype, identity, view, also_read=(g,))
-    _channel_dx(target.view, gv, xv, mu, r, w, m, sums if training else None)
+    # float32 planes (the (N, C, H, W) axis=1 case), no mask: sums and dx a block of channels at a
+    # time, reading x and dy from memory once (src/batch_norm.c)
+    planes = (training and m is None and arr.dtype == np.float32 and S > 1 and O > 0 and
+              all(v.strides[2] == 4 for v in (xv, gv, target.view)))
+    if planes:
+        sums = (np.empty(C), np.empty(C), float(O * S))
+        with np.errstate(invalid="ignore", over="ignore"):
+            wr = r if w is None else r * w
+        _core.channel_backward_planes(target.view, gv, xv, mu, r, wr, sums[0], sums[1], get_num_threads())
+    else:
+        sums = _channel_grad_sums(gv, xv, mu, m)
+        _channel_dx(target.view, gv, xv, mu, r, w, m, sums if training else None)
     dweight, dbias = _channel_param_grads(sums, r)
     return target.finish(), dweight, dbias
 
@@ -766,13 +776,10 @@ def _channel_dx(target, gv, xv, mean, rstd, weight, mask, sums):
     C = xv.shape[1]
     with np.errstate(invalid="ignore", over="ignore"):      # NaN/Inf in x or dy: NaN there, as documented
         wr = rstd if weight is None else rstd * weight
-        if sums is not None and sums[2] > 0:
-            sum_dy, sum_dy_xc, n = sums
-            # written as coef_dy*dy + coef_x*(x - mean) + shift
-            coef_x = -wr * rstd * rstd * sum_dy_xc / n
-            shift = -wr * sum_dy / n
-        else:
-            coef_x, shift = np.zeros(C), np.zeros(C)
+    coef_x, shift = np.zeros(C), np.zeros(C)
+    if sums is not None and sums[2] > 0:        # written as coef_dy*dy + coef_x*(x - mean) + shift
+        _core.channel_dx_coefs(coef_x, shift, *(np.ascontiguousarray(a, np.float64) for a in (wr, rstd, *sums[:2])),
+                               float(sums[2]))
     _core.channel_combine(target, xv, mean, coef_x, gv, wr, shift, mask, get_num_threads())
 
 

@@ -2,10 +2,11 @@
 
 Memory new from the operating system is zero-filled on first touch, which costs a large call
 about as much as the normalization itself. So fastnorm keeps the most recently freed of its own
-outputs (one block, 1 MiB up to the limit, 256 MiB by default) and gives it to the next output
-that fits: a loop that drops each step's result then pays for the zeroing once. The block is
-held until a call reuses it or replaces it, or ``set_output_cache(0)``; arrays passed as ``out=``
-are never touched by this. The state lives in ``fastnorm._core`` (an atomically swapped pointer).
+outputs (two blocks of 1 MiB or more, up to the limit in all, 256 MiB by default: the two outputs
+of ``add_layer_norm``) and gives one to the next output that fits: a loop that drops each step's
+results then pays for the zeroing once. A block is held until a call reuses it or replaces it, or
+``set_output_cache(0)``; arrays passed as ``out=`` are never touched by this. The state lives in
+``fastnorm._core`` (two atomically swapped pointers).
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ _core.keep_output_memory(min(_limit, sys.maxsize))
 
 
 def set_output_cache(max_bytes: int) -> None:
-    """Keep one freed output of up to ``max_bytes`` bytes for reuse; ``0`` keeps none.
+    """Keep up to two freed outputs, ``max_bytes`` bytes in all, for reuse; ``0`` keeps none.
 
-    The default is ``FASTNORM_OUTPUT_CACHE`` if set, else 256 MiB. Lowering the limit releases a
-    kept block above it at once.
+    The default is ``FASTNORM_OUTPUT_CACHE`` if set, else 256 MiB. Lowering the limit releases
+    kept blocks above it at once, the oldest first.
     """
     global _limit
     max_bytes = whole_number(max_bytes, "max_bytes", "set_output_cache", 0)
@@ -35,5 +36,5 @@ def set_output_cache(max_bytes: int) -> None:
 
 
 def get_output_cache() -> int:
-    """The largest freed output, in bytes, that fastnorm keeps for reuse (0: none)."""
+    """The bytes of freed outputs, in all, that fastnorm keeps for reuse (0: none)."""
     return _limit

@@ -287,13 +287,13 @@ static void test_half_sums(void)
  * prefetched. */
 static void test_streamed_rows(void)
 {
-    static float buf[4][128] __attribute__((aligned(64)));
+    static float buf[5][128] __attribute__((aligned(64)));
     static double dbuf[128] __attribute__((aligned(64)));
     double xd[96], wd[96], bd[96];
     float x[96], dy[96], w[96], b[96];
     const fn_affine c3 = {3.25f, 1e-7f, 0.75f};
     const fn_dx c5 = {0.75f, -0.125f, 3.25f, 1e-7f, 0.0625f};
-    const fn_scale_shift c4 = {3.25f, 1e-7f, 0.75f, -0.375f, 0.0f};
+    const fn_scale_shift c4 = {3.25f, 1e-7f, 0.75f, -0.375f, 0.5f};
     for (int i = 0; i < 96; i++) {
         x[i] = 3.0f + (float)((i * 37) % 23) / 8.0f;
         dy[i] = (float)((i * 11) % 7) / 3.0f - 1.0f;
@@ -310,7 +310,8 @@ static void test_streamed_rows(void)
             fn_dx_row_streamed(dx, dy, x, n, c5, w, NULL);
             fn_dx_row_streamed(g, g, x, n, c5, w, NULL);
             fn_affine_row_streamed_f64(dbuf + start, xd, n, 3.25, 0.75, wd, bd, n % 2 ? NULL : bd, NULL);
-            fn_scale_shift_streamed(buf[3] + start, x, n, c4, NULL);
+            fn_scale_shift_streamed(buf[3] + start, x, NULL, n, c4, NULL);
+            fn_scale_shift_streamed(buf[4] + start, x, dy, n, c4, NULL);
             fn_stream_fence();
             for (int i = 0; i < n; i++) bad += dbuf[start + i] != fn_affine_f64_at(3.25, 0.75, xd[i], wd[i], bd[i]);
             for (int i = 0; i < n; i++) {
@@ -318,30 +319,33 @@ static void test_streamed_rows(void)
                 float want_dx = fn_dx_at(c5, dy[i], x[i], w[i]);
                 float want_plane = fn_scale_shift_at(c4, x[i]);
                 bad += y[i] != want_y || dx[i] != want_dx || g[i] != want_dx || buf[3][start + i] != want_plane;
+                bad += buf[4][start + i] != fn_scale_shift_dy_at(c4, x[i], dy[i]);
             }
         }
     check_close("streamed rows differing", bad, 0, 0);
     /* three rows one after another into contiguous memory through a line carry, flushed at the
      * end: every start 0..16 and row length 1..40, float32 (y, dx, also dx = dy in place, and
      * batch-norm planes) and float64; the elements around the rows must keep their sentinel */
-    static float rows[4][160] __attribute__((aligned(64)));
+    static float rows[5][160] __attribute__((aligned(64)));
     static double drows[160] __attribute__((aligned(64)));
     bad = 0;
     for (int start = 0; start <= 16; start++)
         for (int n = 1; n <= 40; n++) {
-            for (int i = 0; i < 160; i++) rows[0][i] = rows[1][i] = rows[3][i] = -7.0f, drows[i] = -7.0;
+            for (int i = 0; i < 160; i++) rows[0][i] = rows[1][i] = rows[3][i] = rows[4][i] = -7.0f, drows[i] = -7.0;
             for (int i = 0; i < 3 * n; i++) rows[2][start + i] = dy[i % 96];
             fn_line_carry cy = {.line = NULL}, cd = {.line = NULL}, cg = {.line = NULL}, c64 = {.line = NULL},
-                          cp = {.line = NULL};
+                          cp = {.line = NULL}, cq = {.line = NULL};
             for (int r = 0; r < 3; r++) {
                 float *g = rows[2] + start + r * n;
                 fn_affine_row_streamed(rows[0] + start + r * n, x + r, n, c3, w, b, NULL, &cy);
                 fn_dx_row_streamed(rows[1] + start + r * n, dy + r, x + r, n, c5, w, &cd);
                 fn_dx_row_streamed(g, g, x + r, n, c5, w, &cg);
                 fn_affine_row_streamed_f64(drows + start + r * n, xd + r, n, 3.25, 0.75, wd, bd, NULL, &c64);
-                fn_scale_shift_streamed(rows[3] + start + r * n, x + r, n, c4, &cp);
+                fn_scale_shift_streamed(rows[3] + start + r * n, x + r, NULL, n, c4, &cp);
+                fn_scale_shift_streamed(rows[4] + start + r * n, x + r, dy + r, n, c4, &cq);
             }
             fn_line_carry_flush(&cp);
+            fn_line_carry_flush(&cq);
             fn_line_carry_flush(&cy);
             fn_line_carry_flush(&cd);
             fn_line_carry_flush(&cg);
@@ -350,7 +354,8 @@ static void test_streamed_rows(void)
             for (int i = 0; i < 160; i++) {
                 const int r = (i - start) / n, k = (i - start) % n;
                 if (i < start || i >= start + 3 * n) {
-                    bad += rows[0][i] != -7.0f || rows[1][i] != -7.0f || rows[3][i] != -7.0f || drows[i] != -7.0;
+                    bad += rows[0][i] != -7.0f || rows[1][i] != -7.0f || rows[3][i] != -7.0f || rows[4][i] != -7.0f ||
+                           drows[i] != -7.0;
                     continue;
                 }
                 const float gk = dy[(r * n + k) % 96];
@@ -359,6 +364,7 @@ static void test_streamed_rows(void)
                 bad += rows[2][i] != fn_dx_at(c5, gk, x[r + k], w[k]);
                 bad += drows[i] != fn_affine_f64_at(3.25, 0.75, xd[r + k], wd[k], bd[k]);
                 bad += rows[3][i] != fn_scale_shift_at(c4, x[r + k]);
+                bad += rows[4][i] != fn_scale_shift_dy_at(c4, x[r + k], dy[r + k]);
             }
         }
     check_close("rows through a line carry differing", bad, 0, 0);
