@@ -27,7 +27,9 @@
  * a header holding their capacity. The header is a whole page, so the data has the offset in its
  * page that NumPy's own arrays have (another offset makes some kernels meet 4 KiB address aliasing).
  * keep_limit 0 keeps nothing. The handler runs with the GIL held (NumPy calls it from array
- * creation and deallocation); each slot is swapped atomically. */
+ * creation and deallocation), which serializes it: the slots are swapped atomically, but a kept
+ * block's header is read before its slot is taken, which is safe only under the GIL (fastnorm has
+ * no free-threaded build). */
 enum { BLOCK_HEAD = 4096, KEPT_BLOCKS = 2 };
 #define KEEP_FROM ((size_t)1 << 20)
 static _Atomic(char *) kept_blocks[KEPT_BLOCKS];           /* the newest first; a block's header, or NULL */
@@ -104,9 +106,9 @@ static void output_free(void *ctx, void *ptr, size_t size)
         release_block(block);
         return;
     }
-    for (int i = 0; i < KEPT_BLOCKS; i++)           /* the newest into slot 0, the others one down */
-        block = atomic_exchange(&kept_blocks[i], block);
-    release_block(block);                           /* the oldest, pushed out */
+    for (int i = 0; i < KEPT_BLOCKS && block; i++)  /* the newest into slot 0, the others one down to */
+        block = atomic_exchange(&kept_blocks[i], block);    /* the first empty slot */
+    release_block(block);                           /* the oldest, pushed out when every slot was full */
     trim_kept_blocks(limit);
 }
 

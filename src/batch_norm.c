@@ -360,10 +360,20 @@ typedef struct {
     int stream;                      /* write out with non-temporal stores */
 } planes_args;
 
-/* The channel after block b's last. */
-FN_INLINE int64_t block_end(const planes_args *p, int64_t b)
+/* The channel after the last of block b (blocks of `block` channels out of C). */
+FN_INLINE int64_t block_end(int64_t b, int64_t block, int64_t C)
 {
-    return (b + 1) * p->block < p->C ? (b + 1) * p->block : p->C;
+    return (b + 1) * block < C ? (b + 1) * block : C;
+}
+
+/* Channels per block: PLANE_BLOCK_BYTES of `arrays` float32 planes (O, S) per channel, at least
+ * one channel and at most PLANE_BLOCK_CHANNELS. */
+static int64_t plane_block_channels(int64_t O, int64_t S, int arrays)
+{
+    int64_t channel_bytes;
+    if (fn_mul_add_size(O * S, arrays * (int64_t)sizeof(float), 0, &channel_bytes)) channel_bytes = INT64_MAX;
+    const int64_t block = channel_bytes > 0 ? PLANE_BLOCK_BYTES / channel_bytes : PLANE_BLOCK_CHANNELS;
+    return block < 1 ? 1 : block > PLANE_BLOCK_CHANNELS ? PLANE_BLOCK_CHANNELS : block;
 }
 
 /* The running moments of one block's channels, plane by plane in o order. */
@@ -422,9 +432,9 @@ FN_VECTOR_CLONES static int normalize_planes_slice(void *ctx, int64_t first, int
     block_sums sums = no_sums;
     (void)part;
     for (int64_t o = 0; first < last && o < p->O; o++)
-        block_moments_add(p, first * p->block, block_end(p, first), o, &sums);
+        block_moments_add(p, first * p->block, block_end(first, p->block, p->C), o, &sums);
     for (int64_t b = first; b < last; b++) {
-        const int64_t c0 = b * p->block, c1 = block_end(p, b), has_next = b + 1 < last;
+        const int64_t c0 = b * p->block, c1 = block_end(b, p->block, p->C), has_next = b + 1 < last;
         block_moments_finish(p, c0, c1, &sums);
         for (int64_t c = c0; c < c1; c++) {
             coef[c - c0] = rstd_of(p->var[c], p->eps) * (p->weight ? p->weight[c] : 1.0);
@@ -433,7 +443,7 @@ FN_VECTOR_CLONES static int normalize_planes_slice(void *ctx, int64_t first, int
         sums = no_sums;
         for (int64_t o = 0; o < p->O; o++) {
             block_output_plane(p, c0, c1, o, k, coef, &carry);
-            if (has_next) block_moments_add(p, c1, block_end(p, b + 1), o, &sums);
+            if (has_next) block_moments_add(p, c1, block_end(b + 1, p->block, p->C), o, &sums);
         }
     }
     fn_line_carry_flush(&carry);
@@ -447,16 +457,11 @@ int channel_normalize_planes_f32(fn_view out, fn_view x, const double *weight, c
     if (O < 0 || C < 0 || S < 2 || x.dtype != FN_F32 || out.dtype != FN_F32 || x.stride[2] != 4 ||
         out.stride[2] != 4)
         return FN_EINVAL;
-    int64_t channel_bytes;
-    if (fn_mul_add_size(O * S, sizeof(float), 0, &channel_bytes)) channel_bytes = INT64_MAX;
-    int64_t block = channel_bytes > 0 ? PLANE_BLOCK_BYTES / channel_bytes : PLANE_BLOCK_CHANNELS;
-    block = block < 1 ? 1 : block > PLANE_BLOCK_CHANNELS ? PLANE_BLOCK_CHANNELS : block;
-    const int64_t blocks = (C + block - 1) / block;
+    const int64_t block = plane_block_channels(O, S, 1);
     planes_args p = {.out = out, .x = x, .weight = weight, .bias = bias, .mean = mean, .var = var, .eps = eps,
                      .O = O, .C = C, .S = S, .block = block,
                      .stream = fn_streaming_pays(O * C * S, sizeof(float))};
-    int parts = fn_parts(nthreads, O * C * S);
-    return fn_parallel_for(parts > blocks ? (blocks > 0 ? (int)blocks : 1) : parts, blocks, normalize_planes_slice, &p);
+    return fn_parallel_for(fn_parts(nthreads, O * C * S), (C + block - 1) / block, normalize_planes_slice, &p);
 }
 
 /* The gradient sums of four contiguous float32 rows o..o+3 of x and dy (no mask), added into sum_dy,
@@ -621,16 +626,10 @@ typedef struct {
 } grad_block_sums;
 static const grad_block_sums no_grad_sums;  /* all zero */
 
-/* The first o of channel_grad_sums' slice q (parallel.c's split of [0, O) into parts). */
-FN_INLINE int64_t grad_slice_start(const grad_planes_args *p, int q)
-{
-    return p->O / p->parts * q + p->O % p->parts * q / p->parts;
-}
-
 /* Plane o of channels [c0, c1) added into s; at a slice's start the slice before goes into the total. */
 FN_INLINE void grad_block_add(const grad_planes_args *p, int64_t c0, int64_t c1, int64_t o, grad_block_sums *s)
 {
-    if (s->part + 1 < p->parts && o == grad_slice_start(p, s->part + 1)) {
+    if (s->part + 1 < p->parts && o == fn_slice_start(p->O, s->part + 1, p->parts)) {
         for (int64_t j = 0; j < c1 - c0; j++)
             s->total_dy[j] += s->dy[j], s->total_dy_xc[j] += s->dy_xc[j], s->dy[j] = s->dy_xc[j] = 0.0;
         s->part++;
@@ -673,10 +672,9 @@ FN_VECTOR_CLONES static int grad_planes_slice(void *ctx, int64_t first, int64_t 
     fn_line_carry carry = {.line = NULL};      /* streamed planes: the line shared with the next one */
     (void)part;
     for (int64_t o = 0; first < last && o < p->O; o++)
-        grad_block_add(p, first * p->block, first * p->block + p->block < p->C ? first * p->block + p->block : p->C, o, &s);
+        grad_block_add(p, first * p->block, block_end(first, p->block, p->C), o, &s);
     for (int64_t b = first; b < last; b++) {
-        const int64_t c0 = b * p->block, c1 = c0 + p->block < p->C ? c0 + p->block : p->C;
-        const int64_t c2 = c1 + p->block < p->C ? c1 + p->block : p->C;      /* the next block's end */
+        const int64_t c0 = b * p->block, c1 = block_end(b, p->block, p->C), c2 = block_end(b + 1, p->block, p->C);
         for (int64_t c = c0; c < c1; c++) {
             const int64_t j = c - c0;
             p->sum_dy[c] = s.total_dy[j] + s.dy[j];
@@ -702,17 +700,12 @@ int channel_backward_planes_f32(fn_view dx, fn_view dy, fn_view x, const double 
     if (O < 1 || C < 0 || S < 2) return FN_EINVAL;
     for (int k = 0; k < 3; k++)
         if (v[k]->dtype != FN_F32 || v[k]->stride[2] != 4) return FN_EINVAL;
-    int64_t channel_bytes;
-    if (fn_mul_add_size(O * S, 2 * sizeof(float), 0, &channel_bytes)) channel_bytes = INT64_MAX;   /* x and dy */
-    int64_t block = channel_bytes > 0 ? PLANE_BLOCK_BYTES / channel_bytes : PLANE_BLOCK_CHANNELS;
-    block = block < 1 ? 1 : block > PLANE_BLOCK_CHANNELS ? PLANE_BLOCK_CHANNELS : block;
-    const int64_t blocks = (C + block - 1) / block;
+    const int64_t block = plane_block_channels(O, S, 2);         /* x and dy */
     grad_planes_args p = {.dx = dx, .dy = dy, .x = x, .mean = mean, .rstd = rstd, .wr = wr, .sum_dy = sum_dy,
                           .sum_dy_xc = sum_dy_xc, .n = (double)(O * S), .O = O, .C = C, .S = S, .block = block,
                           .parts = channel_parts(nthreads, O, O * C * S),
                           .stream = fn_streaming_pays(O * C * S, sizeof(float))};
-    int parts = fn_parts(nthreads, O * C * S);
-    return fn_parallel_for(parts > blocks ? (blocks > 0 ? (int)blocks : 1) : parts, blocks, grad_planes_slice, &p);
+    return fn_parallel_for(fn_parts(nthreads, O * C * S), (C + block - 1) / block, grad_planes_slice, &p);
 }
 
 void channel_dx_coefs(double *coef_x, double *shift, const double *wr, const double *rstd, const double *sum_dy,

@@ -105,6 +105,8 @@ typedef struct {
 enum { FN_PARALLEL_MIN_ELEMENTS = 1 << 17 };   /* below this, threads cost more than they give */
 typedef int (*fn_body)(void *ctx, int64_t begin, int64_t end, int part);
 int fn_parallel_for(int parts, int64_t n, fn_body body, void *ctx);
+/* The first index of slice p when fn_parallel_for splits [0, n) into `parts` slices. */
+int64_t fn_slice_start(int64_t n, int p, int parts);
 /* How many slices `elements` of work is worth with at most `nthreads` threads (>= 1). */
 int fn_parts(int nthreads, int64_t elements);
 
@@ -218,7 +220,8 @@ int channel_grad_sums(double *sum_dy, double *sum_dy_xc, fn_view dy, fn_view x,
  * in dx, dy and x, no mask: sum_dy, sum_dy_xc (C, written) as channel_grad_sums with `nthreads`,
  * then dx as channel_combine with coef_dy = wr (weight * rstd) and fn_batch_dx_coefs' coef_x and
  * shift, n = O * S; a block of channels at a time so that x and dy are read from memory once.
- * Where one channel's coefficients could overflow float, that channel is computed in double.
+ * Where one channel's coefficients could overflow float, that channel alone is computed in double
+ * (channel_combine would compute every channel of the call in double).
  * dx may be exactly dy or x. FN_EINVAL for anything else. */
 int channel_backward_planes_f32(fn_view dx, fn_view dy, fn_view x, const double *mean, const double *rstd,
                                 const double *wr, double *sum_dy, double *sum_dy_xc, int64_t O, int64_t C,

@@ -24,7 +24,7 @@ static void *run_slice(void *arg)
 
 /* n * p / parts without forming n * p, which overflows for the 2**60 elements of a zero-stride view:
  * with n = q * parts + r, n * p / parts = q * p + r * p / parts (r * p < parts**2). */
-static int64_t slice_start(int64_t n, int p, int parts)
+int64_t fn_slice_start(int64_t n, int p, int parts)
 {
     return n / parts * p + n % parts * p / parts;
 }
@@ -42,7 +42,7 @@ int fn_parallel_for(int parts, int64_t n, fn_body body, void *ctx)
         return FN_ENOMEM;
     }
     for (int p = 0; p < parts; p++) {
-        s[p] = (slice){body, ctx, slice_start(n, p, parts), slice_start(n, p + 1, parts), p, FN_OK};
+        s[p] = (slice){body, ctx, fn_slice_start(n, p, parts), fn_slice_start(n, p + 1, parts), p, FN_OK};
         if (p > 0) started[p] = pthread_create(&t[p], NULL, run_slice, &s[p]) == 0;
     }
     run_slice(&s[0]);

@@ -668,7 +668,8 @@ def test_float32_instance_norm_backward_plane_sums_in_float_runs(shape, offset, 
 def test_batch_norm_planes_backward_has_the_bits_of_the_general_path(shape, threads):
     """(N, C, H, W) float32 without a mask takes the blocked kernel; an all-True mask takes the
     general path (sums over the whole batch, then dx). Same sums, same dx, bit for bit, for any
-    thread count; in place too; and both within float32 accuracy of the float64 gradient."""
+    thread count; in place (dx into dy, dx into x) too; and within float32 accuracy of the float64
+    gradient."""
     rng = np.random.default_rng(sum(shape) + threads)
     x = (rng.standard_normal(shape) * 3 + 100).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -680,13 +681,15 @@ def test_batch_norm_planes_backward_has_the_bits_of_the_general_path(shape, thre
         _, mean, rstd = fastnorm.batch_norm(x, w, axis=1, return_stats=True)
         blocked = fastnorm.batch_norm_backward(dy, x, mean, rstd, w, axis=1)
         general = fastnorm.batch_norm_backward(dy, x, mean, rstd, w, axis=1, mask=mask)
-        in_place = dy.copy()
+        in_place, x_in_place = dy.copy(), x.copy()
         fastnorm.batch_norm_backward(in_place, x, mean, rstd, w, axis=1, out=in_place)
+        fastnorm.batch_norm_backward(dy, x_in_place, mean, rstd, w, axis=1, out=x_in_place)
     finally:
         fastnorm.set_num_threads(previous)
     for b, g in zip(blocked, general):
         np.testing.assert_array_equal(b, g)
     np.testing.assert_array_equal(in_place, blocked[0])
+    np.testing.assert_array_equal(x_in_place, blocked[0])
     expected = gref.analytic_grads("batch_norm", dy, x, w, axis=1)
     scale = np.max(np.abs(w)) * np.max(rstd) * np.max(np.abs(dy))     # dx's natural scale
     np.testing.assert_allclose(blocked[0], expected[0], rtol=0, atol=1e-5 * scale)

@@ -136,6 +136,21 @@ def test_the_kept_blocks_share_the_limit_and_the_oldest_goes_first():
     np.testing.assert_allclose(z, ref.layer_norm(x)[0], rtol=0, atol=1e-5)
 
 
+def test_a_freed_block_fills_an_empty_slot_without_pushing_the_other_out():
+    x = RNG.standard_normal((512, 1024)).astype(np.float32)                  # 2 MiB outputs
+    a, b = fastnorm.layer_norm(x), fastnorm.layer_norm(x + 1)
+    del a, b
+    assert _core.kept_output_bytes() == 4 * MIB
+    y = fastnorm.layer_norm(x)                   # takes one: the other stays
+    assert _core.kept_output_bytes() == 2 * MIB
+    del y                                        # back into the empty slot
+    assert _core.kept_output_bytes() == 4 * MIB
+    xb = RNG.standard_normal((1024, 1024)).astype(np.float32)
+    big = fastnorm.layer_norm(xb)                # 4 MiB: fits neither, both released
+    assert _core.kept_output_bytes() == 0
+    np.testing.assert_allclose(big, ref.layer_norm(xb)[0], rtol=0, atol=1e-5)
+
+
 def test_live_outputs_never_share_memory():
     x = RNG.standard_normal((512, 1024)).astype(np.float32)
     a = fastnorm.layer_norm(x)

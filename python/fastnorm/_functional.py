@@ -737,9 +737,8 @@ def _batch_norm_backward(fn, dy, arr, mean, rstd, weight, axis, training, mask, 
               all(v.strides[2] == 4 for v in (xv, gv, target.view)))
     if planes:
         sums = (np.empty(C), np.empty(C), float(O * S))
-        with np.errstate(invalid="ignore", over="ignore"):
-            wr = r if w is None else r * w
-        _core.channel_backward_planes(target.view, gv, xv, mu, r, wr, sums[0], sums[1], get_num_threads())
+        _core.channel_backward_planes(target.view, gv, xv, mu, r, _weight_rstd(r, w), sums[0], sums[1],
+                                      get_num_threads())
     else:
         sums = _channel_grad_sums(gv, xv, mu, m)
         _channel_dx(target.view, gv, xv, mu, r, w, m, sums if training else None)
@@ -769,13 +768,18 @@ def _channel_grad_sums(gv, xv, mean, mask):
     return sum_dy, sum_dy_xc, n
 
 
+def _weight_rstd(rstd, weight):
+    """weight * rstd per feature (rstd alone without a weight), the dx coefficient of dy."""
+    with np.errstate(invalid="ignore", over="ignore"):      # NaN/Inf in x or dy: NaN there, as documented
+        return rstd if weight is None else rstd * weight
+
+
 def _channel_dx(target, gv, xv, mean, rstd, weight, mask, sums):
     """dx into the (O, C, S) view `target`: with the whole batch's `sums` (training),
     ``wr * (dy - sum(dy)/n - xhat * sum(dy * xhat)/n)`` with ``wr = weight * rstd``; with
     ``sums=None`` (constant statistics), ``wr * dy``."""
     C = xv.shape[1]
-    with np.errstate(invalid="ignore", over="ignore"):      # NaN/Inf in x or dy: NaN there, as documented
-        wr = rstd if weight is None else rstd * weight
+    wr = _weight_rstd(rstd, weight)
     coef_x, shift = np.zeros(C), np.zeros(C)
     if sums is not None and sums[2] > 0:        # written as coef_dy*dy + coef_x*(x - mean) + shift
         _core.channel_dx_coefs(coef_x, shift, *(np.ascontiguousarray(a, np.float64) for a in (wr, rstd, *sums[:2])),

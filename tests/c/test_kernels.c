@@ -287,7 +287,7 @@ static void test_half_sums(void)
  * prefetched. */
 static void test_streamed_rows(void)
 {
-    static float buf[5][128] __attribute__((aligned(64)));
+    static float buf[5][128] __attribute__((aligned(64))), ibuf[128] __attribute__((aligned(64)));
     static double dbuf[128] __attribute__((aligned(64)));
     double xd[96], wd[96], bd[96];
     float x[96], dy[96], w[96], b[96];
@@ -313,6 +313,13 @@ static void test_streamed_rows(void)
             fn_scale_shift_streamed(buf[3] + start, x, NULL, n, c4, NULL);
             fn_scale_shift_streamed(buf[4] + start, x, dy, n, c4, NULL);
             fn_stream_fence();
+            for (int in_dy = 0; in_dy < 2; in_dy++) {                /* in place: y is dy, then y is x */
+                float *io = ibuf + start;
+                memcpy(io, in_dy ? dy : x, (size_t)n * sizeof(float));
+                fn_scale_shift_streamed(io, in_dy ? x : io, in_dy ? io : dy, n, c4, NULL);
+                fn_stream_fence();
+                for (int i = 0; i < n; i++) bad += io[i] != fn_scale_shift_dy_at(c4, x[i], dy[i]);
+            }
             for (int i = 0; i < n; i++) bad += dbuf[start + i] != fn_affine_f64_at(3.25, 0.75, xd[i], wd[i], bd[i]);
             for (int i = 0; i < n; i++) {
                 float want_y = fn_affine_at(c3, x[i], w[i], b[i]);
