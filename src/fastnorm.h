@@ -160,6 +160,8 @@ void fn_affine_row_streamed_f64(double *y, const double *x, int64_t n, double mu
                                 const double *b, const double *next, fn_line_carry *carry);
 void fn_dx_row_streamed(float *dx, const float *dy, const float *x, int64_t n, fn_dx c, const float *w,
                         fn_line_carry *carry);
+void fn_affine_row_to_16bit_streamed(uint16_t *y, const uint16_t *x, int64_t n, int dtype, fn_affine c,
+                                     const float *w, const float *b, fn_line_carry *carry);
 void fn_scale_shift_streamed(float *y, const float *x, const float *dy, int64_t n, fn_scale_shift c,
                              fn_line_carry *carry);
 void fn_combine_rows_streamed(float *y, const float *x, const float *dy, int64_t n, int64_t C,

@@ -278,15 +278,20 @@ FN_INLINE void forward_f32(const group_args *p, int64_t i, int64_t end, double *
 
 /* Group (a, g) of a contiguous float16 call: statistics read in place, the float32 arithmetic:
  * a row normalized and rounded in one pass, planes through a float copy. */
-FN_INLINE void forward_f16(const group_args *p, const slice_scratch *sc, int64_t a, int64_t g, double *mu, double *r)
+FN_INLINE void forward_f16(const group_args *p, const slice_scratch *sc, int64_t i, int64_t end, double *mu, double *r,
+                            fn_line_carry *carry)
 {
-    const int64_t K = p->K, S = p->S;
+    const int64_t a = i / p->G, g = i % p->G, K = p->K, S = p->S;
+    const char *next = S == 1 ? next_row(p->x, i, end, p->G, K * 2) : NULL;
+    if (next) prefetch_bytes(next, K * 2);          /* rows of 2 KiB: the prefetcher stops at each 4 KiB page */
     const uint16_t *x = (const uint16_t *)group_at(p->x, a, g);
     uint16_t *y = (uint16_t *)group_at(p->y, a, g);
     const float *w = p->q.wf + g * K, *b = p->q.bf + g * K;
     group_stats_f16(x, K * S, p->stat, p->eps, mu, r);
     if (!float_arithmetic_fits(*r, p->q.w_max, K * S)) {
         affine_group_in_double(y, x, FN_F16, K, S, *mu, *r, w, b);
+    } else if (S == 1 && p->stream) {
+        fn_affine_row_to_16bit_streamed(y, x, K, FN_F16, fn_affine_of(*mu, *r), w, b, carry);
     } else if (S == 1) {
         fn_affine_row_to_halves(y, x, K, fn_affine_of(*mu, *r), w, b);
     } else {
@@ -300,9 +305,12 @@ FN_INLINE void forward_f16(const group_args *p, const slice_scratch *sc, int64_t
  * float32 group's statistics, then the float32 arithmetic, each output rounded once to bfloat16
  * (a row in one pass from x, planes through the copy): the bits the float32 path gives for the
  * widened data, rounded. */
-FN_INLINE void forward_bf16(const group_args *p, const slice_scratch *sc, int64_t a, int64_t g, double *mu, double *r)
+FN_INLINE void forward_bf16(const group_args *p, const slice_scratch *sc, int64_t i, int64_t end, double *mu,
+                             double *r, fn_line_carry *carry)
 {
-    const int64_t K = p->K, S = p->S;
+    const int64_t a = i / p->G, g = i % p->G, K = p->K, S = p->S;
+    const char *next = S == 1 ? next_row(p->x, i, end, p->G, K * 2) : NULL;
+    if (next) prefetch_bytes(next, K * 2);          /* as forward_f16 */
     const uint16_t *x = (const uint16_t *)group_at(p->x, a, g);
     uint16_t *y = (uint16_t *)group_at(p->y, a, g);
     const float *w = p->q.wf + g * K, *b = p->q.bf + g * K;
@@ -310,6 +318,8 @@ FN_INLINE void forward_bf16(const group_args *p, const slice_scratch *sc, int64_
     group_stats_f32(sc->floats, K * S, p->stat, p->eps, mu, r);
     if (!float_arithmetic_fits(*r, p->q.w_max, K * S)) {
         affine_group_in_double(y, x, FN_BF16, K, S, *mu, *r, w, b);
+    } else if (S == 1 && p->stream) {
+        fn_affine_row_to_16bit_streamed(y, x, K, FN_BF16, fn_affine_of(*mu, *r), w, b, carry);
     } else if (S == 1) {
         fn_affine_row_to_bf16s(y, x, K, fn_affine_of(*mu, *r), w, b);
     } else {
@@ -366,8 +376,8 @@ FN_VECTOR_CLONES static int forward_slice(void *ctx, int64_t begin, int64_t end,
         if (a != a_loaded) s_real = load_mask_row(sc.m, p->mask, a, p->S), a_loaded = a;
         if (s_real < p->S || p->path == FWD_BUFFERED) forward_buffered(p, &sc, a, g, s_real, &mu, &r);
         else if (p->path == FWD_F32) forward_f32(p, i, end, &mu, &r, &carry);
-        else if (p->path == FWD_F16) forward_f16(p, &sc, a, g, &mu, &r);
-        else if (p->path == FWD_BF16) forward_bf16(p, &sc, a, g, &mu, &r);
+        else if (p->path == FWD_F16) forward_f16(p, &sc, i, end, &mu, &r, &carry);
+        else if (p->path == FWD_BF16) forward_bf16(p, &sc, i, end, &mu, &r, &carry);
         else forward_f64(p, i, end, &mu, &r, &carry);
         p->mean[i] = mu;
         p->rstd[i] = r;
@@ -432,8 +442,7 @@ int group_norm_forward(fn_view y, double *mean, double *rstd, fn_view x,
     if (!valid_views(x, y, A, G, K, S)) return FN_EINVAL;
     group_args p = {.y = y, .x = x, .mean = mean, .rstd = rstd, .mask = mask, .A = A, .G = G, .K = K, .S = S,
                     .eps = eps, .stat = stat, .path = forward_path_of(y, x, mask, G, K, S),
-                    .stream = S == 1 && (y.dtype == FN_F32 || y.dtype == FN_F64) &&
-                              fn_streaming_pays(A * G * K, y.dtype == FN_F64 ? 8 : 4)};
+                    .stream = S == 1 && fn_streaming_pays(A * G * K, fn_dtype_size(y.dtype))};
     if (params_make(&p.q, weight, bias, G * K)) return FN_ENOMEM;
     const int parts = fn_parts(nthreads, A * G * K * S);
     const int status = fn_parallel_for(parts, A * G, p.path == FWD_F32_ROWS ? rows_f32_slice : forward_slice, &p);

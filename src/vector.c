@@ -325,8 +325,34 @@ __attribute__((target("avx512f"))) static int64_t affine_row_to_bf16s_avx512(uin
     }
     return i;
 }
+
+/* A float16 (dtype FN_F16) or bfloat16 row normalized and rounded as fn_affine_row_to_halves /
+ * fn_affine_row_to_bf16s, on whole 64-byte lines of y (32 values, y aligned), each written with one
+ * non-temporal store; returns how many elements it wrote. */
+__attribute__((target("avx512f"))) static int64_t affine_row_to_16bit_streamed_avx512(uint16_t *y, const uint16_t *x,
+                                                                                    int64_t n, int dtype, fn_affine c,
+                                                                                    const float *w, const float *b)
+{
+    const __m512 hi = _mm512_set1_ps(c.mu_hi), lo = _mm512_set1_ps(c.mu_lo), r = _mm512_set1_ps(c.rstd);
+    const int half = dtype == FN_F16;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i h[2];
+        for (int v = 0; v < 2; v++) {
+            const uint16_t *xk = x + i + 16 * v;
+            const __m512 xf = half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)xk)) : bf16s_widen_avx512(xk);
+            const __m512 d = _mm512_sub_ps(_mm512_sub_ps(xf, hi), lo);
+            const __m512 out = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(r, _mm512_loadu_ps(w + i + 16 * v))),
+                                             _mm512_loadu_ps(b + i + 16 * v));
+            h[v] = half ? _mm512_cvtps_ph(out, _MM_FROUND_TO_NEAREST_INT) : bf16s_round_avx512(out);
+        }
+        _mm512_stream_si512((void *)(y + i), _mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1));
+    }
+    return i;
+}
 #define HAS_AVX512F_BF16_RUNS() __builtin_cpu_supports("avx512f")
 #else
+#define affine_row_to_16bit_streamed_avx512(y, x, n, dtype, c, w, b) ((int64_t)0)
 #define HAS_AVX512F_BF16_RUNS() 0
 #define bf16s_to_floats_avx512(dst, src, n) ((int64_t)0)
 #define floats_to_bf16s_avx512(dst, src, n) ((int64_t)0)
@@ -539,6 +565,27 @@ void fn_affine_row_streamed(float *y, const float *x, int64_t n, fn_affine c, co
                  affine_row_streamed_avx512(y + h_, x + h_, n - h_, c, w + h_, b + h_, (next ? next : x) + h_,
                                             walk_backward(y, x)));
 #undef AFFINE
+}
+
+/* fn_affine_row_to_halves (dtype FN_F16) or fn_affine_row_to_bf16s (FN_BF16), streamed: the whole
+ * lines with non-temporal stores, the head (to y's first line boundary) and the tail by the plain
+ * writer, through the carry. */
+void fn_affine_row_to_16bit_streamed(uint16_t *y, const uint16_t *x, int64_t n, int dtype, fn_affine c,
+                                     const float *w, const float *b, fn_line_carry *carry)
+{
+    void (*plain)(uint16_t *, const uint16_t *, int64_t, fn_affine, const float *, const float *) =
+        dtype == FN_F16 ? fn_affine_row_to_halves : fn_affine_row_to_bf16s;
+    _Alignas(64) uint16_t v[32];
+    if (!HAS_AVX512F()) {
+        plain(y, x, n, c, w, b);
+        return;
+    }
+    const int64_t h = head_elements(y, n, sizeof *y);
+    plain(v, x, h, c, w, b);
+    put_row_head(carry, (char *)y, v, h * (int64_t)sizeof *y);
+    const int64_t t = h + affine_row_to_16bit_streamed_avx512(y + h, x + h, n - h, dtype, c, w + h, b + h);
+    plain(v, x + t, n - t, c, w + t, b + t);
+    put_row_tail(carry, (char *)(y + t), v, (n - t) * (int64_t)sizeof *y);
 }
 
 /* y[i] = fn_scale_shift_at(c, x[i]), or with dy fn_scale_shift_dy_at(c, x[i], dy[i]) (one channel's

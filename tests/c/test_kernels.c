@@ -399,6 +399,39 @@ static void test_streamed_rows(void)
                 }
     }
     check_close("streamed channel rows differing", bad, 0, 0);
+    /* float16 and bfloat16 rows (32 values a line): every start 0..32 and length 0..90, alone and
+     * three rows through a line carry; the bits of the scalar formula, sentinels kept */
+    static uint16_t hrows[2][448] __attribute__((aligned(64)));
+    uint16_t hx[128];
+    bad = 0;
+    for (int half = 0; half < 2; half++) {
+        const int dtype = half ? FN_F16 : FN_BF16;
+        for (int i = 0; i < 128; i++) hx[i] = half ? fn_float_to_half(x[i % 96]) : fn_float_to_bf16(x[i % 96]);
+        for (int start = 0; start <= 32; start++)
+            for (int n = 0; n <= 90; n++) {
+                for (int i = 0; i < 448; i++) hrows[0][i] = hrows[1][i] = 0x7e00u;
+                fn_line_carry ch = {.line = NULL};
+                fn_affine_row_to_16bit_streamed(hrows[0] + start, hx, n, dtype, c3, w, b, NULL);
+                for (int r = 0; r < 3; r++)
+                    fn_affine_row_to_16bit_streamed(hrows[1] + start + r * n, hx + r, n, dtype, c3, w, b, &ch);
+                fn_line_carry_flush(&ch);
+                fn_stream_fence();
+                for (int i = 0; i < 448; i++) {
+                    const int r = n ? (i - start) / n : 0, k = n ? (i - start) % n : 0;
+                    for (int t = 0; t < 2; t++) {
+                        const int row = t ? r : 0;
+                        if (i < start || i >= start + (t ? 3 : 1) * n) {
+                            bad += hrows[t][i] != 0x7e00u;
+                            continue;
+                        }
+                        const float v = half ? fn_half_to_float(hx[row + k]) : fn_bf16_to_float(hx[row + k]);
+                        const float want = fn_affine_at(c3, v, w[k], b[k]);
+                        bad += hrows[t][i] != (half ? fn_float_to_half(want) : fn_float_to_bf16(want));
+                    }
+                }
+            }
+    }
+    check_close("streamed float16 and bfloat16 rows differing", bad, 0, 0);
 }
 
 /* Checked sizes: products past INT64_MAX are FN_ENOMEM; kernels refuse zero-stride views whose
