@@ -292,9 +292,15 @@ def _in_chunks(f, *arrays, rows=256):
 @pytest.mark.parametrize("op, dtype, param_dtype", [("layer_norm", np.float32, np.float32),
                                                     ("rms_norm", np.float32, np.float32),
                                                     ("layer_norm", np.float32, np.float64),   # the general path
-                                                    ("layer_norm", np.float64, np.float64)],
-                         ids=["layer-f32", "rms-f32", "layer-f32-general", "layer-f64"])
+                                                    ("layer_norm", np.float64, np.float64),
+                                                    ("layer_norm", np.float16, np.float16),
+                                                    ("rms_norm", np.float16, np.float32),
+                                                    ("layer_norm", "bfloat16", np.float32)],
+                         ids=["layer-f32", "rms-f32", "layer-f32-general", "layer-f64", "layer-f16", "rms-f16",
+                              "layer-bf16"])
 def test_streamed_rows_have_the_bits_of_small_calls(op, dtype, param_dtype, D, misalign):
+    if dtype == "bfloat16":
+        dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
     itemsize = np.dtype(dtype).itemsize
     rows = (64 << 20) // (itemsize * D) + 1
     x = (RNG.standard_normal((rows, D)) * 2 + 3).astype(dtype)
@@ -305,14 +311,15 @@ def test_streamed_rows_have_the_bits_of_small_calls(op, dtype, param_dtype, D, m
     out = raw[misalign:misalign + x.size].reshape(x.shape)   # one element off 64-byte alignment when misaligned
     out[...] = np.nan
     y = call(x, out)
-    np.testing.assert_array_equal(y, _in_chunks(call, x))
+    bits = np.dtype(f"u{itemsize}")
+    np.testing.assert_array_equal(y.view(bits), _in_chunks(call, x).view(bits))
     sample = slice(0, None, 997)
-    expected = getattr(ref, op)(x[sample], w, b)[0]
-    tol = 2e-5 if dtype == np.float32 else 1e-13
-    np.testing.assert_allclose(y[sample], expected, rtol=0, atol=tol * np.max(np.abs(expected)))
+    expected = getattr(ref, op)(x[sample].astype(np.float64), w, b)[0]
+    tol = {8: 1e-13, 4: 2e-5, 2: 2e-3 if dtype == np.float16 else 1.6e-2}[itemsize]
+    np.testing.assert_allclose(y[sample].astype(np.float64), expected, rtol=0, atol=tol * np.max(np.abs(expected)))
     fastnorm.set_num_threads(1)
     try:
-        np.testing.assert_array_equal(call(x), y)
+        np.testing.assert_array_equal(call(x).view(bits), y.view(bits))
     finally:
         fastnorm.set_num_threads(fastnorm._threads._from_environment())
 
