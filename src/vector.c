@@ -232,10 +232,12 @@ __attribute__((target("avx512f"))) static int64_t combine_rows_streamed_avx512(f
 }
 
 #define HAS_AVX512F() __builtin_cpu_supports("avx512f")
+#define HAS_AVX512BF16() __builtin_cpu_supports("avx512bf16")
 #define HAS_F16C() __builtin_cpu_supports("f16c")
 #else
 #define HAS_F16C() 0
 #define HAS_AVX512F() 0
+#define HAS_AVX512BF16() 0
 #define halves_to_floats_avx512(dst, src, n) ((int64_t)0)
 #define floats_to_halves_avx512(dst, src, n) ((int64_t)0)
 #define affine_row_to_halves_avx512(dst, x, n, c, w, b) ((int64_t)0)
@@ -350,8 +352,44 @@ __attribute__((target("avx512f"))) static int64_t affine_row_to_16bit_streamed_a
     }
     return i;
 }
+
+/* 32 floats, lo then hi, rounded to bfloat16 as float_to_bf16 does: by AVX-512 BF16's conversion
+ * when no value is subnormal (it flushes those to zero; NaN, infinities and rounding otherwise
+ * agree), else by the integer rounding. */
+__attribute__((target("avx512f,avx512bf16"))) static inline __m512i bf16s_round_pair(__m512 lo, __m512 hi)
+{
+    const __m512 least = _mm512_set1_ps(0x1p-126f), zero = _mm512_setzero_ps();
+    const __mmask16 sub_lo = _mm512_cmp_ps_mask(_mm512_abs_ps(lo), least, _CMP_LT_OQ) &
+                             _mm512_cmp_ps_mask(lo, zero, _CMP_NEQ_OQ);
+    const __mmask16 sub_hi = _mm512_cmp_ps_mask(_mm512_abs_ps(hi), least, _CMP_LT_OQ) &
+                             _mm512_cmp_ps_mask(hi, zero, _CMP_NEQ_OQ);
+    if (!(sub_lo | sub_hi)) return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(bf16s_round_avx512(lo)), bf16s_round_avx512(hi), 1);
+}
+
+/* affine_row_to_16bit_streamed_avx512 for bfloat16 with AVX-512 BF16's rounding (bf16s_round_pair). */
+__attribute__((target("avx512f,avx512bf16"))) static int64_t affine_row_to_bf16s_streamed_bf16(uint16_t *y,
+                                                                                            const uint16_t *x,
+                                                                                            int64_t n, fn_affine c,
+                                                                                            const float *w,
+                                                                                            const float *b)
+{
+    const __m512 hi = _mm512_set1_ps(c.mu_hi), lo = _mm512_set1_ps(c.mu_lo), r = _mm512_set1_ps(c.rstd);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 out[2];
+        for (int v = 0; v < 2; v++) {
+            const int64_t k = i + 16 * v;
+            const __m512 d = _mm512_sub_ps(_mm512_sub_ps(bf16s_widen_avx512(x + k), hi), lo);
+            out[v] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(r, _mm512_loadu_ps(w + k))), _mm512_loadu_ps(b + k));
+        }
+        _mm512_stream_si512((void *)(y + i), bf16s_round_pair(out[0], out[1]));
+    }
+    return i;
+}
 #define HAS_AVX512F_BF16_RUNS() __builtin_cpu_supports("avx512f")
 #else
+#define affine_row_to_bf16s_streamed_bf16(y, x, n, c, w, b) ((int64_t)0)
 #define affine_row_to_16bit_streamed_avx512(y, x, n, dtype, c, w, b) ((int64_t)0)
 #define HAS_AVX512F_BF16_RUNS() 0
 #define bf16s_to_floats_avx512(dst, src, n) ((int64_t)0)
@@ -583,7 +621,9 @@ void fn_affine_row_to_16bit_streamed(uint16_t *y, const uint16_t *x, int64_t n, 
     const int64_t h = head_elements(y, n, sizeof *y);
     plain(v, x, h, c, w, b);
     put_row_head(carry, (char *)y, v, h * (int64_t)sizeof *y);
-    const int64_t t = h + affine_row_to_16bit_streamed_avx512(y + h, x + h, n - h, dtype, c, w + h, b + h);
+    const int64_t t = h + (dtype == FN_BF16 && HAS_AVX512BF16()
+                               ? affine_row_to_bf16s_streamed_bf16(y + h, x + h, n - h, c, w + h, b + h)
+                               : affine_row_to_16bit_streamed_avx512(y + h, x + h, n - h, dtype, c, w + h, b + h));
     plain(v, x + t, n - t, c, w + t, b + t);
     put_row_tail(carry, (char *)(y + t), v, (n - t) * (int64_t)sizeof *y);
 }
