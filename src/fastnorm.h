@@ -133,6 +133,7 @@ void fn_floats_to_halves(uint16_t *dst, const float *src, int64_t n);
 void fn_affine_row_to_halves(uint16_t *dst, const uint16_t *x, int64_t n, fn_affine c, const float *w,
                              const float *b);
 void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd);
+void fn_bf16_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd);
 void fn_bf16s_to_floats(float *dst, const uint16_t *src, int64_t n);
 void fn_floats_to_bf16s(uint16_t *dst, const float *src, int64_t n);
 void fn_affine_row_to_bf16s(uint16_t *dst, const uint16_t *x, int64_t n, fn_affine c, const float *w,

@@ -301,10 +301,10 @@ FN_INLINE void forward_f16(const group_args *p, const slice_scratch *sc, int64_t
     }
 }
 
-/* Group (a, g) of a contiguous bfloat16 call: widened into the slice's float copy (exactly) for the
- * float32 group's statistics, then the float32 arithmetic, each output rounded once to bfloat16
- * (a row in one pass from x, planes through the copy): the bits the float32 path gives for the
- * widened data, rounded. */
+/* Group (a, g) of a contiguous bfloat16 call: a row's statistics read in place in float runs
+ * (group_stats_bf16), planes and the rows those cannot serve widened into the slice's float copy
+ * (exactly) for the float32 group's statistics; then the float32 arithmetic, each output rounded
+ * once to bfloat16 (a row in one pass from x, planes through the copy). */
 FN_INLINE void forward_bf16(const group_args *p, const slice_scratch *sc, int64_t i, int64_t end, double *mu,
                              double *r, fn_line_carry *carry)
 {
@@ -314,8 +314,11 @@ FN_INLINE void forward_bf16(const group_args *p, const slice_scratch *sc, int64_
     const uint16_t *x = (const uint16_t *)group_at(p->x, a, g);
     uint16_t *y = (uint16_t *)group_at(p->y, a, g);
     const float *w = p->q.wf + g * K, *b = p->q.bf + g * K;
-    fn_bf16s_to_floats(sc->floats, x, K * S);
-    group_stats_f32(sc->floats, K * S, p->stat, p->eps, mu, r);
+    const int widened = S > 1 || group_stats_bf16(x, K, p->stat, p->eps, mu, r);
+    if (widened) {                                   /* planes, or rows whose float sums fall short */
+        fn_bf16s_to_floats(sc->floats, x, K * S);
+        group_stats_f32(sc->floats, K * S, p->stat, p->eps, mu, r);
+    }
     if (!float_arithmetic_fits(*r, p->q.w_max, K * S)) {
         affine_group_in_double(y, x, FN_BF16, K, S, *mu, *r, w, b);
     } else if (S == 1 && p->stream) {

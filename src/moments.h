@@ -156,6 +156,8 @@ DEFINE_MOMENTS(moments_of, double, shifted_sums, double, AS_IS)
 DEFINE_MOMENTS(moments_of_f32_exact, float, shifted_sums_f32, double, AS_IS)
 /* float16 values, read in place (fn_half_sums): the shift is a float too, as those sums take it */
 DEFINE_MOMENTS(moments_of_halves, uint16_t, fn_half_sums, float, fn_half_to_float)
+/* bfloat16 values, read in place (fn_bf16_sums), as float16's; group_stats_bf16 checks the result */
+DEFINE_MOMENTS(moments_of_bf16s, uint16_t, fn_bf16_sums, float, fn_bf16_to_float)
 #undef AS_IS
 #undef DEFINE_MOMENTS
 
@@ -378,6 +380,27 @@ FN_INLINE void group_stats_f16(const uint16_t *x, int64_t n, enum fn_stat stat, 
     if (stat == FN_MEAN_SQUARE) var = mean_square_of_halves(x, n);
     else moments_of_halves(x, n, mu, &var);
     *r = rstd_of(var, eps);
+}
+
+/* The same for bfloat16 values read in place, in float runs as float16's (moments_of_bf16s, or the
+ * mean square of fn_bf16_sums): 0 when done; 1, with nothing written, where those float sums cannot
+ * be trusted (a statistic under 2^-80 or not finite: bfloat16 spans float32's range, so d*d may
+ * underflow or overflow a float) -- the caller then widens the group to float32 for group_stats_f32.
+ * Within the float range the sums err as the float32 groups' do; bfloat16's 8 significant bits
+ * make d = x - x[0] exact for values within 2^16 of each other. */
+FN_INLINE int group_stats_bf16(const uint16_t *x, int64_t n, enum fn_stat stat, double eps, double *mu, double *r)
+{
+    double m = 0.0, var, sd, sdd;
+    if (stat == FN_MEAN_SQUARE) {
+        fn_bf16_sums(x, n, 0.0f, &sd, &sdd);
+        var = sdd / (double)n;
+    } else {
+        moments_of_bf16s(x, n, &m, &var);
+    }
+    if (!(var >= 0x1p-80 && var < 0x1p100)) return 1;
+    *mu = m;
+    *r = rstd_of(var, eps);
+    return 0;
 }
 
 FN_INLINE void group_stats_f64(const double *x, int64_t n, enum fn_stat stat, double eps, double *mu, double *r)

@@ -112,36 +112,6 @@ __attribute__((target("avx512f"))) static int64_t affine_row_to_halves_avx512(ui
     return i;
 }
 
-/* half_sums_f16c 16 lanes per vector (the same lanes, adds and order: the same sums). */
-__attribute__((target("avx512f"))) static int64_t half_sums_avx512(const uint16_t *x, int64_t n, float shift,
-                                                                 double *a2, double *b2)
-{
-    const __m512 s = _mm512_set1_ps(shift);
-    int64_t i = 0;
-    while (i + RUN_LANES <= n) {
-        __m512 a[RUN_LANES / 16], b[RUN_LANES / 16];
-        for (int v = 0; v < RUN_LANES / 16; v++) a[v] = b[v] = _mm512_setzero_ps();
-        const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
-        for (; i < stop; i += RUN_LANES)
-            for (int v = 0; v < RUN_LANES / 16; v++) {
-                __m512 d = _mm512_sub_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i + 16 * v))), s);
-                a[v] = _mm512_add_ps(a[v], d);
-                b[v] = _mm512_add_ps(b[v], _mm512_mul_ps(d, d));
-            }
-        for (int v = 0; v < RUN_LANES / 16; v++) {
-            double *pa = a2 + 16 * v, *pb = b2 + 16 * v;
-            const __m256 al = _mm512_castps512_ps256(a[v]), bl = _mm512_castps512_ps256(b[v]);
-            const __m256 ah = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[v]), 1));
-            const __m256 bh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b[v]), 1));
-            _mm512_storeu_pd(pa, _mm512_add_pd(_mm512_loadu_pd(pa), _mm512_cvtps_pd(al)));
-            _mm512_storeu_pd(pa + 8, _mm512_add_pd(_mm512_loadu_pd(pa + 8), _mm512_cvtps_pd(ah)));
-            _mm512_storeu_pd(pb, _mm512_add_pd(_mm512_loadu_pd(pb), _mm512_cvtps_pd(bl)));
-            _mm512_storeu_pd(pb + 8, _mm512_add_pd(_mm512_loadu_pd(pb + 8), _mm512_cvtps_pd(bh)));
-        }
-    }
-    return i;
-}
-
 /* One 64-byte line from `bytes` (64-byte aligned) to `line`, with a non-temporal store. */
 __attribute__((target("avx512f"))) static void stream_line(char *line, const unsigned char *bytes)
 {
@@ -242,7 +212,6 @@ __attribute__((target("avx512f"))) static int64_t combine_rows_streamed_avx512(f
 #define floats_to_halves_avx512(dst, src, n) ((int64_t)0)
 #define affine_row_to_halves_avx512(dst, x, n, c, w, b) ((int64_t)0)
 #define half_sums_f16c(x, n, shift, a2, b2) ((int64_t)0)
-#define half_sums_avx512(x, n, shift, a2, b2) ((int64_t)0)
 #define halves_to_floats_f16c(dst, src, n) ((int64_t)0)
 #define floats_to_halves_f16c(dst, src, n) ((int64_t)0)
 #define affine_row_to_halves_f16c(dst, x, n, c, w, b) ((int64_t)0)
@@ -387,9 +356,44 @@ __attribute__((target("avx512f,avx512bf16"))) static int64_t affine_row_to_bf16s
     }
     return i;
 }
+/* half_sums_f16c 16 lanes per vector (the same lanes, adds and order: the same sums), over float16
+ * (dtype FN_F16) or bfloat16 values. */
+__attribute__((target("avx512f"))) static int64_t sums_16bit_avx512(const uint16_t *x, int64_t n, int dtype,
+                                                                  float shift, double *a2, double *b2)
+{
+    const int half = dtype == FN_F16;
+    const __m512 s = _mm512_set1_ps(shift);
+    int64_t i = 0;
+    while (i + RUN_LANES <= n) {
+        __m512 a[RUN_LANES / 16], b[RUN_LANES / 16];
+        for (int v = 0; v < RUN_LANES / 16; v++) a[v] = b[v] = _mm512_setzero_ps();
+        const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
+        for (; i < stop; i += RUN_LANES)
+            for (int v = 0; v < RUN_LANES / 16; v++) {
+                const uint16_t *xv = x + i + 16 * v;
+                __m512 d = _mm512_sub_ps(half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)xv))
+                                              : bf16s_widen_avx512(xv), s);
+                a[v] = _mm512_add_ps(a[v], d);
+                b[v] = _mm512_add_ps(b[v], _mm512_mul_ps(d, d));
+            }
+        for (int v = 0; v < RUN_LANES / 16; v++) {
+            double *pa = a2 + 16 * v, *pb = b2 + 16 * v;
+            const __m256 al = _mm512_castps512_ps256(a[v]), bl = _mm512_castps512_ps256(b[v]);
+            const __m256 ah = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[v]), 1));
+            const __m256 bh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b[v]), 1));
+            _mm512_storeu_pd(pa, _mm512_add_pd(_mm512_loadu_pd(pa), _mm512_cvtps_pd(al)));
+            _mm512_storeu_pd(pa + 8, _mm512_add_pd(_mm512_loadu_pd(pa + 8), _mm512_cvtps_pd(ah)));
+            _mm512_storeu_pd(pb, _mm512_add_pd(_mm512_loadu_pd(pb), _mm512_cvtps_pd(bl)));
+            _mm512_storeu_pd(pb + 8, _mm512_add_pd(_mm512_loadu_pd(pb + 8), _mm512_cvtps_pd(bh)));
+        }
+    }
+    return i;
+}
+
 #define HAS_AVX512F_BF16_RUNS() __builtin_cpu_supports("avx512f")
 #else
 #define affine_row_to_bf16s_streamed_bf16(y, x, n, c, w, b) ((int64_t)0)
+#define sums_16bit_avx512(x, n, dtype, shift, a2, b2) ((int64_t)0)
 #define affine_row_to_16bit_streamed_avx512(y, x, n, dtype, c, w, b) ((int64_t)0)
 #define HAS_AVX512F_BF16_RUNS() 0
 #define bf16s_to_floats_avx512(dst, src, n) ((int64_t)0)
@@ -420,32 +424,45 @@ FN_VECTOR_CLONES void fn_affine_row_to_bf16s(uint16_t *dst, const uint16_t *x, i
     for (int64_t k = i; k < n; k++) dst[k] = float_to_bf16(fn_affine_at(c, bf16_to_float(x[k]), w[k], b[k]));
 }
 
-/* shifted_sums_in_runs (moments.h) with run HALF_RUN over float16 values, read in place: sums of
- * d = x - shift and d*d, the lanes with AVX-512F or F16C where the CPU has them; the same sums
- * either way. */
-FN_VECTOR_CLONES void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd)
+/* shifted_sums_in_runs (moments.h) with run HALF_RUN over float16 (dtype FN_F16) or bfloat16 values,
+ * read in place: sums of d = x - shift and d*d, the lanes with AVX-512F (or, float16, F16C) where the
+ * CPU has them; the same sums either way. */
+FN_VECTOR_CLONES static void sums_16bit(const uint16_t *x, int64_t n, int dtype, float shift, double *sum_d,
+                                        double *sum_dd)
 {
+    const int half = dtype == FN_F16;
     double s1 = 0.0, s2 = 0.0;
     FN_LANES double a2[RUN_LANES] = {0}, b2[RUN_LANES] = {0};
-    int64_t i = HAS_AVX512F() ? half_sums_avx512(x, n, shift, a2, b2) : HAS_F16C() ? half_sums_f16c(x, n, shift, a2, b2) : 0;
+    int64_t i = HAS_AVX512F() ? sums_16bit_avx512(x, n, dtype, shift, a2, b2)
+                : half && HAS_F16C() ? half_sums_f16c(x, n, shift, a2, b2) : 0;
     while (i + RUN_LANES <= n) {
         FN_LANES float a[RUN_LANES] = {0}, b[RUN_LANES] = {0};
         const int64_t stop = n - i >= RUN_LANES * HALF_RUN ? i + RUN_LANES * HALF_RUN : n - (n - i) % RUN_LANES;
         for (; i < stop; i += RUN_LANES)
             for (int j = 0; j < RUN_LANES; j++) {
-                float d = half_to_float(x[i + j]) - shift;
+                float d = (half ? half_to_float(x[i + j]) : bf16_to_float(x[i + j])) - shift;
                 a[j] += d;
                 b[j] += d * d;
             }
         for (int j = 0; j < RUN_LANES; j++) a2[j] += a[j], b2[j] += b[j];
     }
     for (; i < n; i++) {
-        double d = (double)half_to_float(x[i]) - (double)shift;
+        double d = (double)(half ? half_to_float(x[i]) : bf16_to_float(x[i])) - (double)shift;
         s1 += d;
         s2 += d * d;
     }
     *sum_d = s1 + sum_of_lanes(a2, RUN_LANES);
     *sum_dd = s2 + sum_of_lanes(b2, RUN_LANES);
+}
+
+void fn_half_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd)
+{
+    sums_16bit(x, n, FN_F16, shift, sum_d, sum_dd);
+}
+
+void fn_bf16_sums(const uint16_t *x, int64_t n, float shift, double *sum_d, double *sum_dd)
+{
+    sums_16bit(x, n, FN_BF16, shift, sum_d, sum_dd);
 }
 
 /* The size in bytes of the data cache of `level` (2, 3) that CPU 0 uses, 0 when unknown: from

@@ -138,14 +138,18 @@ def test_forward(rng, name, shape, kw, reference, masked, layout):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
-def test_rows_equal_float32_rounded(rng, name):
-    """Contiguous rows take the float32 arithmetic on the widened values: the bits of the float32
-    call on x.astype(float32), rounded once to bfloat16."""
-    x = random_bf16(rng, (37, 300), loc=100.0)
-    w, b = rng.standard_normal(300), rng.standard_normal(300)
-    y = getattr(fastnorm, name)(x, w, b)
-    y32 = getattr(fastnorm, name)(x.astype(np.float32), w, b)
-    np.testing.assert_array_equal(y.view(np.uint16), y32.astype(BF16).view(np.uint16))
+@pytest.mark.parametrize("D", [300, 1024])
+def test_rows_equal_float32_rounded(rng, name, D):
+    """Contiguous rows take the float32 arithmetic, their statistics summed in place in float runs:
+    the statistics within float32 rounding of the float32 call's on x.astype(float32), and y within
+    one bfloat16 ulp of that call's output rounded once to bfloat16."""
+    x = random_bf16(rng, (37, D), loc=100.0)
+    w, b = rng.standard_normal(D), rng.standard_normal(D)
+    y, *stats = getattr(fastnorm, name)(x, w, b, return_stats=True)
+    y32, *stats32 = getattr(fastnorm, name)(x.astype(np.float32), w, b, return_stats=True)
+    for s, s32 in zip(stats, stats32):
+        np.testing.assert_allclose(f64(s), f64(s32), rtol=4e-7)
+    np.testing.assert_array_less(np.abs(f64(y) - f64(y32.astype(BF16))), 1.01 * ulp_bf16(f64(y32)))
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
@@ -199,11 +203,14 @@ def test_nan_inf_and_degenerate_rows(rng):
     assert_bf16_close(y[[0, 4]], ref.layer_norm(f64(x[[0, 4]]), eps=0.0)[0])
 
 
-@pytest.mark.parametrize("scale,eps,w", [(1e-39, 0.0, 1.0), (1e30, 0.0, 1e8), (1.0, 0.0, 1e-35)],
-                         ids=["subnormal-rows", "huge", "tiny-weight"])
+@pytest.mark.parametrize("scale,eps,w", [(1e-39, 0.0, 1.0), (1e30, 0.0, 1e8), (1.0, 0.0, 1e-35), (1e25, 0.0, 1.0),
+                                         (1e-25, 0.0, 1.0)],
+                         ids=["subnormal-rows", "huge", "tiny-weight", "large-rows", "small-rows"])
 def test_extreme_scales(rng, scale, eps, w):
     """Groups whose float32 coefficients could overflow or lose precision are computed in double
-    (float_arithmetic_fits): still the float64 result, rounded."""
+    (float_arithmetic_fits), and rows whose variance lies outside [2^-80, 2^100) take their
+    statistics from the widened float32 values instead of float sums in place: still the float64
+    result, rounded."""
     x = bf16(scale * (3.0 + rng.standard_normal((4, 300))))
     weight = np.full(300, w)
     for layout in ("C", "sliced"):

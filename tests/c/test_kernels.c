@@ -242,18 +242,25 @@ static void test_half_runs(void)
     check_close("fused float16 rows, 8 at a time, differing", bad, 0, 0);
 }
 
-/* fn_half_sums against the algorithm it implements, written out here: RUN_LANES = 32 float lanes
- * summing runs of 16 values each, merged into double lanes, the lanes added pairwise, the tail in
- * double. Must agree to the bit for every length (the F16C lanes add in the same order). */
+/* fn_half_sums and fn_bf16_sums against the algorithm they implement, written out here: RUN_LANES =
+ * 32 float lanes summing runs of 16 values each, merged into double lanes, the lanes added
+ * pairwise, the tail in double. Must agree to the bit for every length (the F16C lanes add in the
+ * same order). */
+static float value_16bit(uint16_t v, int half) { return half ? fn_half_to_float(v) : fn_bf16_to_float(v); }
+
 static void test_half_sums(void)
 {
     static uint16_t h[5000];
-    for (int i = 0; i < 5000; i++) h[i] = fn_float_to_half(100.0f + (float)((i * 7919) % 1999 - 999) / 37.0f);
     const int lengths[] = {0, 1, 31, 32, 33, 100, 511, 512, 513, 1000, 1024, 4999, 5000};
     int bad = 0;
+    for (int half = 0; half < 2; half++)
     for (unsigned t = 0; t < sizeof lengths / sizeof lengths[0]; t++) {
+        for (int i = 0; i < 5000; i++) {
+            const float v = 100.0f + (float)((i * 7919) % 1999 - 999) / 37.0f;
+            h[i] = half ? fn_float_to_half(v) : fn_float_to_bf16(v);
+        }
         const int n = lengths[t];
-        const float shift = n ? fn_half_to_float(h[n / 2]) : 0.0f;
+        const float shift = n ? value_16bit(h[n / 2], half) : 0.0f;
         double a2[32] = {0}, b2[32] = {0}, s1 = 0.0, s2 = 0.0, got_d, got_dd;
         int i = 0;
         while (i + 32 <= n) {
@@ -261,23 +268,24 @@ static void test_half_sums(void)
             int stop = n - i >= 32 * 16 ? i + 32 * 16 : n - (n - i) % 32;
             for (; i < stop; i += 32)
                 for (int j = 0; j < 32; j++) {
-                    float d = fn_half_to_float(h[i + j]) - shift;
+                    float d = value_16bit(h[i + j], half) - shift;
                     a[j] += d;
                     b[j] += d * d;
                 }
             for (int j = 0; j < 32; j++) a2[j] += a[j], b2[j] += b[j];
         }
         for (; i < n; i++) {
-            double d = (double)fn_half_to_float(h[i]) - (double)shift;
+            double d = (double)value_16bit(h[i], half) - (double)shift;
             s1 += d;
             s2 += d * d;
         }
-        for (int half = 16; half >= 1; half /= 2)
-            for (int j = 0; j < half; j++) a2[j] += a2[j + half], b2[j] += b2[j + half];
-        fn_half_sums(h, n, shift, &got_d, &got_dd);
+        for (int k = 16; k >= 1; k /= 2)
+            for (int j = 0; j < k; j++) a2[j] += a2[j + k], b2[j] += b2[j + k];
+        if (half) fn_half_sums(h, n, shift, &got_d, &got_dd);
+        else fn_bf16_sums(h, n, shift, &got_d, &got_dd);
         bad += got_d != s1 + a2[0] || got_dd != s2 + b2[0];
     }
-    check_close("float16 sums differing from the written-out algorithm", bad, 0, 0);
+    check_close("float16 and bfloat16 sums differing from the written-out algorithm", bad, 0, 0);
 }
 
 /* Every streamed writer (vector.c) against the scalar formula of elementwise.h, bit for bit:
