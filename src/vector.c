@@ -356,6 +356,7 @@ __attribute__((target("avx512f,avx512bf16"))) static int64_t affine_row_to_bf16s
     }
     return i;
 }
+
 /* half_sums_f16c 16 lanes per vector (the same lanes, adds and order: the same sums), over float16
  * (dtype FN_F16) or bfloat16 values. */
 __attribute__((target("avx512f"))) static int64_t sums_16bit_avx512(const uint16_t *x, int64_t n, int dtype,
