@@ -156,8 +156,6 @@ DEFINE_MOMENTS(moments_of, double, shifted_sums, double, AS_IS)
 DEFINE_MOMENTS(moments_of_f32_exact, float, shifted_sums_f32, double, AS_IS)
 /* float16 values, read in place (fn_half_sums): the shift is a float too, as those sums take it */
 DEFINE_MOMENTS(moments_of_halves, uint16_t, fn_half_sums, float, fn_half_to_float)
-/* bfloat16 values, read in place (fn_bf16_sums), as float16's; group_stats_bf16 checks the result */
-DEFINE_MOMENTS(moments_of_bf16s, uint16_t, fn_bf16_sums, float, fn_bf16_to_float)
 #undef AS_IS
 #undef DEFINE_MOMENTS
 
@@ -382,22 +380,40 @@ FN_INLINE void group_stats_f16(const uint16_t *x, int64_t n, enum fn_stat stat, 
     *r = rstd_of(var, eps);
 }
 
-/* The same for bfloat16 values read in place, in float runs as float16's (moments_of_bf16s, or the
- * mean square of fn_bf16_sums): 0 when done; 1, with nothing written, where those float sums cannot
- * be trusted (a statistic under 2^-80 or not finite: bfloat16 spans float32's range, so d*d may
- * underflow or overflow a float) -- the caller then widens the group to float32 for group_stats_f32.
- * Within the float range the sums err as the float32 groups' do; bfloat16's 8 significant bits
- * make d = x - x[0] exact for values within 2^16 of each other. */
+/* mean and biased variance of n bfloat16 values read in place, as moments_of_f32 takes float32
+ * rows' (the same shift, the mean of the first MEAN_SAMPLES values, and the same acceptance, k <=
+ * 1/2), but in runs of HALF_RUN (fn_bf16_sums): with k <= 1/2 the float sums put at most ~40 float
+ * ulps into the variance (the bound of moments_of_f32's comment with 16 for F32_RUN). 0 when
+ * accepted; 1 (short rows, k > 1/2, a variance under 2^-80 or not finite) when the caller must
+ * widen the values for group_stats_f32. */
+FN_INLINE int moments_of_bf16s(const uint16_t *x, int64_t n, double *mean, double *var)
+{
+    if (n < F32_RUNS_FROM) return 1;
+    FN_LANES float head[MEAN_SAMPLES];
+    for (int j = 0; j < MEAN_SAMPLES; j++) head[j] = bf16_to_float(x[j]);
+    const float shift = first_mean_f32(head);
+    double sd, sdd;
+    fn_bf16_sums(x, n, shift, &sd, &sdd);
+    finish_moments(shift, sd, sdd, n, mean, var);
+    const double offset = sd / (double)n;
+    return !(*var >= 0x1p-80 && *var < HUGE_VAL && 4.0 * offset * offset <= *var);
+}
+
+/* group_stats_f32 for bfloat16 values read in place (moments_of_bf16s, or the mean square of
+ * fn_bf16_sums, whose positive terms err by at most HALF_RUN + 1 float ulps): 0 when done; 1, with
+ * nothing written, where those float sums are not accepted (see moments_of_bf16s; a mean square
+ * under 2^-80 or from 2^100 up: bfloat16 spans float32's range, so squares may underflow or
+ * overflow a float) -- the caller then widens the group to float32 for group_stats_f32. */
 FN_INLINE int group_stats_bf16(const uint16_t *x, int64_t n, enum fn_stat stat, double eps, double *mu, double *r)
 {
     double m = 0.0, var, sd, sdd;
     if (stat == FN_MEAN_SQUARE) {
         fn_bf16_sums(x, n, 0.0f, &sd, &sdd);
         var = sdd / (double)n;
-    } else {
-        moments_of_bf16s(x, n, &m, &var);
+        if (!(var >= 0x1p-80 && var < 0x1p100)) return 1;
+    } else if (moments_of_bf16s(x, n, &m, &var)) {
+        return 1;
     }
-    if (!(var >= 0x1p-80 && var < 0x1p100)) return 1;
     *mu = m;
     *r = rstd_of(var, eps);
     return 0;

@@ -152,6 +152,26 @@ def test_rows_equal_float32_rounded(rng, name, D):
     np.testing.assert_array_less(np.abs(f64(y) - f64(y32.astype(BF16))), 1.01 * ulp_bf16(f64(y32)))
 
 
+@pytest.mark.parametrize("row", ["outlier-first", "two-valued", "outliers-leading"])
+def test_row_statistics_in_place_with_awkward_first_values(rng, row):
+    """Rows whose first values lie far from the mean (the shift of the in-place float sums): mean
+    and rstd within float32 accuracy of the float64 statistics, y within a bfloat16 ulp."""
+    x = 3.0 + rng.standard_normal((6, 4096))
+    if row == "outlier-first":
+        x[:, 0] = 3.0 + 8.0
+    elif row == "two-valued":
+        x = np.where(rng.random((6, 4096)) < 0.06, 10.0, 2.0)
+        x[:, :64] = 10.0
+    else:
+        x[:, :64] += 6.0
+    x = bf16(x)
+    y, mean, rstd = fastnorm.layer_norm(x, return_stats=True)
+    want, wm, wr = ref.layer_norm(f64(x))
+    assert_stats(mean, wm, rtol=2e-7)
+    assert_stats(rstd, wr, rtol=2e-6)
+    assert_bf16_close(y, want, err_msg=row)
+
+
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("layout", ["C", "sliced"])
 def test_long_rows_with_mean_offset(rng, name, layout):
