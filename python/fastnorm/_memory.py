@@ -5,8 +5,9 @@ about as much as the normalization itself. So fastnorm keeps the most recently f
 outputs (two blocks of 1 MiB or more, up to the limit in all, 256 MiB by default: the two outputs
 of ``add_layer_norm``) and gives one to the next output that fits: a loop that drops each step's
 results then pays for the zeroing once. A block is held until a call reuses it or replaces it, an
-output of 1 MiB or more that fits neither kept block releases both, or ``set_output_cache(0)``; arrays passed as ``out=`` are never touched by this. The state lives in
-``fastnorm._core`` (two atomically swapped pointers).
+output of 1 MiB or more that fits neither kept block releases both, or ``set_output_cache(0)``;
+arrays passed as ``out=`` are never touched by this. The state lives in ``fastnorm._core`` (two
+atomically swapped pointers).
 """
 from __future__ import annotations
 
