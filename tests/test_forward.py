@@ -3,6 +3,8 @@
 Every test compares values: y, and mean/rstd from return_stats=True.
 """
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -71,8 +73,8 @@ def dtype_id(dtype):
 
 @pytest.fixture
 def rng(request):
-    # a different but reproducible stream per test
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+    # a different but reproducible stream per test (crc32: str hashes change with PYTHONHASHSEED)
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def params_for(rng, name, shape, axis, dtype, weight=True, bias=True):
@@ -916,7 +918,7 @@ def test_extreme_magnitudes(case, dtype, scale, rng):
     """Outputs are scale-free: x of magnitude 3e4 in float16 or 1e20 in float32 (whose squares overflow that
     dtype) still normalize correctly. eps is scaled with var so it plays the same (negligible) role."""
     name, axis, extra = case
-    base = rng.standard_normal(SHAPE) / 2
+    base = np.clip(rng.standard_normal(SHAPE) / 2, -2.0, 2.0)    # 2 * 3e4 stays under float16's 65504
     x = (base * scale).astype(dtype)
     eps = 1e-5 * float(scale) ** 2 if float(scale) ** 2 < np.finfo(np.float64).max else 0.0
     eps = eps if eps > 1e-300 else 0.0
